@@ -1,0 +1,1 @@
+//! Pure core (placeholder while the skeleton is laid down).

@@ -1,0 +1,1 @@
+//! Image building (placeholder while the skeleton is laid down).

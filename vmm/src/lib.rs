@@ -1,0 +1,1 @@
+//! Hypervisor drivers (placeholder while the skeleton is laid down).
