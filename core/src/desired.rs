@@ -1,0 +1,238 @@
+//! Desired state: what a published commit asks the cluster to run.
+//!
+//! CI (or an evaluation server) publishes, for a successfully built commit, the full
+//! list of [`DesiredSpec`]s. The master validates it ([`validate`]), computes its
+//! [`intent_hash`] and numbers it as a generation. Pure: no I/O.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// CPU and memory a spec needs, or a worker offers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Resources {
+    /// Thousandths of a CPU (1000 = one vCPU).
+    pub cpu_millis: u64,
+    /// MiB of memory.
+    pub memory_mib: u64,
+}
+
+/// What a spec runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SpecKind {
+    /// A VM that runs until it is replaced.
+    Service {
+        /// Content hash of the guest image to boot.
+        image: String,
+        /// How many instances; each is placed on its own worker when possible.
+        replicas: u32,
+    },
+    /// A workflow run that runs to completion through the step runner.
+    WorkflowRun {
+        /// Path of the workflow file at the commit (e.g. `.github/workflows/ci.yml`).
+        workflow: String,
+        /// The job to run; `None` when the workflow has exactly one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        job: Option<String>,
+    },
+}
+
+/// One desired spec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredSpec {
+    /// Logical id, unique within a publication (`[A-Za-z0-9._-]`, 1..=128).
+    pub id: String,
+    /// Content hash of the spec, as the publisher computed it (hex, 16..=128 digits).
+    pub hash: String,
+    /// What it runs.
+    #[serde(flatten)]
+    pub kind: SpecKind,
+    /// The spec's own labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Worker labels required: every `key=value` must be on the worker.
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    /// Resources one instance needs.
+    #[serde(default)]
+    pub resources: Resources,
+}
+
+impl DesiredSpec {
+    /// Instances to place: `replicas` for a service, one for a workflow run.
+    pub fn instances(&self) -> u32 {
+        match &self.kind {
+            SpecKind::Service { replicas, .. } => *replicas,
+            SpecKind::WorkflowRun { .. } => 1,
+        }
+    }
+}
+
+/// Why a publication is refused. The master changes nothing when it refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    /// The commit is not a git object id.
+    #[error("commit `{0}` is not a 40- or 64-digit hex git object id")]
+    Commit(String),
+    /// A spec id is malformed.
+    #[error("spec id `{0}` must be 1-128 characters of A-Z a-z 0-9 . _ -")]
+    Id(String),
+    /// Two specs share an id.
+    #[error("spec id `{0}` appears more than once")]
+    DuplicateId(String),
+    /// A spec has no usable content hash.
+    #[error("spec `{0}` has no content hash (hex, 16-128 digits)")]
+    Hash(String),
+    /// A field is missing or empty.
+    #[error("spec `{id}`: {what}")]
+    Incomplete {
+        /// Spec id.
+        id: String,
+        /// What is wrong.
+        what: String,
+    },
+}
+
+fn is_hex(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Check a publication: commit id, complete specs, unique ids, hashes present.
+/// (Whether selectors can be satisfied depends on the workers: the scheduler reports
+/// that, it does not make a publication invalid.)
+pub fn validate(commit: &str, specs: &[DesiredSpec]) -> Result<(), Invalid> {
+    if !(commit.len() == 40 || commit.len() == 64) || !is_hex(commit) {
+        return Err(Invalid::Commit(commit.to_string()));
+    }
+    let mut seen = BTreeSet::new();
+    for s in specs {
+        let id_ok = (1..=128).contains(&s.id.len())
+            && s.id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+        if !id_ok {
+            return Err(Invalid::Id(s.id.clone()));
+        }
+        if !seen.insert(s.id.as_str()) {
+            return Err(Invalid::DuplicateId(s.id.clone()));
+        }
+        if !(16..=128).contains(&s.hash.len()) || !is_hex(&s.hash) {
+            return Err(Invalid::Hash(s.id.clone()));
+        }
+        let incomplete = |what: &str| Invalid::Incomplete {
+            id: s.id.clone(),
+            what: what.to_string(),
+        };
+        match &s.kind {
+            SpecKind::Service { image, replicas } => {
+                if image.is_empty() {
+                    return Err(incomplete("a service needs an `image`"));
+                }
+                if *replicas == 0 {
+                    return Err(incomplete("`replicas` must be at least 1"));
+                }
+                if s.resources.cpu_millis == 0 || s.resources.memory_mib == 0 {
+                    return Err(incomplete("a service needs `resources.cpu_millis` and `resources.memory_mib`"));
+                }
+            }
+            SpecKind::WorkflowRun { workflow, .. } => {
+                if workflow.is_empty() {
+                    return Err(incomplete("a workflow run needs a `workflow` path"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Canonical JSON of the specs: sorted by id, object keys sorted (serde_json's maps
+/// are BTreeMap-backed), no insignificant whitespace. Independent of the order the
+/// publisher listed them in.
+pub fn canonical_specs_json(specs: &[DesiredSpec]) -> String {
+    let mut sorted: Vec<&DesiredSpec> = specs.iter().collect();
+    sorted.sort_by(|a, b| a.id.cmp(&b.id));
+    // to_value goes through serde_json::Map, which is sorted without the
+    // `preserve_order` feature: the output is canonical.
+    let value = serde_json::to_value(&sorted).unwrap_or(serde_json::Value::Null);
+    value.to_string()
+}
+
+/// `intent_hash = sha256(commit + canonical JSON of the specs)`, hex.
+pub fn intent_hash(commit: &str, specs: &[DesiredSpec]) -> String {
+    let mut h = Sha256::new();
+    h.update(commit.as_bytes());
+    h.update(canonical_specs_json(specs).as_bytes());
+    hex::encode(h.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(id: &str) -> DesiredSpec {
+        DesiredSpec {
+            id: id.into(),
+            hash: "ab".repeat(16),
+            kind: SpecKind::Service {
+                image: "img".into(),
+                replicas: 2,
+            },
+            labels: BTreeMap::new(),
+            selector: BTreeMap::from([("zone".into(), "a".into())]),
+            resources: Resources {
+                cpu_millis: 500,
+                memory_mib: 256,
+            },
+        }
+    }
+
+    const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+    #[test]
+    fn intent_hash_ignores_order_and_sees_every_field() {
+        let a = vec![svc("a"), svc("b")];
+        let b = vec![svc("b"), svc("a")];
+        assert_eq!(intent_hash(COMMIT, &a), intent_hash(COMMIT, &b));
+        let mut c = a.clone();
+        c[0].resources.memory_mib = 512;
+        assert_ne!(intent_hash(COMMIT, &a), intent_hash(COMMIT, &c));
+        let other = "1123456789abcdef0123456789abcdef01234567";
+        assert_ne!(intent_hash(COMMIT, &a), intent_hash(other, &a));
+    }
+
+    #[test]
+    fn wire_form_is_flat_with_a_kind_tag() {
+        let v = serde_json::to_value(svc("a")).unwrap();
+        assert_eq!(v["kind"], "service");
+        assert_eq!(v["replicas"], 2);
+        let back: DesiredSpec = serde_json::from_value(v).unwrap();
+        assert_eq!(back, svc("a"));
+        let wf: DesiredSpec = serde_json::from_str(
+            r#"{"id":"ci","hash":"00112233445566778899","kind":"workflow_run","workflow":"w.yml"}"#,
+        )
+        .unwrap();
+        assert_eq!(wf.instances(), 1);
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        assert!(validate(COMMIT, &[svc("a"), svc("b")]).is_ok());
+        assert_eq!(validate("xyz", &[]), Err(Invalid::Commit("xyz".into())));
+        assert_eq!(
+            validate(COMMIT, &[svc("a"), svc("a")]),
+            Err(Invalid::DuplicateId("a".into()))
+        );
+        let mut nohash = svc("a");
+        nohash.hash.clear();
+        assert_eq!(validate(COMMIT, &[nohash]), Err(Invalid::Hash("a".into())));
+        let mut zero = svc("a");
+        zero.kind = SpecKind::Service {
+            image: "i".into(),
+            replicas: 0,
+        };
+        assert!(matches!(validate(COMMIT, &[zero]), Err(Invalid::Incomplete { .. })));
+        assert_eq!(validate(COMMIT, &[svc("bad id")]), Err(Invalid::Id("bad id".into())));
+    }
+}

@@ -1,0 +1,1 @@
+//! Placing spec instances on workers (being written).

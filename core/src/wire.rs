@@ -1,0 +1,150 @@
+//! The master's wire API messages (`/v1`, JSON). The endpoints, auth and semantics are
+//! in docs/master-api.md; the OpenAPI description is docs/openapi.yaml.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::desired::{DesiredSpec, Resources};
+
+/// `POST /v1/publish` (publisher token).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishRequest {
+    /// The built commit (40 or 64 hex digits).
+    pub commit: String,
+    /// The complete desired state at that commit.
+    pub specs: Vec<DesiredSpec>,
+    /// Optional ed25519 signature (hex, 128 digits) over
+    /// `b"udos-intent-v1\n" + intent_hash` (the hash's 64 hex digits as ASCII).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+}
+
+/// Answer to a publication.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishResponse {
+    /// The generation number of this intent (the existing one when re-published).
+    pub generation: u64,
+    /// sha256(commit + canonical JSON of the specs), hex.
+    pub intent_hash: String,
+    /// false when the same intent was already published (nothing changed).
+    pub created: bool,
+    /// Specs the current workers cannot host (selector unsatisfiable, no capacity).
+    #[serde(default)]
+    pub unschedulable: Vec<Unschedulable>,
+}
+
+/// A spec instance the scheduler could not place, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unschedulable {
+    /// Spec id.
+    pub spec: String,
+    /// Replica index.
+    pub replica: u32,
+    /// Human-readable reason (no worker matches the selector, or none has capacity).
+    pub reason: String,
+}
+
+/// `POST /v1/enroll` (enrollment token): a worker registers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    /// Stable worker id.
+    pub worker_id: String,
+    /// Worker labels (`zone=a`, `kvm=true`, ...).
+    pub labels: BTreeMap<String, String>,
+    /// What it can host.
+    pub capacity: Resources,
+}
+
+/// Answer to enrollment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollResponse {
+    /// The worker's own bearer token for every later call.
+    pub token: String,
+}
+
+/// One spec instance assigned to a worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// The spec.
+    pub spec: DesiredSpec,
+    /// Which replica of it (0-based).
+    pub replica: u32,
+}
+
+/// `GET /v1/assignment?worker=ID&seen=GEN&wait=SECS` (worker token). With `wait`, the
+/// master holds the request until a generation newer than `seen` is active or the
+/// assignment changes, or `wait` seconds pass (long poll).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssignmentResponse {
+    /// The active generation (0 before the first publication).
+    pub generation: u64,
+    /// Its commit.
+    pub commit: Option<String>,
+    /// Its intent hash.
+    pub intent_hash: Option<String>,
+    /// Its signature, when it was published signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+    /// Everything this worker should run, sorted by (spec id, replica).
+    pub assignments: Vec<Assignment>,
+    /// Seconds until the next poll: short while the generation converges.
+    pub poll_hint: u64,
+}
+
+/// State of a running (or finished) spec instance on a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceState {
+    /// Being created.
+    Starting,
+    /// Up (service) or in progress (workflow run).
+    Running,
+    /// Workflow run finished successfully.
+    Succeeded,
+    /// Workflow run failed, or a service keeps dying.
+    Failed,
+    /// Being stopped.
+    Stopping,
+}
+
+/// One instance a worker reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningInstance {
+    /// Spec id.
+    pub spec: String,
+    /// Replica index.
+    pub replica: u32,
+    /// The spec hash it runs.
+    pub hash: String,
+    /// Its state.
+    pub state: InstanceState,
+    /// Seconds since it started.
+    pub uptime_s: u64,
+    /// For a finished workflow run: the restic snapshot ids of its layers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshot_ids: Vec<String>,
+    /// Short explanation for a failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// `POST /v1/heartbeat` (worker token).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Who.
+    pub worker_id: String,
+    /// The generation whose assignment it is applying.
+    pub seen_generation: u64,
+    /// Everything it runs or has finished for the current assignment.
+    pub instances: Vec<RunningInstance>,
+    /// Resources in use.
+    pub used: Resources,
+}
+
+/// Answer to a heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    /// The active generation, so a worker behind can poll at once.
+    pub generation: u64,
+}
