@@ -26,6 +26,9 @@ pub struct ActStep {
     pub id: String,
     /// act's `stepResult`: `success`, `failure` or `skipped`.
     pub result: String,
+    /// The step's exit status, when act reported one (`exit status N` on failure).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
     /// `set-output` commands: name -> value.
     #[serde(default)]
     pub outputs: BTreeMap<String, String>,

@@ -1,0 +1,183 @@
+//! Small helpers shared by the builders: running tools, hashing, atomic writes.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+
+/// Runs `cmd`, capturing its output; fails with the command line and stderr when it cannot
+/// be started or exits non-zero.
+pub(crate) fn run(cmd: &mut Command) -> Result<Output> {
+    let shown = show(cmd);
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run `{shown}`"))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let detail = if stderr.trim().is_empty() {
+            stdout.trim().to_string()
+        } else {
+            stderr.trim().to_string()
+        };
+        bail!("`{shown}` failed ({}): {}", out.status, tail(&detail, 2000));
+    }
+    Ok(out)
+}
+
+/// Like [`run`] but returns stdout as a string.
+pub(crate) fn run_stdout(cmd: &mut Command) -> Result<String> {
+    let out = run(cmd)?;
+    String::from_utf8(out.stdout).context("command output is not UTF-8")
+}
+
+fn show(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+fn tail(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut start = s.len() - max;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+/// Whether `prog` is found in `PATH` (or is an existing path).
+pub(crate) fn have_tool(prog: &str) -> bool {
+    find_tool(prog).is_some()
+}
+
+pub(crate) fn find_tool(prog: &str) -> Option<PathBuf> {
+    if prog.contains('/') {
+        let p = PathBuf::from(prog);
+        return p.is_file().then_some(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    // Debian keeps depmod and mkfs.* in /sbin and /usr/sbin, which a non-root PATH may lack.
+    let extra = OsStr::new("/usr/sbin:/sbin");
+    std::env::split_paths(&path)
+        .chain(std::env::split_paths(extra))
+        .map(|d| d.join(prog))
+        .find(|p| p.is_file())
+}
+
+/// A `Command` for `prog`, resolved through `PATH` plus `/usr/sbin:/sbin`.
+pub(crate) fn tool(prog: &str) -> Command {
+    match find_tool(prog) {
+        Some(p) => Command::new(p),
+        None => Command::new(prog),
+    }
+}
+
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+pub(crate) fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("read {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
+pub(crate) fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = parent_of(path)?;
+    fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(dir)
+        .with_context(|| format!("create a temporary file in {}", dir.display()))?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path)
+        .map_err(|e| e.error)
+        .with_context(|| format!("rename into {}", path.display()))?;
+    Ok(())
+}
+
+pub(crate) fn parent_of(path: &Path) -> Result<&Path> {
+    match path.parent() {
+        Some(p) if p.as_os_str().is_empty() => Ok(Path::new(".")),
+        Some(p) => Ok(p),
+        None => bail!("{} has no parent directory", path.display()),
+    }
+}
+
+/// A fresh temporary directory inside `parent` (created if needed), removed on drop.
+pub(crate) fn tmp_dir_in(parent: &Path, prefix: &str) -> Result<tempfile::TempDir> {
+    fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(parent)
+        .with_context(|| format!("create a temporary directory in {}", parent.display()))
+}
+
+/// Moves a finished directory into place. If `dest` already exists (another builder won the
+/// race, contents are content-addressed and therefore equal) the new copy is dropped.
+pub(crate) fn publish_dir(staged: tempfile::TempDir, dest: &Path) -> Result<()> {
+    if dest.exists() {
+        return Ok(());
+    }
+    let src = staged.keep();
+    match fs::rename(&src, dest) {
+        Ok(()) => Ok(()),
+        Err(_) if dest.exists() => {
+            let _ = fs::remove_dir_all(&src);
+            Ok(())
+        }
+        Err(e) => {
+            let _ = fs::remove_dir_all(&src);
+            Err(e).with_context(|| format!("rename {} to {}", src.display(), dest.display()))
+        }
+    }
+}
+
+/// Copies a file, creating the destination's parent directories.
+pub(crate) fn copy_file(src: &Path, dst: &Path) -> Result<()> {
+    if let Some(p) = dst.parent() {
+        fs::create_dir_all(p).with_context(|| format!("create {}", p.display()))?;
+    }
+    fs::copy(src, dst).with_context(|| format!("copy {} to {}", src.display(), dst.display()))?;
+    Ok(())
+}
+
+/// A version or name safe to use in paths and on command lines.
+pub(crate) fn check_token(what: &str, s: &str) -> Result<()> {
+    let ok = !s.is_empty()
+        && s.len() <= 128
+        && !s.starts_with(['-', '.'])
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '+' | '_' | '~' | ':'));
+    if !ok {
+        bail!("invalid {what} {s:?}");
+    }
+    Ok(())
+}
+
+pub(crate) fn io_other(msg: impl Into<String>) -> io::Error {
+    io::Error::other(msg.into())
+}
