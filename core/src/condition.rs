@@ -70,7 +70,11 @@ pub fn decide(cond: Option<&str>, state: JobState) -> Decision {
             state,
         };
         let v = p.or();
-        let v = if p.pos != tokens.len() { Tri::Unknown } else { v };
+        let v = if p.pos != tokens.len() {
+            Tri::Unknown
+        } else {
+            v
+        };
         if has_status {
             v
         } else {
@@ -178,7 +182,11 @@ fn tokenize(s: &str) -> Vec<Tok> {
                     }
                     i += 1;
                 }
-                let atom: String = chars[start..i].iter().collect::<String>().trim().to_string();
+                let atom: String = chars[start..i]
+                    .iter()
+                    .collect::<String>()
+                    .trim()
+                    .to_string();
                 let compact: String = atom.chars().filter(|c| !c.is_whitespace()).collect();
                 out.push(Tok::Atom(compact));
             }

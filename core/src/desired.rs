@@ -134,7 +134,9 @@ pub fn validate(commit: &str, specs: &[DesiredSpec]) -> Result<(), Invalid> {
                     return Err(incomplete("`replicas` must be at least 1"));
                 }
                 if s.resources.cpu_millis == 0 || s.resources.memory_mib == 0 {
-                    return Err(incomplete("a service needs `resources.cpu_millis` and `resources.memory_mib`"));
+                    return Err(incomplete(
+                        "a service needs `resources.cpu_millis` and `resources.memory_mib`",
+                    ));
                 }
             }
             SpecKind::WorkflowRun { workflow, .. } => {
@@ -232,7 +234,13 @@ mod tests {
             image: "i".into(),
             replicas: 0,
         };
-        assert!(matches!(validate(COMMIT, &[zero]), Err(Invalid::Incomplete { .. })));
-        assert_eq!(validate(COMMIT, &[svc("bad id")]), Err(Invalid::Id("bad id".into())));
+        assert!(matches!(
+            validate(COMMIT, &[zero]),
+            Err(Invalid::Incomplete { .. })
+        ));
+        assert_eq!(
+            validate(COMMIT, &[svc("bad id")]),
+            Err(Invalid::Id("bad id".into()))
+        );
     }
 }

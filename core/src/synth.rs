@@ -150,16 +150,19 @@ pub fn synthesize(
         if p.outcome == "skipped" || (p.id.is_none() && !failed) {
             continue;
         }
-        let id = p
-            .id
-            .clone()
-            .unwrap_or_else(|| format!("udos-replay-{}", p.number));
+        let id =
+            p.id.clone()
+                .unwrap_or_else(|| format!("udos-replay-{}", p.number));
         let script = if p.outputs.is_empty() {
             String::new()
         } else {
             file_command_script("GITHUB_OUTPUT", &p.outputs)
         };
-        let script = if script.is_empty() { ":\n".to_string() } else { script };
+        let script = if script.is_empty() {
+            ":\n".to_string()
+        } else {
+            script
+        };
         steps.push(replay_step(
             &id,
             &format!("udos: replay step {}", p.number),
@@ -310,9 +313,15 @@ jobs:
         let d = doc(&files);
         let steps = d["jobs"]["build"]["steps"].as_sequence().unwrap();
         let ids: Vec<_> = steps.iter().map(|s| s["id"].as_str().unwrap()).collect();
-        assert_eq!(ids, vec![ENV_STEP_ID, "make", "udos-replay-2", USER_STEP_ID]);
+        assert_eq!(
+            ids,
+            vec![ENV_STEP_ID, "make", "udos-replay-2", USER_STEP_ID]
+        );
         let env_run = steps[0]["run"].as_str().unwrap();
-        assert!(env_run.contains("FOO<<UDOS_EOF_0\nbar\nUDOS_EOF_0\n"), "{env_run}");
+        assert!(
+            env_run.contains("FOO<<UDOS_EOF_0\nbar\nUDOS_EOF_0\n"),
+            "{env_run}"
+        );
         assert!(env_run.contains("/opt/bin"));
         let out_run = steps[1]["run"].as_str().unwrap();
         assert!(out_run.contains("v<<UDOS_EOF_0\nline1\nline2\nUDOS_EOF_0"));

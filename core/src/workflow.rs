@@ -95,8 +95,7 @@ fn scalar_string(v: &Value) -> Option<String> {
 
 /// Parse a workflow file's text. `fallback_name` names the workflow when it has no `name:`.
 pub fn parse(text: &str, fallback_name: &str) -> Result<Workflow, CoreError> {
-    let doc: Value =
-        serde_yaml_ng::from_str(text).map_err(|e| CoreError::Yaml(e.to_string()))?;
+    let doc: Value = serde_yaml_ng::from_str(text).map_err(|e| CoreError::Yaml(e.to_string()))?;
     let Value::Mapping(top) = doc else {
         return Err(CoreError::Invalid(
             "a workflow file must be a YAML mapping with a `jobs:` key".into(),
@@ -133,7 +132,9 @@ fn parse_job(id: &str, value: &Value) -> Result<Job, CoreError> {
         return Err(ctx("must be a mapping"));
     };
     if get(map, "uses").is_some() {
-        return Err(ctx("reusable workflows (`uses:` on a job) are not supported yet"));
+        return Err(ctx(
+            "reusable workflows (`uses:` on a job) are not supported yet",
+        ));
     }
     for unsupported in ["strategy", "container", "services"] {
         if get(map, unsupported).is_some() {
