@@ -221,19 +221,16 @@ pub fn synthesize(
     // Serializing a Value of strings and mappings cannot fail.
     let workflow_yaml = serde_yaml_ng::to_string(&Value::Mapping(top)).unwrap_or_default();
 
-    let mut actrc = vec![
-        "-W".to_string(),
-        STEP_WORKFLOW_PATH.to_string(),
-        "-C".to_string(),
-        WORKSPACE.to_string(),
-        "-P".to_string(),
-        "ubuntu-latest=-self-hosted".to_string(),
+    // act reads `.actrc` one flag per line, a flag's value on the same line.
+    let actrc = [
+        format!("-W {STEP_WORKFLOW_PATH}"),
+        format!("-C {WORKSPACE}"),
+        // Every `runs-on:` label was rewritten to ubuntu-latest above; it runs on the VM.
+        "-P ubuntu-latest=-self-hosted".to_string(),
         "--no-cache-server".to_string(),
         "--pull=false".to_string(),
+        format!("--job {}", job.id),
     ];
-    let _ = &job.runs_on; // every label is mapped to the step VM itself via ubuntu-latest
-    actrc.push("--job".to_string());
-    actrc.push(job.id.clone());
     StepFiles {
         actrc: actrc.join("\n") + "\n",
         workflow_yaml,
@@ -281,7 +278,9 @@ jobs:
         assert_eq!(d["jobs"]["build"]["runs-on"], k("ubuntu-latest"));
         assert_eq!(d["env"]["GLOBAL"], k("g"));
         assert_eq!(d["jobs"]["build"]["env"]["J"], k("j"));
-        assert!(files.actrc.contains("-W\n/.udos/step.yml\n"));
+        assert!(files.actrc.lines().any(|l| l == "-W /.udos/step.yml"));
+        assert!(files.actrc.lines().any(|l| l == "-C /workspace"));
+        assert!(files.actrc.lines().any(|l| l == "--job build"));
         assert!(files.actrc.contains("ubuntu-latest=-self-hosted"));
     }
 

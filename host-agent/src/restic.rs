@@ -1,0 +1,268 @@
+//! Layer snapshots in a restic repository, through the restic CLI (driven with duct).
+//!
+//! Every restic call pays ~0.7 s of key derivation, so the runner calls `backup` once
+//! per layer, from a background thread that overlaps the next step's VM, and resolves
+//! full snapshot ids once per run. Snapshots are plain restic snapshots of the layer in
+//! overlay form (whiteouts as 0/0 character devices, opaque dirs as the
+//! `user.overlay.opaque` xattr): `restic restore` gives the layer back as it was.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+/// Where the repository is and how to open it.
+#[derive(Debug, Clone)]
+pub struct Repo {
+    /// `RESTIC_REPOSITORY` value (a path for the embedded default).
+    pub location: String,
+    /// How the password is given to restic.
+    pub password: Password,
+}
+
+/// How restic gets the repository password.
+#[derive(Debug, Clone)]
+pub enum Password {
+    /// `RESTIC_PASSWORD_FILE`.
+    File(PathBuf),
+    /// `RESTIC_PASSWORD` (taken from the caller's environment).
+    Env(String),
+}
+
+/// Tags put on a layer snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct Tags(pub Vec<(String, String)>);
+
+impl Tags {
+    /// Add `key=value`.
+    pub fn with(mut self, key: &str, value: impl ToString) -> Self {
+        self.0.push((key.to_string(), value.to_string()));
+        self
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Summary {
+    message_type: String,
+    #[serde(default)]
+    snapshot_id: Option<String>,
+}
+
+/// A snapshot as `restic snapshots --json` lists it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SnapshotInfo {
+    /// Full id.
+    pub id: String,
+    /// Tags, `key=value`.
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+impl Repo {
+    /// The repository the environment names (`RESTIC_REPOSITORY`, with
+    /// `RESTIC_PASSWORD_FILE` or `RESTIC_PASSWORD`), else the embedded default: a
+    /// local repository in the state dir with a generated 0600 password file.
+    pub fn from_env_or_default(state_dir: &Path) -> Result<Repo> {
+        if let Ok(location) = std::env::var("RESTIC_REPOSITORY") {
+            let password = if let Ok(f) = std::env::var("RESTIC_PASSWORD_FILE") {
+                Password::File(PathBuf::from(f))
+            } else if let Ok(p) = std::env::var("RESTIC_PASSWORD") {
+                Password::Env(p)
+            } else {
+                bail!(
+                    "RESTIC_REPOSITORY is set but neither RESTIC_PASSWORD_FILE nor RESTIC_PASSWORD is: \
+                     set one of them, or unset RESTIC_REPOSITORY to use udos's own repository"
+                );
+            };
+            return Ok(Repo { location, password });
+        }
+        let pw = state_dir.join("restic-password");
+        if !pw.exists() {
+            write_new_password(&pw)?;
+        }
+        Ok(Repo {
+            location: state_dir.join("restic").display().to_string(),
+            password: Password::File(pw),
+        })
+    }
+
+    /// A local directory, when the repository is one (enables listing snapshot ids
+    /// without a restic call).
+    pub fn local_dir(&self) -> Option<PathBuf> {
+        let l = self
+            .location
+            .strip_prefix("local:")
+            .unwrap_or(&self.location);
+        (l.starts_with('/') || l.starts_with('.')).then(|| PathBuf::from(l))
+    }
+
+    fn cmd(&self, args: Vec<String>) -> duct::Expression {
+        let mut e = duct::cmd("restic", args)
+            .env("RESTIC_REPOSITORY", &self.location)
+            .env_remove("RESTIC_PASSWORD_COMMAND");
+        e = match &self.password {
+            Password::File(f) => e
+                .env("RESTIC_PASSWORD_FILE", f)
+                .env_remove("RESTIC_PASSWORD"),
+            Password::Env(p) => e
+                .env("RESTIC_PASSWORD", p)
+                .env_remove("RESTIC_PASSWORD_FILE"),
+        };
+        e
+    }
+
+    fn run(&self, args: Vec<String>, dir: Option<&Path>) -> Result<String> {
+        let what = format!("restic {}", args.first().map(String::as_str).unwrap_or(""));
+        let mut e = self.cmd(args).stdout_capture().stderr_capture().unchecked();
+        if let Some(d) = dir {
+            e = e.dir(d);
+        }
+        let out = e.run().map_err(|err| {
+            if err.kind() == std::io::ErrorKind::NotFound {
+                anyhow::anyhow!("restic is not installed: install it (`apt-get install restic`)")
+            } else {
+                anyhow::anyhow!("{what}: {err}")
+            }
+        })?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            bail!(
+                "{what} failed on {}: {}{}",
+                self.location,
+                stderr.trim(),
+                hint(&stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Create the repository if it does not exist yet.
+    pub fn ensure_initialized(&self) -> Result<()> {
+        if let Some(dir) = self.local_dir() {
+            if dir.join("config").exists() {
+                return Ok(());
+            }
+            if dir.exists() && std::fs::read_dir(&dir)?.next().is_some() {
+                bail!(
+                    "{} exists and is not a restic repository (no `config`): move it away or set RESTIC_REPOSITORY",
+                    dir.display()
+                );
+            }
+        } else if self.run(vec!["cat".into(), "config".into()], None).is_ok() {
+            return Ok(());
+        }
+        self.run(vec!["init".into(), "--quiet".into()], None)
+            .context("creating the restic repository")?;
+        Ok(())
+    }
+
+    /// Back up the contents of `dir` (stored at the snapshot's root) with `tags`.
+    /// Returns the snapshot id restic printed (short in restic 0.14).
+    pub fn backup(&self, dir: &Path, tags: &Tags) -> Result<String> {
+        let mut args: Vec<String> = vec![
+            "backup".into(),
+            "--json".into(),
+            "--quiet".into(),
+            "--host".into(),
+            "udos".into(),
+        ];
+        for (k, v) in &tags.0 {
+            args.push("--tag".into());
+            args.push(format!("{k}={v}"));
+        }
+        args.push(".".into());
+        let out = self
+            .run(args, Some(dir))
+            .with_context(|| format!("snapshotting layer {}", dir.display()))?;
+        out.lines()
+            .filter_map(|l| serde_json::from_str::<Summary>(l).ok())
+            .find(|s| s.message_type == "summary")
+            .and_then(|s| s.snapshot_id)
+            .context("restic backup printed no summary with a snapshot id")
+    }
+
+    /// Full ids of the snapshots with the given short ids (prefixes). For a local
+    /// repository this reads the `snapshots/` directory (file names are the ids);
+    /// otherwise it asks restic once.
+    pub fn resolve_ids(&self, short: &[String]) -> Result<Vec<String>> {
+        let all: Vec<String> = match self.local_dir() {
+            Some(dir) => std::fs::read_dir(dir.join("snapshots"))
+                .with_context(|| format!("listing {}/snapshots", dir.display()))?
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect(),
+            None => self.snapshots(&[])?.into_iter().map(|s| s.id).collect(),
+        };
+        short
+            .iter()
+            .map(|s| {
+                let mut m = all.iter().filter(|id| id.starts_with(s.as_str()));
+                match (m.next(), m.next()) {
+                    (Some(id), None) => Ok(id.clone()),
+                    (None, _) => bail!("snapshot {s} not found in {}", self.location),
+                    (Some(_), Some(_)) => bail!("snapshot id {s} is ambiguous"),
+                }
+            })
+            .collect()
+    }
+
+    /// `restic snapshots --json`, optionally filtered by tags (all must match).
+    pub fn snapshots(&self, tags: &[String]) -> Result<Vec<SnapshotInfo>> {
+        let mut args: Vec<String> = vec!["snapshots".into(), "--json".into()];
+        if !tags.is_empty() {
+            args.push("--tag".into());
+            args.push(tags.join(","));
+        }
+        let out = self.run(args, None)?;
+        serde_json::from_str(&out).context("parsing `restic snapshots --json`")
+    }
+
+    /// Restore a snapshot into `target` (which must exist).
+    pub fn restore(&self, snapshot: &str, target: &Path) -> Result<()> {
+        self.run(
+            vec![
+                "restore".into(),
+                snapshot.into(),
+                "--target".into(),
+                target.display().to_string(),
+            ],
+            None,
+        )
+        .with_context(|| format!("restoring snapshot {snapshot}"))?;
+        Ok(())
+    }
+}
+
+fn hint(stderr: &str) -> &'static str {
+    if stderr.contains("already locked") || stderr.contains("unable to create lock") {
+        "\nhint: another restic process holds the lock; if none is running, remove a stale lock with `restic unlock`"
+    } else if stderr.contains("wrong password") || stderr.contains("no key found") {
+        "\nhint: check RESTIC_PASSWORD_FILE / RESTIC_PASSWORD"
+    } else if stderr.contains("no space left") {
+        "\nhint: the repository's disk is full: free space, then run again"
+    } else if stderr.contains("Is there a repository") {
+        "\nhint: the repository does not exist or is unreadable"
+    } else {
+        ""
+    }
+}
+
+fn write_new_password(path: &Path) -> Result<()> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("reading /dev/urandom")?;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    writeln!(f, "{}", hex::encode(bytes))?;
+    Ok(())
+}
