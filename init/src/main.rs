@@ -1,1 +1,308 @@
-fn main() {}
+//! `udos-init`: PID 1 of a udos step VM (docs/pid1.md).
+//!
+//! Boot: API filesystems, kernel modules, the layered step root (`root`); then act
+//! (`act`, supervised by `reaper`); then `shutdown`: kill everything, seal the output
+//! (`report`), unmount, power off. Every path, including errors and panics, ends in a
+//! step record, a `UDOS-RESULT` line and `reboot(RB_POWER_OFF)`: PID 1 never exits.
+
+mod act;
+mod cmdline;
+mod console;
+mod devices;
+mod error;
+mod modules;
+mod mounts;
+mod reaper;
+mod report;
+mod root;
+mod shutdown;
+
+use std::collections::BTreeMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use nix::unistd::getpid;
+use udos_layer::{RecordStatus, StepRecord, RECORD_VERSION};
+
+use crate::act::{ActLog, Stdio3};
+use crate::cmdline::{Config, Mode};
+use crate::console::{error, info, warning};
+use crate::error::Error;
+use crate::mounts::Mounts;
+use crate::reaper::{supervise, Exit, Reaper, Signals, Supervised};
+use crate::root::StepRoot;
+
+/// Module names to load; absent means every module depmod knows.
+const MODULE_LIST: &str = "/udos/modules";
+/// The manager-mode agent, if the image carries one.
+const AGENT: &str = "/sbin/udos-agent";
+
+/// PID 1's state, kept outside the fallible boot so shutdown can always use it.
+struct Init {
+    started: Instant,
+    cfg: Config,
+    mounts: Mounts,
+    signals: Option<Signals>,
+    reaper: Reaper,
+    root: Option<StepRoot>,
+    timings: BTreeMap<String, u64>,
+    /// Probe mode: no record, no seal, straight to power-off.
+    probe: bool,
+}
+
+fn ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Init {
+    fn new(started: Instant) -> Self {
+        Init {
+            started,
+            cfg: Config::default(),
+            mounts: Mounts::default(),
+            signals: None,
+            reaper: Reaper::default(),
+            root: None,
+            timings: BTreeMap::new(),
+            probe: false,
+        }
+    }
+
+    /// Boots and runs the step; any error becomes an error record.
+    fn run(&mut self) -> StepRecord {
+        match self.try_run() {
+            Ok(record) => record,
+            Err(e) => {
+                error!("{e}");
+                StepRecord::error(e.to_string())
+            }
+        }
+    }
+
+    fn try_run(&mut self) -> Result<StepRecord, Error> {
+        // First: a SIGTERM from the host during boot must wait for act, not be lost.
+        self.signals = Some(Signals::block()?);
+        let bad_cmdline = self.read_config()?;
+        if self.cfg.mode == Mode::Probe {
+            console::line("UDOS-PROBE-OK");
+            self.probe = true;
+            return Ok(StepRecord::error("probe"));
+        }
+
+        let boot = Instant::now();
+        let harness_dir = self.cfg.root.clone();
+        if harness_dir.is_none() {
+            mounts::mount_api_filesystems(&mut self.mounts, Path::new("/"), false)?;
+        }
+        // Reported only now: with /sys and /dev up, the error record can be sealed.
+        if let Some(e) = bad_cmdline {
+            return Err(e);
+        }
+        let root = match harness_dir {
+            // HARNESS: the test's directory is the root; nothing to load or assemble.
+            Some(dir) => root::prepare_harness(&self.cfg, &dir, &mut self.mounts)?,
+            None => {
+                self.load_modules()?;
+                root::assemble_and_switch(&self.cfg, &mut self.mounts)?
+            }
+        };
+        let modules = self.timings.get("modules").copied().unwrap_or(0);
+        self.timings
+            .insert("mount".into(), ms(boot.elapsed()).saturating_sub(modules));
+        let root = self.root.insert(root).clone();
+        if self.cfg.mode == Mode::Step && root.path(".actrc").exists() {
+            self.run_act(&root)
+        } else {
+            self.run_manager(&root)
+        }
+    }
+
+    /// The command line: `UDOS_CMDLINE` (HARNESS) or `/proc/cmdline`, mounting /proc
+    /// first if needed. A bad `udos.*` value is returned, not raised: the keys that did
+    /// parse (the output device) are still needed to seal the error.
+    fn read_config(&mut self) -> Result<Option<Error>, Error> {
+        let text = match std::env::var("UDOS_CMDLINE") {
+            Ok(text) => text,
+            Err(_) => {
+                let path = Path::new("/proc/cmdline");
+                if !path.exists() {
+                    let flags = nix::mount::MsFlags::MS_NOSUID
+                        | nix::mount::MsFlags::MS_NODEV
+                        | nix::mount::MsFlags::MS_NOEXEC;
+                    self.mounts
+                        .mount("proc", Path::new("/proc"), "proc", flags, None)?;
+                }
+                std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?
+            }
+        };
+        let (cfg, bad) = cmdline::parse_lenient(&text);
+        self.cfg = cfg;
+        Ok(bad)
+    }
+
+    fn load_modules(&mut self) -> Result<(), Error> {
+        let t = Instant::now();
+        let release_path = Path::new("/proc/sys/kernel/osrelease");
+        let release = std::fs::read_to_string(release_path)
+            .map_err(|e| Error::io("read", release_path, e))?;
+        let loaded = modules::load(
+            Path::new("/lib/modules"),
+            release.trim(),
+            Path::new(MODULE_LIST),
+        )?;
+        let took = ms(t.elapsed());
+        self.timings.insert("modules".into(), took);
+        if !loaded.loaded.is_empty() {
+            info!(
+                "loaded {} module(s) in {took} ms: {}",
+                loaded.loaded.len(),
+                loaded.loaded.join(" ")
+            );
+        }
+        Ok(())
+    }
+
+    /// Waits for `running` (act or the manager's program) while reaping everything.
+    fn supervise(&mut self, running: act::Running, log: &mut ActLog) -> Result<Supervised, Error> {
+        let signals = self.signals.as_ref().ok_or(Error::Syscall {
+            call: "signalfd",
+            error: nix::errno::Errno::EBADF,
+        })?;
+        Ok(supervise(
+            running,
+            signals,
+            &mut self.reaper,
+            self.cfg.timeout,
+            self.cfg.grace,
+            log,
+        ))
+    }
+
+    /// Step mode: act, supervised to the end.
+    fn run_act(&mut self, root: &StepRoot) -> Result<StepRecord, Error> {
+        let running = act::spawn(&self.cfg.act, &["--json"], root, Stdio3::Piped)?;
+        let init_to_act = self.started.elapsed();
+        self.timings.insert("init_to_act".into(), ms(init_to_act));
+        info!(
+            "act started (pid {}), {:.3} ms after PID 1 start",
+            running.pid,
+            init_to_act.as_secs_f64() * 1000.0
+        );
+        let mut log = ActLog::default();
+        let done = self.supervise(running, &mut log)?;
+        self.timings.insert("act".into(), ms(done.elapsed));
+        info!("act exited: {}", describe(done.exit));
+        let mut record = outcome("act", &done, self.cfg.timeout);
+        record.act_exit_code = Some(done.exit.code());
+        record.steps = log.into_steps();
+        Ok(record)
+    }
+
+    /// Manager mode: an emergency shell, the agent, or nothing to do.
+    fn run_manager(&mut self, root: &StepRoot) -> Result<StepRecord, Error> {
+        let program = if self.cfg.shell {
+            PathBuf::from("/bin/sh")
+        } else if root.path(AGENT).exists() {
+            PathBuf::from(AGENT)
+        } else {
+            return Err(Error::NothingToRun);
+        };
+        let running = act::spawn(&program, &[], root, Stdio3::Console)?;
+        info!("{} started (pid {})", program.display(), running.pid);
+        let done = self.supervise(running, &mut ActLog::default())?;
+        info!("{} exited: {}", program.display(), describe(done.exit));
+        Ok(outcome(
+            &program.display().to_string(),
+            &done,
+            self.cfg.timeout,
+        ))
+    }
+
+    /// Shutdown (docs/pid1.md, step 7), then power off.
+    fn shutdown(&mut self, mut record: StepRecord) {
+        if self.probe {
+            return;
+        }
+        record.timings_ms.extend(std::mem::take(&mut self.timings));
+        let upper = self.root.as_ref().and_then(|r| r.upper.clone());
+        shutdown::Shutdown {
+            reaper: &mut self.reaper,
+            mounts: &mut self.mounts,
+            grace: self.cfg.grace,
+            output: self.cfg.output.as_ref(),
+            upper: upper.as_deref(),
+            device_timeout: self.cfg.device_timeout,
+        }
+        .run(record);
+    }
+}
+
+fn describe(exit: Exit) -> String {
+    match exit {
+        Exit::Code(c) => format!("exit code {c}"),
+        Exit::Signal(s) => format!("killed by {s}"),
+    }
+}
+
+/// The record for a child (`what`) that ran: success on exit 0, else failure (with why,
+/// when it was not simply a non-zero exit).
+fn outcome(what: &str, done: &Supervised, timeout: Option<std::time::Duration>) -> StepRecord {
+    let mut record = StepRecord {
+        version: RECORD_VERSION,
+        status: match done.exit {
+            Exit::Code(0) if !done.timed_out => RecordStatus::Success,
+            _ => RecordStatus::Failure,
+        },
+        error: None,
+        act_exit_code: None,
+        steps: Vec::new(),
+        timings_ms: BTreeMap::new(),
+        layer: Default::default(),
+    };
+    if done.timed_out {
+        let secs = timeout.map(|t| t.as_secs_f64()).unwrap_or(0.0);
+        record.error = Some(format!("step timed out after {secs} s"));
+    } else if let Exit::Signal(s) = done.exit {
+        record.error = Some(format!("{what} killed by {s}"));
+    }
+    record
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_string()
+    }
+}
+
+fn main() {
+    let started = Instant::now();
+    std::panic::set_hook(Box::new(|info| {
+        console::line(&format!("udos-init: panic: {info}"));
+    }));
+    // kill(-1) and reboot() from anything but a PID namespace's init would hit the
+    // whole machine: refuse to run at all.
+    if getpid().as_raw() != 1 {
+        console::line("udos-init: error: not PID 1; refusing to run (it would signal every process and power the machine off)");
+        std::process::exit(2);
+    }
+
+    let mut init = Init::new(started);
+    let record = match catch_unwind(AssertUnwindSafe(|| init.run())) {
+        Ok(record) => record,
+        Err(payload) => {
+            let msg = format!("udos-init panicked: {}", panic_message(payload.as_ref()));
+            error!("{msg}");
+            StepRecord::error(msg)
+        }
+    };
+    if catch_unwind(AssertUnwindSafe(|| init.shutdown(record))).is_err() {
+        warning!("shutdown panicked; powering off anyway");
+        shutdown::result_line("error");
+    }
+    shutdown::power_off()
+}

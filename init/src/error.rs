@@ -1,0 +1,83 @@
+//! Everything that can stop PID 1 from running the step. Each variant carries the
+//! syscall's context, so the console line says exactly what broke and why.
+
+use std::io;
+use std::path::PathBuf;
+
+use nix::errno::Errno;
+
+/// A failure before or while running the step; it becomes a record with `status: error`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `mount(2)` failed. (`src`, not `source`: thiserror reserves that name.)
+    #[error("mount {src} on {} ({fstype}): {error}", target.display())]
+    Mount {
+        src: String,
+        target: PathBuf,
+        fstype: String,
+        error: Errno,
+    },
+
+    /// `mount(2)` with `MS_MOVE` failed.
+    #[error("move mount {} to {}: {error}", from.display(), to.display())]
+    MoveMount {
+        from: PathBuf,
+        to: PathBuf,
+        error: Errno,
+    },
+
+    /// A filesystem operation PID 1 needs (mkdir, read, open) failed.
+    #[error("{op} {}: {error}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        error: io::Error,
+    },
+
+    /// Another syscall failed (`chroot`, `chdir`, `signalfd`, ...).
+    #[error("{call}: {error}")]
+    Syscall { call: &'static str, error: Errno },
+
+    /// A kernel module listed in `/udos/modules` (or one it depends on) did not load.
+    #[error("load module {name}: {error}")]
+    ModuleLoad { name: String, error: String },
+
+    /// No `/sys/block/vd*/serial` carried this serial within the device timeout.
+    #[error("{role} device {serial} not found")]
+    DeviceNotFound { role: &'static str, serial: String },
+
+    /// A `udos.*` key on the kernel command line has a value PID 1 cannot use.
+    #[error("kernel command line: {key}={value}: {reason}")]
+    Cmdline {
+        key: String,
+        value: String,
+        reason: String,
+    },
+
+    /// Step mode without any `udos.lowers` and without `udos.root`.
+    #[error("no udos.lowers on the kernel command line: no root to run the step in")]
+    NoLowers,
+
+    /// act's binary is not there (exec gave `ENOENT`).
+    #[error("act not found at {}", path.display())]
+    ActNotFound { path: PathBuf },
+
+    /// exec of act (or the manager-mode program) failed for another reason.
+    #[error("start {}: {error}", path.display())]
+    Spawn { path: PathBuf, error: io::Error },
+
+    /// Manager mode with neither a shell requested nor an agent in the image.
+    #[error("no /.actrc and no agent: nothing to run")]
+    NothingToRun,
+}
+
+impl Error {
+    /// Shorthand for [`Error::Io`].
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, error: io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            error,
+        }
+    }
+}

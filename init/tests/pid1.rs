@@ -1,0 +1,370 @@
+//! udos-init as PID 1 of a PID + mount namespace (harness mode; needs root), observed
+//! through its console and the sealed output file.
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::time::Duration;
+
+use common::Harness;
+use udos_layer::RecordStatus;
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+fn workflow(steps: &str) -> String {
+    format!("on: push\njobs:\n  udos:\n    runs-on: ubuntu-latest\n    steps:\n{steps}")
+}
+
+#[test]
+fn happy_path_collects_outputs_env_and_the_layer() {
+    let h = Harness::new();
+    h.workflow(&workflow(
+        r#"      - id: build
+        run: |
+          mkdir -p /workspace/out
+          echo built > /workspace/out/result.txt
+          echo "artifact=out/result.txt" >> "$GITHUB_OUTPUT"
+          echo "BUILD_MODE=release" >> "$GITHUB_ENV"
+          echo /opt/tools/bin >> "$GITHUB_PATH"
+      - id: check
+        run: |
+          test "$BUILD_MODE" = release
+          echo "saw $(cat /workspace/out/result.txt)"
+          echo checked > /workspace/checked.txt
+          echo "ok=yes" >> "$GITHUB_OUTPUT"
+"#,
+    ));
+    let done = h.spawn(&h.cmdline("")).wait(LIMIT);
+    done.assert_powered_off();
+    assert_eq!(done.result(), "success");
+    let console = done.console();
+    assert!(
+        console.contains("  | saw built"),
+        "raw output is shown: {console}"
+    );
+    assert!(
+        !console.contains("\"stepID\""),
+        "JSON is rendered, not dumped"
+    );
+
+    let sealed = h.sealed();
+    let r = &sealed.record;
+    assert_eq!(r.status, RecordStatus::Success, "{r:?}");
+    assert_eq!(r.error, None);
+    assert_eq!(r.act_exit_code, Some(0));
+    let ids: Vec<&str> = r.steps.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, ["build", "check"]);
+    let build = r.step("build").unwrap();
+    assert_eq!(build.result, "success");
+    assert_eq!(
+        build.outputs.get("artifact").map(String::as_str),
+        Some("out/result.txt")
+    );
+    assert_eq!(
+        build.env.get("BUILD_MODE").map(String::as_str),
+        Some("release")
+    );
+    assert_eq!(build.path, ["/opt/tools/bin"]);
+    let check = r.step("check").unwrap();
+    assert_eq!(check.result, "success");
+    assert_eq!(check.outputs.get("ok").map(String::as_str), Some("yes"));
+    assert!(check.env.is_empty());
+    for key in ["init_to_act", "act", "seal", "mount"] {
+        assert!(
+            r.timings_ms.contains_key(key),
+            "timings_ms.{key} missing: {:?}",
+            r.timings_ms
+        );
+    }
+
+    // The layer holds what the step wrote, and nothing of act's HOME or /tmp (tmpfs).
+    assert_eq!(
+        sealed.file("workspace/out/result.txt").as_deref(),
+        Some("built\n")
+    );
+    assert_eq!(
+        sealed.file("workspace/checked.txt").as_deref(),
+        Some("checked\n")
+    );
+    let paths: Vec<String> = sealed.files().into_iter().map(|(p, _)| p).collect();
+    assert!(
+        paths
+            .iter()
+            .all(|p| !p.starts_with("run/") && !p.starts_with("tmp/")),
+        "{paths:?}"
+    );
+    assert_eq!(r.layer.entries as usize, tar_entries(&sealed.layer));
+}
+
+fn tar_entries(layer: &[u8]) -> usize {
+    tar::Archive::new(layer).entries().unwrap().count()
+}
+
+#[test]
+fn orphans_are_reaped() {
+    let h = Harness::new();
+    h.workflow(&workflow(
+        r#"      - id: orphans
+        run: |
+          (sleep 0.2 &) ; (true &)
+          for i in 1 2 3; do (sleep 0.1 &); done
+          sleep 1
+          # Zombies whose parent is PID 1: orphans that init failed to reap.
+          z=0
+          for f in /proc/[0-9]*/status; do
+            if grep -q '^State:.*Z' "$f" 2>/dev/null && grep -q '^PPid:[[:space:]]*1$' "$f" 2>/dev/null; then
+              z=$((z+1))
+            fi
+          done
+          echo "zombies=$z" >> "$GITHUB_OUTPUT"
+"#,
+    ));
+    let done = h.spawn(&h.cmdline("")).wait(LIMIT);
+    done.assert_powered_off();
+    let r = h.sealed().record;
+    assert_eq!(r.status, RecordStatus::Success, "{r:?}");
+    let step = r.step("orphans").unwrap();
+    // Seen from inside the step, after the orphans exited: PID 1 reaped them all.
+    assert_eq!(
+        step.outputs.get("zombies").map(String::as_str),
+        Some("0"),
+        "{step:?}"
+    );
+    let reaped = done
+        .lines
+        .iter()
+        .find_map(|(_, l)| {
+            l.strip_prefix("udos-init: reaped ")?
+                .split(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .unwrap_or(0);
+    assert!(
+        reaped >= 5,
+        "expected >= 5 orphans reaped, got {reaped}: {}",
+        done.console()
+    );
+}
+
+#[test]
+fn sigterm_is_forwarded_to_act_and_the_step_still_seals() {
+    let h = Harness::new();
+    h.workflow(&workflow(
+        r#"      - id: wait
+        run: |
+          echo STEP-READY
+          sleep 60
+"#,
+    ));
+    let running = h.spawn(&h.cmdline(""));
+    assert!(
+        running.wait_for_line("STEP-READY", Duration::from_secs(30)),
+        "step never started"
+    );
+    running.signal(libc::SIGTERM);
+    let sent = std::time::Instant::now();
+    let done = running.wait(LIMIT);
+    done.assert_powered_off();
+    let console = done.console();
+    assert!(
+        console.contains("udos-init: forwarding SIGTERM to act"),
+        "{console}"
+    );
+    // act reacted (it cancels the job on SIGTERM) long before the 60 s step would end.
+    assert!(
+        done.ended - sent < Duration::from_secs(20),
+        "took {:?}",
+        done.ended - sent
+    );
+    let r = h.sealed().record;
+    assert_eq!(r.status, RecordStatus::Failure, "{r:?}");
+    assert_ne!(r.act_exit_code, Some(0));
+    assert_eq!(r.step("wait").map(|s| s.result.as_str()), Some("failure"));
+    assert_eq!(done.result(), "failure");
+}
+
+#[test]
+fn process_ignoring_sigterm_is_killed_after_the_grace_period() {
+    let h = Harness::new();
+    h.workflow(&workflow(
+        r#"      - id: stubborn
+        run: |
+          setsid sh -c "trap '' TERM; exec sleep 1000" </dev/null >/dev/null 2>&1 &
+          # Once sleep runs, its SIGTERM is ignored (SIG_IGN survives exec).
+          for i in $(seq 100); do pgrep -x sleep >/dev/null && break; sleep 0.05; done
+          echo left a stubborn process behind
+"#,
+    ));
+    let done = h.spawn(&h.cmdline("udos.grace=1")).wait(LIMIT);
+    done.assert_powered_off();
+    let console = done.console();
+    assert!(
+        console.contains("processes left after the 1.0 s grace period: SIGKILL"),
+        "{console}"
+    );
+    let shutdown = done
+        .line_time("udos-init: shutdown")
+        .expect("shutdown line");
+    let took = done.ended - shutdown;
+    assert!(
+        took >= Duration::from_millis(950),
+        "SIGKILL came before the grace period: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(4),
+        "shutdown took {took:?} (grace 1 s)"
+    );
+    let r = h.sealed().record;
+    assert_eq!(r.status, RecordStatus::Success, "{r:?}");
+}
+
+#[test]
+fn failing_step_is_a_failure_record() {
+    let h = Harness::new();
+    h.workflow(&workflow(
+        r#"      - id: ok
+        run: echo fine
+      - id: boom
+        run: exit 3
+"#,
+    ));
+    let done = h.spawn(&h.cmdline("")).wait(LIMIT);
+    done.assert_powered_off();
+    assert_eq!(done.result(), "failure");
+    let r = h.sealed().record;
+    assert_eq!(r.status, RecordStatus::Failure, "{r:?}");
+    assert_eq!(r.act_exit_code, Some(1));
+    assert_eq!(r.error, None);
+    assert_eq!(r.step("ok").map(|s| s.result.as_str()), Some("success"));
+    assert_eq!(r.step("boom").map(|s| s.result.as_str()), Some("failure"));
+}
+
+#[test]
+fn missing_act_is_an_error_record() {
+    let h = Harness::new();
+    h.workflow(&workflow("      - id: never\n        run: true\n"));
+    let done = h.spawn(&h.cmdline("udos.act=/nonexistent")).wait(LIMIT);
+    done.assert_powered_off();
+    assert_eq!(done.result(), "error");
+    assert!(
+        done.console()
+            .contains("udos-init: error: act not found at /nonexistent"),
+        "{}",
+        done.console()
+    );
+    let r = h.sealed().record;
+    assert_eq!(r.status, RecordStatus::Error);
+    assert_eq!(r.error.as_deref(), Some("act not found at /nonexistent"));
+    assert_eq!(r.act_exit_code, None);
+    assert!(r.steps.is_empty());
+}
+
+#[test]
+fn missing_layer_device_is_an_error_record() {
+    let h = Harness::new();
+    // Step mode (no udos.root): PID 1 mounts /proc, /sys, /dev... in its namespace and
+    // looks for the layer's virtio serial, which no disk has.
+    let cmdline = format!(
+        "console=ttyS0 udos.lowers=udos-nope udos.devtimeout=1 udos.output={}",
+        h.output.display()
+    );
+    let done = h.spawn(&cmdline).wait(LIMIT);
+    done.assert_powered_off();
+    assert_eq!(done.result(), "error");
+    assert!(
+        done.console()
+            .contains("udos-init: error: layer device udos-nope not found"),
+        "{}",
+        done.console()
+    );
+    let sealed = h.sealed();
+    assert_eq!(sealed.record.status, RecordStatus::Error);
+    assert_eq!(
+        sealed.record.error.as_deref(),
+        Some("layer device udos-nope not found")
+    );
+    assert!(sealed.layer.is_empty());
+}
+
+#[test]
+fn timeout_terminates_act_and_fails_the_step() {
+    let h = Harness::new();
+    h.workflow(&workflow("      - id: slow\n        run: sleep 60\n"));
+    let done = h
+        .spawn(&h.cmdline("udos.timeout=2 udos.grace=1"))
+        .wait(LIMIT);
+    done.assert_powered_off();
+    assert!(done.ended - done.started < Duration::from_secs(20));
+    assert!(
+        done.console().contains("step timed out: SIGTERM to act"),
+        "{}",
+        done.console()
+    );
+    let r = h.sealed().record;
+    assert_eq!(r.status, RecordStatus::Failure, "{r:?}");
+    assert_eq!(r.error.as_deref(), Some("step timed out after 2 s"));
+}
+
+#[test]
+fn probe_mode_prints_ok_and_powers_off() {
+    let h = Harness::new();
+    let done = h.spawn(&h.cmdline("udos.mode=probe")).wait(LIMIT);
+    assert_eq!(
+        done.status.signal(),
+        Some(libc::SIGINT),
+        "{}",
+        done.console()
+    );
+    assert!(done.console().contains("UDOS-PROBE-OK"));
+}
+
+#[test]
+fn bad_command_line_value_still_seals_an_error_record() {
+    let h = Harness::new();
+    h.workflow(&workflow("      - id: never\n        run: true\n"));
+    let done = h.spawn(&h.cmdline("udos.timeout=soon")).wait(LIMIT);
+    done.assert_powered_off();
+    let r = h.sealed().record;
+    assert_eq!(r.status, RecordStatus::Error);
+    assert_eq!(
+        r.error.as_deref(),
+        Some("kernel command line: udos.timeout=soon: expected seconds")
+    );
+}
+
+#[test]
+fn manager_mode_without_shell_or_agent_has_nothing_to_run() {
+    let h = Harness::new();
+    // An .actrc is there, but manager mode skips act.
+    h.workflow(&workflow("      - id: never\n        run: true\n"));
+    let done = h.spawn(&h.cmdline("udos.mode=manager")).wait(LIMIT);
+    done.assert_powered_off();
+    assert!(!done.console().contains("act started"));
+    let r = h.sealed().record;
+    assert_eq!(r.status, RecordStatus::Error);
+    assert_eq!(
+        r.error.as_deref(),
+        Some("no /.actrc and no agent: nothing to run")
+    );
+}
+
+#[test]
+fn manager_mode_shell_runs_on_the_console() {
+    let h = Harness::new();
+    // stdin is /dev/null here, so the shell reads EOF and exits 0 at once.
+    let done = h
+        .spawn(&h.cmdline("udos.mode=manager udos.shell=1"))
+        .wait(LIMIT);
+    done.assert_powered_off();
+    assert!(
+        done.console()
+            .contains("udos-init: /bin/sh exited: exit code 0"),
+        "{}",
+        done.console()
+    );
+    let r = h.sealed().record;
+    assert_eq!(r.status, RecordStatus::Success);
+    assert_eq!(r.act_exit_code, None);
+}
