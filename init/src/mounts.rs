@@ -91,6 +91,18 @@ impl Mounts {
         Ok(())
     }
 
+    /// Unmounts the mount at `target` now and forgets it.
+    pub fn unmount(&mut self, target: &Path) -> Result<(), Error> {
+        umount2(target, MntFlags::empty()).map_err(|error| Error::Syscall {
+            call: "umount2",
+            error,
+        })?;
+        if let Some(i) = self.stack.iter().rposition(|e| e.target == target) {
+            self.stack.remove(i);
+        }
+        Ok(())
+    }
+
     /// Marks the mount at `target` as the step root (kept, remounted read-only at the end).
     pub fn mark_root(&mut self, target: &Path) {
         for entry in self.stack.iter_mut().filter(|e| e.target == target) {

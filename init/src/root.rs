@@ -145,9 +145,12 @@ pub fn assemble_and_switch(cfg: &Config, mounts: &mut Mounts) -> Result<StepRoot
 
 /// Moves the API filesystems and `/run` (with the layer mounts under it) into `newroot`,
 /// then makes `newroot` the root. `/run` is a tmpfs, so nothing of udos lands in the
-/// step's layer; the upper stays reachable at `/run/udos/upperfs` for sealing.
+/// step's layer; the upper stays reachable at `/run/udos/upperfs` for sealing. The
+/// initramfs's `/tmp` is dropped: the step's `/tmp` is the overlay's, so what a step
+/// leaves there carries over to the next step, as on a GitHub runner.
 fn switch_root(mounts: &mut Mounts, newroot: &Path) -> Result<(), Error> {
-    for dir in ["run", "proc", "sys", "dev", "tmp"] {
+    mounts.unmount(Path::new("/tmp"))?;
+    for dir in ["run", "proc", "sys", "dev"] {
         mounts.move_mount(&Path::new("/").join(dir), &newroot.join(dir))?;
     }
     bind_udos_bin(mounts, newroot)?;
