@@ -112,10 +112,12 @@ jobs:
           mkdir -p build /opt/tool
           echo "$GREETING from 1" > build/msg.txt
           echo tool > /opt/tool/marker
+          echo scratch > /tmp/carried
       - name: read and delete
         run: |
           grep -q "hello from 1" build/msg.txt
           test -f /opt/tool/marker
+          test "$(cat /tmp/carried)" = scratch
           rm tracked.txt
           rm -r olddir
       - id: setter
