@@ -90,6 +90,7 @@ fn sample_record() -> StepRecord {
         steps: vec![ActStep {
             id: "udos-step".to_string(),
             result: "success".to_string(),
+            exit_code: Some(0),
             outputs,
             env: BTreeMap::new(),
             path: vec!["/opt/bin".to_string()],
