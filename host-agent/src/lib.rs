@@ -7,9 +7,11 @@
 //! - [`store`]: runs, steps and layers in SQLite;
 //! - [`restore`]: the root as a step left it, from the snapshots;
 //! - [`bench`]: per-phase figures against act on the host;
-//! - [`state`]: the state directory layout.
+//! - [`state`]: the state directory layout;
+//! - [`cluster`]: the master, the worker agent and the cluster CLI.
 
 pub mod bench;
+pub mod cluster;
 pub mod restic;
 pub mod restore;
 pub mod runner;

@@ -107,6 +107,19 @@ enum Command {
         #[arg(long, value_enum, default_value = "auto")]
         hypervisor: HypervisorArg,
     },
+    /// Run the master of a cluster (see docs/master-api.md)
+    Master {
+        #[command(subcommand)]
+        command: udos_host_agent::cluster::cli::MasterCommand,
+    },
+    /// Run a worker agent: enroll, pull assignments, run them in VMs, report
+    Agent(udos_host_agent::cluster::cli::AgentArgs),
+    /// Publish the desired state of a built commit as the next generation
+    Publish(udos_host_agent::cluster::cli::PublishArgs),
+    /// Show the cluster's convergence, per worker and per spec
+    Status(udos_host_agent::cluster::cli::StatusArgs),
+    /// Show how two generations differ
+    DiffGenerations(udos_host_agent::cluster::cli::DiffArgs),
 }
 
 #[derive(Subcommand)]
@@ -324,6 +337,11 @@ fn dispatch(cli: Cli) -> Result<ExitCode, SetupFailed> {
             bench::run(&state, &workflow, choice(hypervisor), &progress).map_err(SetupFailed)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Master { command } => Ok(udos_host_agent::cluster::cli::master(&state, command)),
+        Command::Agent(a) => Ok(udos_host_agent::cluster::cli::agent(&state, a)),
+        Command::Publish(a) => Ok(udos_host_agent::cluster::cli::publish(&state, a)),
+        Command::Status(a) => Ok(udos_host_agent::cluster::cli::status(&state, a)),
+        Command::DiffGenerations(a) => Ok(udos_host_agent::cluster::cli::diff(&state, a)),
     }
 }
 

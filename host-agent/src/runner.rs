@@ -11,7 +11,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -42,6 +43,9 @@ pub struct RunSettings {
     pub disk_bytes: u64,
     /// Print guest consoles to stderr live.
     pub stream_console: bool,
+    /// Set to true (from another thread) to cancel the run: the running step VM is
+    /// killed and the remaining steps are not started.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl Default for RunSettings {
@@ -52,6 +56,7 @@ impl Default for RunSettings {
             step_timeout: Duration::from_secs(600),
             disk_bytes: 4 << 30,
             stream_console: true,
+            cancel: None,
         }
     }
 }
@@ -288,6 +293,21 @@ pub fn run_job(
             error: None,
             console_log: None,
         };
+        let cancelled = settings
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Acquire));
+        if cancelled {
+            eprintln!(
+                "udos: step {} {:?}: not started, the run was cancelled",
+                step.number, step.display_name
+            );
+            failed = true;
+            report.error = Some("the run was cancelled".into());
+            store.put_step(run_id, &row(&report), "{}", "{}", report.error.as_deref())?;
+            reports.push(report);
+            continue;
+        }
         if decide(step.condition.as_deref(), JobState { failed }) == Decision::Skip {
             eprintln!(
                 "udos: step {} {:?}: skipped",
@@ -636,7 +656,9 @@ fn run_step(
     };
     let materialize = t0.elapsed();
     let vm_started = Instant::now();
-    let outcome = prep.hypervisor.run(spec);
+    let never = AtomicBool::new(false);
+    let cancel = settings.cancel.as_deref().unwrap_or(&never);
+    let outcome = prep.hypervisor.run_until(spec, cancel);
     let vm_wall = vm_started.elapsed();
     let mut phases = BTreeMap::new();
     phases.insert("materialize".to_string(), ms(materialize));
@@ -672,6 +694,7 @@ fn run_step(
                 ),
                 VmExit::Crashed { .. } => "the hypervisor crashed".to_string(),
                 VmExit::PoweredOff => "the guest stopped without sealing its output".to_string(),
+                VmExit::Stopped => "the run was cancelled and its VM killed".to_string(),
             };
             done.error = Some(format!(
                 "{why} ({e}); console log: {}",

@@ -182,6 +182,18 @@ pub fn prepare(
         .unwrap_or_else(|| "workflow".into());
     let workflow = udos_core::workflow::parse(&text, &fallback)
         .with_context(|| format!("in {}", workflow_path.display()))?;
+    let env = prepare_env(state, kernel, choice, progress)?;
+    Ok((workflow, env))
+}
+
+/// Get the image, base layer, hypervisor and repository ready (building what is
+/// missing): everything [`prepare`] does except reading a workflow.
+pub fn prepare_env(
+    state: &StateDir,
+    kernel: Option<PathBuf>,
+    choice: HypervisorChoice,
+    progress: &dyn Fn(&str),
+) -> Result<Env> {
     if let Some(k) = &kernel {
         if !k.is_file() {
             bail!("the kernel {} does not exist", k.display());
@@ -200,15 +212,12 @@ pub fn prepare(
     progress(&format!("hypervisor: {}", hypervisor.name()));
     let repo = Repo::from_env_or_default(state.root())?;
     repo.ensure_initialized()?;
-    Ok((
-        workflow,
-        Env {
-            image,
-            base,
-            hypervisor,
-            repo,
-        },
-    ))
+    Ok(Env {
+        image,
+        base,
+        hypervisor,
+        repo,
+    })
 }
 
 #[cfg(test)]

@@ -21,6 +21,9 @@ pub enum Mode {
     Probe,
     /// Skip act; run a shell or the agent.
     Manager,
+    /// A service VM: assemble the root, report `service up`, idle (reaping children)
+    /// until SIGTERM, SIGINT or the power button, then shut down in order.
+    Service,
 }
 
 /// A block device named by its virtio serial, or (harness, debugging) by a path.
@@ -116,7 +119,8 @@ fn apply(cfg: &mut Config, key: &str, value: &str) -> Result<(), Error> {
                 "step" => Mode::Step,
                 "probe" => Mode::Probe,
                 "manager" => Mode::Manager,
-                _ => return Err(bad("expected step, probe or manager")),
+                "service" => Mode::Service,
+                _ => return Err(bad("expected step, probe, manager or service")),
             }
         }
         "udos.lowers" => {
@@ -207,6 +211,15 @@ mod tests {
         assert_eq!(cfg.act, PathBuf::from("/bin/true"));
         assert_eq!(cfg.device_timeout, Duration::from_millis(500));
         assert_eq!(cfg.root, Some(PathBuf::from("/tmp/a b")));
+    }
+
+    #[test]
+    fn service_mode() {
+        let cfg = parse("udos.mode=service udos.lowers=udos-l0").unwrap();
+        assert_eq!(cfg.mode, Mode::Service);
+        assert_eq!(cfg.lowers, vec![Target::Serial("udos-l0".into())]);
+        assert_eq!(cfg.upper, None);
+        assert_eq!(cfg.output, None);
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! `udos-init`: PID 1 of a udos step VM (docs/pid1.md).
 //!
 //! Boot: API filesystems, kernel modules, the layered step root (`root`); then act
-//! (`act`, supervised by `reaper`); then `shutdown`: kill everything, seal the output
-//! (`report`), unmount, power off. Every path, including errors and panics, ends in a
+//! (`act`, supervised by `reaper`) — or, in service mode, nothing but reaping until
+//! SIGTERM, SIGINT or the power button (`reaper::idle`, `button`); then `shutdown`:
+//! kill everything, seal the output (`report`), unmount, power off. Every path, including errors and panics, ends in a
 //! step record, a `UDOS-RESULT` line and `reboot(RB_POWER_OFF)`: PID 1 never exits.
 
 mod act;
+mod button;
 mod cmdline;
 mod console;
 mod devices;
@@ -111,6 +113,9 @@ impl Init {
         self.timings
             .insert("mount".into(), ms(boot.elapsed()).saturating_sub(modules));
         let root = self.root.insert(root).clone();
+        if self.cfg.mode == Mode::Service {
+            return self.run_service(&root);
+        }
         if self.cfg.mode == Mode::Step && root.path(".actrc").exists() {
             self.run_act(&root)
         } else {
@@ -217,6 +222,41 @@ impl Init {
             &done,
             self.cfg.timeout,
         ))
+    }
+
+    /// Service mode: report that the service is up, then reap until told to stop.
+    fn run_service(&mut self, root: &StepRoot) -> Result<StepRecord, Error> {
+        let signals = self.signals.as_ref().ok_or(Error::Syscall {
+            call: "signalfd",
+            error: nix::errno::Errno::EBADF,
+        })?;
+        let mut buttons = button::Buttons::open(&root.path("dev/input"));
+        let up = Instant::now();
+        self.timings
+            .insert("init_to_service".into(), ms(self.started.elapsed()));
+        // The host waits for exactly this line (host-agent's SERVICE_UP).
+        info!("service up");
+        if buttons.len() > 0 {
+            info!(
+                "watching {} input device(s) for the power button",
+                buttons.len()
+            );
+        }
+        let why = reaper::idle(signals, &mut self.reaper, &mut buttons);
+        info!(
+            "service stopping on {why} after {:.1} s",
+            up.elapsed().as_secs_f64()
+        );
+        self.timings.insert("service".into(), ms(up.elapsed()));
+        Ok(StepRecord {
+            version: RECORD_VERSION,
+            status: RecordStatus::Success,
+            error: None,
+            act_exit_code: None,
+            steps: Vec::new(),
+            timings_ms: BTreeMap::new(),
+            layer: Default::default(),
+        })
     }
 
     /// Shutdown (docs/pid1.md, step 7), then power off.

@@ -15,6 +15,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{read, Pid};
 
 use crate::act::{ActLog, Lines, Running};
+use crate::button::Buttons;
 use crate::console::{self, info, warning};
 use crate::error::Error;
 
@@ -279,6 +280,67 @@ pub fn supervise(
         exit,
         elapsed: exited.saturating_duration_since(started),
         timed_out,
+    }
+}
+
+/// Why a service stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// SIGTERM (the host), or SIGINT (Ctrl-Alt-Del).
+    Signal(Signal),
+    /// A press of the (ACPI) power button.
+    PowerButton,
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StopReason::Signal(s) => write!(f, "{s}"),
+            StopReason::PowerButton => f.write_str("power button"),
+        }
+    }
+}
+
+/// Service mode: reap every child that exits until SIGTERM, SIGINT or a power-button
+/// press says to stop. SIGHUP is ignored. A signal that arrived during boot is still
+/// pending on the signalfd, so it is honoured at once.
+pub fn idle(signals: &Signals, reaper: &mut Reaper, buttons: &mut Buttons) -> StopReason {
+    loop {
+        reaper.reap(None);
+        let (sig_ready, button_ready) = {
+            let button_fds = buttons.fds();
+            let mut fds = vec![PollFd::new(signals.fd.as_fd(), PollFlags::POLLIN)];
+            fds.extend(
+                button_fds
+                    .iter()
+                    .map(|fd| PollFd::new(*fd, PollFlags::POLLIN)),
+            );
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => {
+                    warning!("poll: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+            let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+            let sig_ready = fds.first().is_some_and(ready);
+            let button_ready: Vec<bool> = fds.iter().skip(1).map(ready).collect();
+            (sig_ready, button_ready)
+        };
+        if sig_ready {
+            for sig in signals.drain() {
+                match sig {
+                    Signal::SIGTERM | Signal::SIGINT => return StopReason::Signal(sig),
+                    Signal::SIGHUP => info!("ignoring SIGHUP"),
+                    _ => {}
+                }
+            }
+        }
+        for (i, ready) in button_ready.into_iter().enumerate() {
+            if ready && buttons.pressed(i) {
+                return StopReason::PowerButton;
+            }
+        }
     }
 }
 

@@ -368,3 +368,52 @@ fn manager_mode_shell_runs_on_the_console() {
     assert_eq!(r.status, RecordStatus::Success);
     assert_eq!(r.act_exit_code, None);
 }
+
+#[test]
+fn service_mode_stays_up_until_sigterm_then_shuts_down_in_order() {
+    let h = Harness::new();
+    // An .actrc is there, but service mode never runs act.
+    h.workflow(&workflow("      - id: never\n        run: true\n"));
+    let running = h.spawn(&h.cmdline("udos.mode=service"));
+    assert!(
+        running.wait_for_line("udos-init: service up", Duration::from_secs(30)),
+        "the service never came up"
+    );
+    // SIGHUP does not stop it; it idles.
+    running.signal(libc::SIGHUP);
+    assert!(running.wait_for_line("udos-init: ignoring SIGHUP", Duration::from_secs(10)));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(running.init_pid().is_some(), "PID 1 went away on its own");
+    running.signal(libc::SIGTERM);
+    let sent = std::time::Instant::now();
+    let done = running.wait(LIMIT);
+    done.assert_powered_off();
+    assert!(done.ended - sent < Duration::from_secs(10));
+    let console = done.console();
+    assert!(!console.contains("act started"), "{console}");
+    assert!(
+        console.contains("udos-init: service stopping on SIGTERM"),
+        "{console}"
+    );
+    assert!(
+        console.contains("shutdown: SIGTERM to all processes"),
+        "{console}"
+    );
+    assert_eq!(done.result(), "success");
+    let r = h.sealed().record;
+    assert_eq!(r.status, RecordStatus::Success, "{r:?}");
+    assert!(r.timings_ms.contains_key("service"), "{:?}", r.timings_ms);
+}
+
+#[test]
+fn service_mode_stops_on_sigint_too() {
+    let h = Harness::new();
+    let running = h.spawn(&h.cmdline("udos.mode=service"));
+    assert!(running.wait_for_line("udos-init: service up", Duration::from_secs(30)));
+    running.signal(libc::SIGINT);
+    let done = running.wait(LIMIT);
+    done.assert_powered_off();
+    assert!(done
+        .console()
+        .contains("udos-init: service stopping on SIGINT"));
+}

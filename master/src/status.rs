@@ -171,25 +171,34 @@ pub fn compute_status(
                                     short(&spec.hash)
                                 ));
                             } else {
-                                st.state = match r.state {
-                                    InstanceState::Running | InstanceState::Succeeded => {
-                                        InstanceHealth::Converged
-                                    }
-                                    InstanceState::Starting => InstanceHealth::Starting,
-                                    InstanceState::Failed => InstanceHealth::Failed,
-                                    InstanceState::Stopping => InstanceHealth::Missing,
+                                // A workflow run converges when it has finished well; a
+                                // service, while it runs.
+                                let is_run = matches!(spec.kind, SpecKind::WorkflowRun { .. });
+                                st.state = match (r.state, is_run) {
+                                    (InstanceState::Running, false)
+                                    | (InstanceState::Succeeded, true) => InstanceHealth::Converged,
+                                    (InstanceState::Starting, _)
+                                    | (InstanceState::Running, true) => InstanceHealth::Starting,
+                                    (InstanceState::Failed, _) => InstanceHealth::Failed,
+                                    (InstanceState::Succeeded, false)
+                                    | (InstanceState::Stopping, _) => InstanceHealth::Missing,
                                 };
-                                match r.state {
-                                    InstanceState::Running | InstanceState::Succeeded => converged += 1,
-                                    InstanceState::Starting => {
+                                match st.state {
+                                    InstanceHealth::Converged => converged += 1,
+                                    InstanceHealth::Starting if is_run && r.state == InstanceState::Running => {
+                                        drift_instances.push(format!("worker {worker_id} is still running {name}"))
+                                    }
+                                    InstanceHealth::Starting => {
                                         drift_instances.push(format!("worker {worker_id} is starting {name}"))
                                     }
-                                    InstanceState::Failed => drift_instances.push(format!(
+                                    InstanceHealth::Failed => drift_instances.push(format!(
                                         "worker {worker_id} reports {name} failed{}",
                                         r.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default()
                                     )),
-                                    InstanceState::Stopping => drift_instances
+                                    _ if r.state == InstanceState::Stopping => drift_instances
                                         .push(format!("worker {worker_id} is stopping {name}, which it should run")),
+                                    _ => drift_instances
+                                        .push(format!("worker {worker_id} reports service {name} exited")),
                                 }
                             }
                         }
@@ -416,6 +425,54 @@ mod tests {
         assert_eq!(r.specs[0].instances[0].state, InstanceHealth::Unschedulable);
         assert!(!r.workers[2].live);
         assert_eq!(r.workers[0].assigned, vec!["web@0".to_string()]);
+    }
+
+    #[test]
+    fn a_workflow_run_converges_only_once_it_succeeded() {
+        let mut run = svc("ci", H1, 1);
+        run.kind = SpecKind::WorkflowRun {
+            workflow: "w.yml".into(),
+            job: None,
+        };
+        let gen = GenerationRecord {
+            number: 1,
+            commit: "c".repeat(40),
+            intent_hash: "i".repeat(64),
+            specs: vec![run, svc("web", H1, 1)],
+            signature: None,
+            published_at_ms: 0,
+            publisher: "ci".into(),
+        };
+        let placement = Placement {
+            by_worker: BTreeMap::from([(
+                "w1".to_string(),
+                vec![("ci".to_string(), 0), ("web".to_string(), 0)],
+            )]),
+            unschedulable: vec![],
+        };
+        let status = |ci: InstanceState, web: InstanceState| {
+            let w = worker(
+                "w1",
+                5,
+                Some((1, vec![("ci", 0, H1, ci), ("web", 0, H1, web)])),
+            );
+            compute_status(Some(&gen), &placement, &[w], 5, 30_000)
+        };
+        let r = status(InstanceState::Running, InstanceState::Running);
+        assert_eq!((r.converged_instances, r.desired_instances), (1, 2));
+        assert_eq!(r.specs[0].instances[0].state, InstanceHealth::Starting);
+        assert!(
+            r.drift
+                .contains(&"worker w1 is still running ci@0".to_string()),
+            "{:?}",
+            r.drift
+        );
+        let r = status(InstanceState::Succeeded, InstanceState::Running);
+        assert_eq!(r.converged_instances, 2);
+        // A service that exited is not converged, even with the right hash.
+        let r = status(InstanceState::Succeeded, InstanceState::Succeeded);
+        assert_eq!(r.converged_instances, 1);
+        assert_eq!(r.specs[1].instances[0].state, InstanceHealth::Missing);
     }
 
     #[test]

@@ -416,7 +416,7 @@ impl Hypervisor for CloudHypervisor {
         Accel::Kvm
     }
 
-    fn run(&self, mut spec: VmSpec) -> Result<VmOutcome, VmmError> {
+    fn run_until(&self, mut spec: VmSpec, halt: &AtomicBool) -> Result<VmOutcome, VmmError> {
         spec.validate()?;
         let mut vmm = self.start_vmm(&spec.runtime_dir)?;
         let boot_started = vmm.started();
@@ -453,12 +453,18 @@ impl Hypervisor for CloudHypervisor {
 
         let deadline = boot_started + spec.timeout;
         let mut timed_out = false;
+        let mut stopped = false;
         let mut next_info = Instant::now() + INFO_EVERY;
         let mut shutdown_seen: Option<Instant> = None;
         let mut last_state = String::new();
         let status = loop {
             if let Some(s) = vmm.try_wait()? {
                 break s;
+            }
+            if halt.load(Ordering::Acquire) {
+                stopped = true;
+                note(&vmm.stderr, "the caller stopped the VM: killed");
+                break vmm.kill()?;
             }
             let now = Instant::now();
             if now >= deadline {
@@ -495,6 +501,8 @@ impl Hypervisor for CloudHypervisor {
         let (code, signal) = code_and_signal(status);
         let exit = if timed_out {
             VmExit::TimedOut
+        } else if stopped {
+            VmExit::Stopped
         } else if status.success() {
             VmExit::PoweredOff
         } else {

@@ -17,6 +17,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 mod cloud_hypervisor;
@@ -246,6 +247,8 @@ pub enum VmExit {
     },
     /// Killed after [`VmSpec::timeout`].
     TimedOut,
+    /// Killed because the caller asked ([`Hypervisor::run_until`]'s `stop` flag).
+    Stopped,
 }
 
 impl fmt::Display for VmExit {
@@ -253,6 +256,7 @@ impl fmt::Display for VmExit {
         match self {
             VmExit::PoweredOff => f.write_str("powered off"),
             VmExit::TimedOut => f.write_str("timed out"),
+            VmExit::Stopped => f.write_str("stopped"),
             VmExit::Crashed {
                 code,
                 signal,
@@ -305,7 +309,14 @@ pub trait Hypervisor: Send + Sync {
     /// Boots, streams the console, waits for the hypervisor to exit or the timeout,
     /// and always reaps the hypervisor (and its process group) before returning.
     /// `Err` only when the VM could not be started at all.
-    fn run(&self, spec: VmSpec) -> Result<VmOutcome, VmmError>;
+    fn run(&self, spec: VmSpec) -> Result<VmOutcome, VmmError> {
+        self.run_until(spec, &AtomicBool::new(false))
+    }
+    /// [`Hypervisor::run`] that can also be ended from another thread: once `stop` is
+    /// true (checked every few milliseconds) the hypervisor is killed and reaped, and
+    /// the outcome is [`VmExit::Stopped`]. For VMs that run until they are told to
+    /// stop (services).
+    fn run_until(&self, spec: VmSpec, stop: &AtomicBool) -> Result<VmOutcome, VmmError>;
 }
 
 /// `--hypervisor auto|cloud-hypervisor|qemu`.

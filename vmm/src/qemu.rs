@@ -4,6 +4,7 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -142,7 +143,7 @@ impl Hypervisor for Qemu {
         self.accel
     }
 
-    fn run(&self, mut spec: VmSpec) -> Result<VmOutcome, VmmError> {
+    fn run_until(&self, mut spec: VmSpec, stop: &AtomicBool) -> Result<VmOutcome, VmmError> {
         spec.validate()?;
         let rt = RuntimeDir::prepare(&spec.runtime_dir)?;
         let console_log = rt.file(layout::CONSOLE_LOG);
@@ -167,10 +168,15 @@ impl Hypervisor for Qemu {
 
         let deadline = boot_started + spec.timeout;
         let mut timed_out = false;
+        let mut stopped = false;
         let mut fatal = None;
         let status = loop {
             if let Some(s) = proc.try_wait().map_err(|e| io_err("waiting for", e))? {
                 break s;
+            }
+            if stop.load(Ordering::Acquire) {
+                stopped = true;
+                break proc.kill().map_err(|e| io_err("killing", e))?;
             }
             if let Some(f) = watch.fatal() {
                 fatal = Some(f);
@@ -194,6 +200,9 @@ impl Hypervisor for Qemu {
                 &format!("killed after the {:?} timeout", spec.timeout),
             );
             VmExit::TimedOut
+        } else if stopped {
+            note(&stderr_path, "killed: the caller stopped the VM");
+            VmExit::Stopped
         } else if let Some(detail) = fatal {
             note(
                 &stderr_path,

@@ -153,6 +153,38 @@ fn two_vms_run_in_parallel() {
 }
 
 #[test]
+fn a_running_guest_is_stopped_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spec, lines) = spec_with_lines("stoppable", dir.path(), "test.sleep");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let vm = std::thread::spawn(move || qemu().run_until(spec, &flag));
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    while !texts(&lines).iter().any(|l| l.contains("SLEEPING")) {
+        assert!(
+            Instant::now() < deadline,
+            "never booted: {:?}",
+            texts(&lines)
+        );
+        assert!(!vm.is_finished(), "ended early: {:?}", texts(&lines));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid_file = dir.path().join("vm").join(layout::PID_FILE);
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let t0 = Instant::now();
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let outcome = vm.join().unwrap().unwrap();
+    assert_eq!(outcome.exit, VmExit::Stopped);
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert!(!process_alive_with(pid, "qemu"), "qemu {pid} survived");
+    assert!(!pid_file.exists());
+}
+
+#[test]
 fn a_qemu_failure_is_a_crash_with_its_stderr() {
     let dir = tempfile::tempdir().unwrap();
     let bogus = dir.path().join("not-a-kernel");

@@ -1,0 +1,696 @@
+//! The cluster subcommands of `udos`: arguments (clap) and what they do.
+//!
+//! Exit status: 0 on success; 1 when the master refused the request or could not be
+//! reached; 2 for a local error (bad arguments, unreadable files).
+
+use std::io::{Read as _, Write as _};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use udos_core::desired::Resources;
+use udos_core::wire::PublishRequest;
+use udos_master::api::{InstanceHealth, StatusReport};
+use udos_master::{Client, ClientError, ServeConfig};
+use udos_vmm::HypervisorChoice;
+
+use super::agent::{self, AgentConfig};
+use super::executor::{VmExecutor, VmExecutorConfig};
+use crate::setup;
+use crate::state::StateDir;
+
+/// The master's default address.
+pub const DEFAULT_MASTER: &str = "http://127.0.0.1:7400";
+
+/// `udos master ...`
+#[derive(Debug, Subcommand)]
+pub enum MasterCommand {
+    /// Run the master: number published desired state as generations, schedule it,
+    /// serve workers their assignments (until SIGINT/SIGTERM)
+    Serve(ServeArgs),
+}
+
+/// `udos master serve`
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the URL is printed on stdout)
+    #[arg(long, default_value = "127.0.0.1:7400", value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// SQLite database [default: STATE_DIR/master/master.db]
+    #[arg(long, value_name = "FILE")]
+    pub db: Option<PathBuf>,
+    /// Publisher token file (publish, status, generations, diff, audit)
+    /// [default: STATE_DIR/master/publisher.token, generated when missing]
+    #[arg(long, value_name = "FILE")]
+    pub publisher_token_file: Option<PathBuf>,
+    /// Enrollment token file (workers enroll with it)
+    /// [default: STATE_DIR/master/enroll.token, generated when missing]
+    #[arg(long, value_name = "FILE")]
+    pub enroll_token_file: Option<PathBuf>,
+    /// TLS certificate chain (PEM); with --tls-key the master speaks HTTPS only
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM)
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Refuse publications not signed by this ed25519 key (64 hex digits in the file)
+    #[arg(long, value_name = "HEX_FILE")]
+    pub intent_pubkey: Option<PathBuf>,
+    /// A worker not seen for this many seconds loses its instances
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    pub lease: u64,
+}
+
+/// `udos agent`
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// The master's URL
+    #[arg(long, env = "UDOS_MASTER", default_value = DEFAULT_MASTER, value_name = "URL")]
+    pub master: String,
+    /// This worker's stable id
+    #[arg(long, value_name = "ID")]
+    pub worker_id: String,
+    /// Worker labels, `key=value,...` (specs select workers by them)
+    #[arg(long, default_value = "", value_name = "K=V,...")]
+    pub labels: String,
+    /// The worker token [default: STATE_DIR/agent/worker.token]; written (0600) by
+    /// enrollment when missing
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The enrollment token, to enroll when there is no worker token yet
+    #[arg(long, value_name = "FILE")]
+    pub enroll_token_file: Option<PathBuf>,
+    /// CPU this worker offers, thousandths [default: 1000 per host CPU]
+    #[arg(long, value_name = "MILLIS")]
+    pub capacity_cpu: Option<u64>,
+    /// Memory this worker offers, MiB [default: the host's memory]
+    #[arg(long, value_name = "MIB")]
+    pub capacity_memory: Option<u64>,
+    /// CA certificate (PEM) to trust for an https:// master
+    #[arg(long, value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+    /// Only run signed intent: verify every assignment with this ed25519 key (hex file)
+    #[arg(long, value_name = "HEX_FILE")]
+    pub intent_pubkey: Option<PathBuf>,
+    /// Longest long poll, seconds (the master answers sooner when something changes)
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    pub poll: u64,
+    /// Wait after a failed poll, seconds
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    pub retry: u64,
+    /// A heartbeat at least this often, seconds (and whenever an instance changes)
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    pub heartbeat: u64,
+    /// Workflow paths of workflow_run specs are relative to this directory (a git
+    /// working tree)
+    #[arg(long, default_value = ".", value_name = "DIR")]
+    pub workdir: PathBuf,
+    /// Which hypervisor runs the VMs: auto, cloud-hypervisor or qemu
+    #[arg(long, default_value = "auto")]
+    pub hypervisor: HypervisorChoice,
+    /// Boot this kernel instead of Debian's cloud kernel
+    #[arg(long, value_name = "FILE")]
+    pub kernel: Option<PathBuf>,
+    /// Print the guests' consoles on stderr
+    #[arg(long)]
+    pub console: bool,
+}
+
+/// Connection options shared by the publisher-side commands.
+#[derive(Debug, Args)]
+pub struct MasterConn {
+    /// The master's URL
+    #[arg(long, env = "UDOS_MASTER", default_value = DEFAULT_MASTER, value_name = "URL")]
+    pub master: String,
+    /// The publisher token file [default: $UDOS_TOKEN_FILE, else
+    /// STATE_DIR/master/publisher.token when it exists]
+    #[arg(long, env = "UDOS_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// CA certificate (PEM) to trust for an https:// master
+    #[arg(long, value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+}
+
+/// `udos publish`
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    #[command(flatten)]
+    pub conn: MasterConn,
+    /// The built commit this desired state was evaluated from (40 or 64 hex digits)
+    #[arg(long)]
+    pub commit: String,
+    /// Sign the intent with this ed25519 key (its 32-byte seed as 64 hex digits)
+    #[arg(long, value_name = "FILE")]
+    pub signing_key: Option<PathBuf>,
+    /// Name the publisher in the audit log
+    #[arg(long, value_name = "NAME")]
+    pub publisher: Option<String>,
+    /// Print the master's answer as JSON
+    #[arg(long)]
+    pub json: bool,
+    /// The specs: JSON or YAML, a list or `{"specs": [...]}` (`-`: stdin)
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+}
+
+/// `udos status`
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub conn: MasterConn,
+    /// The full report as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `udos diff-generations`
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    #[command(flatten)]
+    pub conn: MasterConn,
+    /// From this generation
+    #[arg(value_name = "A")]
+    pub from: u64,
+    /// To this generation
+    #[arg(value_name = "B")]
+    pub to: u64,
+    /// JSON on stdout
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn fail_local(e: anyhow::Error) -> ExitCode {
+    eprintln!("udos: error: {e:#}");
+    ExitCode::from(2)
+}
+
+fn fail_master(e: anyhow::Error) -> ExitCode {
+    eprintln!("udos: error: {e:#}");
+    ExitCode::from(1)
+}
+
+/// 1 when the master refused or is unreachable, 2 for anything local.
+fn fail(e: anyhow::Error) -> ExitCode {
+    if e.chain().any(|c| {
+        c.downcast_ref::<ClientError>()
+            .is_some_and(|c| !matches!(c, ClientError::Config(_) | ClientError::NoToken { .. }))
+    }) {
+        fail_master(e)
+    } else {
+        fail_local(e)
+    }
+}
+
+fn master_dir(state: &StateDir) -> PathBuf {
+    state.root().join("master")
+}
+
+/// A token file, generated (0600) when missing.
+fn token_or_generate(path: &Path) -> Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    let token = udos_master::token::generate_token().context("generating a token")?;
+    super::write_secret(path, &token)?;
+    eprintln!("udos master: generated a token in {}", path.display());
+    Ok(())
+}
+
+/// `udos master ...`
+pub fn master(state: &StateDir, cmd: MasterCommand) -> ExitCode {
+    let MasterCommand::Serve(a) = cmd;
+    let dir = master_dir(state);
+    let publisher = a
+        .publisher_token_file
+        .unwrap_or_else(|| dir.join("publisher.token"));
+    let enroller = a
+        .enroll_token_file
+        .unwrap_or_else(|| dir.join("enroll.token"));
+    for t in [&publisher, &enroller] {
+        if let Err(e) = token_or_generate(t) {
+            return fail_local(e);
+        }
+    }
+    let db = a.db.unwrap_or_else(|| dir.join("master.db"));
+    if let Some(parent) = db.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    let mut config = ServeConfig::new(a.listen, db, publisher, enroller);
+    config.tls_cert = a.tls_cert;
+    config.tls_key = a.tls_key;
+    config.intent_pubkey = a.intent_pubkey;
+    config.lease = Duration::from_secs(a.lease.max(1));
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("udos-master")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail_local(e.into()),
+    };
+    let result = rt.block_on(async move {
+        let server = udos_master::start(config).await?;
+        println!("udos master: listening on {}", server.url());
+        let _ = std::io::stdout().flush();
+        wait_for_signal().await;
+        eprintln!("udos master: shutting down");
+        server.shutdown().await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail_local(e),
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+static SIGNALLED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    SIGNALLED.store(true, Ordering::SeqCst);
+}
+
+/// SIGTERM and SIGINT set `stop` (through a static flag, the only thing a signal
+/// handler may touch).
+fn stop_on_signals(stop: Arc<AtomicBool>) {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe;
+        // `signal` is given a valid function pointer of the right type.
+        unsafe {
+            libc::signal(sig, on_signal as *const () as libc::sighandler_t);
+        }
+    }
+    std::thread::spawn(move || loop {
+        if SIGNALLED.load(Ordering::SeqCst) {
+            stop.store(true, Ordering::SeqCst);
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    });
+}
+
+/// `udos agent`
+pub fn agent(state: &StateDir, a: AgentArgs) -> ExitCode {
+    match agent_inner(state, a) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+fn agent_inner(state: &StateDir, a: AgentArgs) -> Result<()> {
+    let dir = state.root().join("agent");
+    let labels = super::parse_labels(&a.labels)?;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let capacity = Resources {
+        cpu_millis: a.capacity_cpu.unwrap_or(cpus * 1000),
+        memory_mib: a
+            .capacity_memory
+            .or_else(super::host_memory_mib)
+            .unwrap_or(1024),
+    };
+    let intent_key = match &a.intent_pubkey {
+        Some(p) => Some(udos_master::signing::load_verifying_key(p)?),
+        None => None,
+    };
+    let workdir = a
+        .workdir
+        .canonicalize()
+        .with_context(|| format!("the working directory {}", a.workdir.display()))?;
+    let mut cfg = AgentConfig::new(
+        a.master,
+        a.worker_id,
+        a.token_file.unwrap_or_else(|| dir.join("worker.token")),
+        dir,
+    );
+    cfg.labels = labels;
+    cfg.capacity = capacity;
+    cfg.enroll_token_file = a.enroll_token_file;
+    cfg.ca_cert = a.ca_cert;
+    cfg.intent_key = intent_key;
+    cfg.poll = Duration::from_secs(a.poll.clamp(1, 60));
+    cfg.retry = Duration::from_secs(a.retry.max(1));
+    cfg.heartbeat = Duration::from_secs(a.heartbeat.max(1));
+    // A bad URL or CA file is a local error: say so before preparing VMs.
+    udos_master::Client::new(&cfg.master, cfg.ca_cert.as_deref())?;
+
+    let progress = |m: &str| eprintln!("udos agent: {m}");
+    let env = setup::prepare_env(state, a.kernel, a.hypervisor, &progress)?;
+    let mut exec = VmExecutor::new(
+        state.clone(),
+        env,
+        VmExecutorConfig {
+            workdir,
+            stream_console: a.console,
+            ..VmExecutorConfig::default()
+        },
+    )?;
+    eprintln!(
+        "udos agent {}: image {}, master {}, labels {:?}, capacity {} mCPU / {} MiB",
+        cfg.worker_id,
+        &exec.image_id()[..12.min(exec.image_id().len())],
+        cfg.master,
+        cfg.labels,
+        cfg.capacity.cpu_millis,
+        cfg.capacity.memory_mib
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    stop_on_signals(stop.clone());
+    agent::run(&cfg, &mut exec, stop)
+}
+
+fn publisher_client(state: &StateDir, conn: &MasterConn) -> Result<Client> {
+    let token = match &conn.token_file {
+        Some(t) => t.clone(),
+        None => {
+            let default = master_dir(state).join("publisher.token");
+            if !default.is_file() {
+                anyhow::bail!(
+                    "no publisher token: pass --token-file (or set UDOS_TOKEN_FILE); on the master's host it is {}",
+                    default.display()
+                );
+            }
+            default
+        }
+    };
+    Ok(Client::new(&conn.master, conn.ca_cert.as_deref())?.with_token_file(&token)?)
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// `udos publish`
+pub fn publish(state: &StateDir, a: PublishArgs) -> ExitCode {
+    let text = if a.file == Path::new("-") {
+        let mut s = String::new();
+        if let Err(e) = std::io::stdin().read_to_string(&mut s) {
+            return fail_local(anyhow::Error::new(e).context("reading the specs from stdin"));
+        }
+        s
+    } else {
+        match std::fs::read_to_string(&a.file) {
+            Ok(s) => s,
+            Err(e) => {
+                return fail_local(
+                    anyhow::Error::new(e).context(format!("reading {}", a.file.display())),
+                )
+            }
+        }
+    };
+    let specs = match super::parse_specs(&text) {
+        Ok(s) => s,
+        Err(e) => return fail_local(e.context(format!("in {}", a.file.display()))),
+    };
+    let signature = match &a.signing_key {
+        None => None,
+        Some(k) => match udos_master::signing::load_signing_key(k) {
+            Ok(key) => {
+                let h = udos_core::desired::intent_hash(&a.commit, &specs);
+                Some(udos_master::signing::sign_intent(&key, &h))
+            }
+            Err(e) => return fail_local(e.into()),
+        },
+    };
+    let mut client = match publisher_client(state, &a.conn) {
+        Ok(c) => c,
+        Err(e) => return fail_local(e),
+    };
+    if let Some(name) = &a.publisher {
+        client = client.with_publisher_name(name);
+    }
+    let n = specs.len();
+    let req = PublishRequest {
+        commit: a.commit.clone(),
+        specs,
+        signature,
+    };
+    match client.publish(&req) {
+        Ok(resp) => {
+            if a.json {
+                print_json(&resp);
+            } else {
+                println!(
+                    "generation {} {} ({n} specs, commit {})",
+                    resp.generation,
+                    if resp.created {
+                        "created"
+                    } else {
+                        "already published: active again"
+                    },
+                    short(&a.commit)
+                );
+                println!("intent {}", resp.intent_hash);
+            }
+            for u in &resp.unschedulable {
+                eprintln!(
+                    "udos: warning: {}@{} cannot be placed: {}",
+                    u.spec, u.replica, u.reason
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail_master(e.into()),
+    }
+}
+
+fn short(s: &str) -> &str {
+    s.get(..12).unwrap_or(s)
+}
+
+fn health_name(h: InstanceHealth) -> &'static str {
+    match h {
+        InstanceHealth::Converged => "converged",
+        InstanceHealth::Starting => "starting",
+        InstanceHealth::Failed => "failed",
+        InstanceHealth::Outdated => "outdated",
+        InstanceHealth::Missing => "missing",
+        InstanceHealth::Pending => "pending",
+        InstanceHealth::WorkerDown => "worker-down",
+        InstanceHealth::Unschedulable => "unschedulable",
+    }
+}
+
+fn human_secs(s: u64) -> String {
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{}s", s / 60, s % 60),
+        3600..=86399 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+/// The readable form of `udos status`.
+pub fn render_status(r: &StatusReport) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    if r.generation == 0 {
+        let _ = writeln!(
+            o,
+            "no generation published yet (publish one with `udos publish`)"
+        );
+    } else {
+        let _ = writeln!(
+            o,
+            "generation {}  commit {}  intent {}  published {}",
+            r.generation,
+            short(r.commit.as_deref().unwrap_or("-")),
+            short(r.intent_hash.as_deref().unwrap_or("-")),
+            r.published_at.as_deref().unwrap_or("-")
+        );
+    }
+    let _ = writeln!(
+        o,
+        "convergence {:.1}% ({}/{} instances), lease {}s",
+        r.percent(),
+        r.converged_instances,
+        r.desired_instances,
+        r.lease_s
+    );
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "{:<16} {:<5} {:>9} {:>4}  {:<24} {:<16} INSTANCES",
+        "WORKER", "LIVE", "SEEN", "GEN", "LABELS", "USED/CAPACITY"
+    );
+    for w in &r.workers {
+        let labels = w
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let used = w.used.unwrap_or_default();
+        let inst = w
+            .instances
+            .iter()
+            .map(|i| {
+                format!(
+                    "{}@{} {} {}",
+                    i.spec,
+                    i.replica,
+                    super::state_name(i.state),
+                    human_secs(i.uptime_s)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = writeln!(
+            o,
+            "{:<16} {:<5} {:>9} {:>4}  {:<24} {:<16} {}",
+            w.id,
+            if w.live { "yes" } else { "no" },
+            w.last_seen_s_ago
+                .map(|s| format!("{} ago", human_secs(s)))
+                .unwrap_or_else(|| "never".into()),
+            w.seen_generation,
+            if labels.is_empty() {
+                "-".into()
+            } else {
+                labels
+            },
+            format!(
+                "{}m/{}m {}M/{}M",
+                used.cpu_millis, w.capacity.cpu_millis, used.memory_mib, w.capacity.memory_mib
+            ),
+            if inst.is_empty() { "-".into() } else { inst }
+        );
+    }
+    if !r.specs.is_empty() {
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "{:<20} {:<13} {:<13} {:>7}  {:<16} STATE",
+            "SPEC", "KIND", "HASH", "REPLICA", "WORKER"
+        );
+        for s in &r.specs {
+            for i in &s.instances {
+                let _ = writeln!(
+                    o,
+                    "{:<20} {:<13} {:<13} {:>7}  {:<16} {}{}",
+                    s.id,
+                    s.kind,
+                    short(&s.hash),
+                    i.replica,
+                    i.worker.as_deref().unwrap_or("-"),
+                    health_name(i.state),
+                    i.message
+                        .as_deref()
+                        .map(|m| format!(" ({m})"))
+                        .unwrap_or_default()
+                );
+            }
+        }
+    }
+    // Snapshot ids of finished workflow runs.
+    let mut snaps = Vec::new();
+    for w in &r.workers {
+        for i in &w.instances {
+            if !i.snapshot_ids.is_empty() {
+                snaps.push(format!(
+                    "  {}@{} on {}: {}",
+                    i.spec,
+                    i.replica,
+                    w.id,
+                    i.snapshot_ids
+                        .iter()
+                        .map(|s| short(s))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ));
+            }
+        }
+    }
+    if !snaps.is_empty() {
+        let _ = writeln!(o);
+        let _ = writeln!(o, "snapshots:");
+        for s in snaps {
+            let _ = writeln!(o, "{s}");
+        }
+    }
+    if !r.drift.is_empty() {
+        let _ = writeln!(o);
+        let _ = writeln!(o, "drift:");
+        for d in &r.drift {
+            let _ = writeln!(o, "  {d}");
+        }
+    }
+    o
+}
+
+/// `udos status`
+pub fn status(state: &StateDir, a: StatusArgs) -> ExitCode {
+    let client = match publisher_client(state, &a.conn) {
+        Ok(c) => c,
+        Err(e) => return fail_local(e),
+    };
+    match client.status() {
+        Ok(r) => {
+            if a.json {
+                print_json(&r);
+            } else {
+                print!("{}", render_status(&r));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail_master(e.into()),
+    }
+}
+
+/// `udos diff-generations`
+pub fn diff(state: &StateDir, a: DiffArgs) -> ExitCode {
+    let client = match publisher_client(state, &a.conn) {
+        Ok(c) => c,
+        Err(e) => return fail_local(e),
+    };
+    match client.diff(Some(a.from), Some(a.to)) {
+        Ok(d) => {
+            if a.json {
+                print_json(&d);
+            } else {
+                println!(
+                    "generation {} -> {}: {} added, {} removed, {} changed, {} unchanged",
+                    d.from,
+                    d.to,
+                    d.added.len(),
+                    d.removed.len(),
+                    d.changed.len(),
+                    d.unchanged
+                );
+                for s in &d.added {
+                    println!("+ {:<24} {}", s.id, short(&s.hash));
+                }
+                for s in &d.removed {
+                    println!("- {:<24} {}", s.id, short(&s.hash));
+                }
+                for c in &d.changed {
+                    println!(
+                        "~ {:<24} {} -> {}",
+                        c.id,
+                        short(&c.from_hash),
+                        short(&c.to_hash)
+                    );
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail_master(e.into()),
+    }
+}
