@@ -25,8 +25,9 @@ pub fn run(
     choice: HypervisorChoice,
     progress: &dyn Fn(&str),
 ) -> Result<()> {
-    let (wf, env) = setup::prepare(state, workflow_path, None, choice, progress)?;
+    let wf = setup::load_workflow(workflow_path)?;
     let job = wf.select_job(None)?;
+    let env = setup::prepare_env(state, None, choice, progress)?;
     let mut store = Store::open(&state.db())?;
     let settings = RunSettings {
         stream_console: false,

@@ -189,12 +189,13 @@ fn dispatch(cli: Cli) -> Result<ExitCode, SetupFailed> {
                 stream_console: !no_console,
                 ..runner::RunSettings::default()
             };
-            let (wf, env) =
-                setup::prepare(&state, &workflow, kernel, choice(hypervisor), &progress)
-                    .map_err(SetupFailed)?;
+            // The workflow and the job are checked before any image is built.
+            let wf = setup::load_workflow(&workflow).map_err(SetupFailed)?;
             let job = wf
                 .select_job(job.as_deref())
                 .map_err(|e| SetupFailed(e.into()))?;
+            let env = setup::prepare_env(&state, kernel, choice(hypervisor), &progress)
+                .map_err(SetupFailed)?;
             let mut store = Store::open(&state.db()).map_err(SetupFailed)?;
             let report = runner::run_job(
                 &env.prepared(&state),
@@ -206,10 +207,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode, SetupFailed> {
             )
             .map_err(SetupFailed)?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
-                );
+                print_json(&report);
             } else {
                 print_run(&report);
             }
@@ -223,10 +221,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode, SetupFailed> {
             let store = Store::open(&state.db()).map_err(SetupFailed)?;
             let runs = store.runs().map_err(SetupFailed)?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&runs).unwrap_or_default()
-                );
+                print_json(&runs);
             } else if runs.is_empty() {
                 println!("no runs yet: start one with `udos run WORKFLOW`");
             } else {
@@ -254,7 +249,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode, SetupFailed> {
             let steps = store.steps(run).map_err(SetupFailed)?;
             if json {
                 let v = serde_json::json!({ "run_id": run, "inputs": inputs, "steps": steps });
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                print_json(&v);
             } else {
                 println!(
                     "{:<10} {:<8} {:<14} {:<10} NAME",
@@ -293,10 +288,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode, SetupFailed> {
             let report = restore::restore(&state, &store, &repo, run, &step, &target, &progress)
                 .map_err(SetupFailed)?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
-                );
+                print_json(&report);
             } else {
                 println!(
                     "restored run {} step {} into {} ({} layers)",
@@ -319,7 +311,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode, SetupFailed> {
                     "vmlinux": image.vmlinux, "initramfs": image.initramfs,
                     "base_layer_id": base.id, "base_layer": base.erofs,
                 });
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                print_json(&v);
             } else {
                 println!(
                     "image {} (kernel {})",
@@ -342,6 +334,14 @@ fn dispatch(cli: Cli) -> Result<ExitCode, SetupFailed> {
         Command::Publish(a) => Ok(udos_host_agent::cluster::cli::publish(&state, a)),
         Command::Status(a) => Ok(udos_host_agent::cluster::cli::status(&state, a)),
         Command::DiffGenerations(a) => Ok(udos_host_agent::cluster::cli::diff(&state, a)),
+    }
+}
+
+/// The one JSON document `--json` prints on stdout.
+fn print_json<T: serde::Serialize>(value: &T) {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => println!("{text}"),
+        Err(e) => eprintln!("udos: error: cannot encode the report as JSON: {e}"),
     }
 }
 

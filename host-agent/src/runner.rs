@@ -199,8 +199,11 @@ pub fn run_job(
 ) -> Result<RunReport> {
     let started = Instant::now();
     let state = prep.state;
+    let shown_path = workflow_path
+        .canonicalize()
+        .unwrap_or_else(|_| workflow_path.to_path_buf());
     let (run_id, generation) = store.begin_run(
-        &workflow_path.display().to_string(),
+        &shown_path.display().to_string(),
         &job.id,
         prep.hypervisor.name(),
         &prep.image.id,

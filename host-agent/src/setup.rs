@@ -166,28 +166,20 @@ pub fn build_images(
     Ok((image, base))
 }
 
-/// Parse the workflow, then get everything ready to run it.
-pub fn prepare(
-    state: &StateDir,
-    workflow_path: &Path,
-    kernel: Option<PathBuf>,
-    choice: HypervisorChoice,
-    progress: &dyn Fn(&str),
-) -> Result<(Workflow, Env)> {
+/// Read and parse a workflow file: fails fast, before any image is built.
+pub fn load_workflow(workflow_path: &Path) -> Result<Workflow> {
     let text = std::fs::read_to_string(workflow_path)
         .with_context(|| format!("reading the workflow {}", workflow_path.display()))?;
     let fallback = workflow_path
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
         .unwrap_or_else(|| "workflow".into());
-    let workflow = udos_core::workflow::parse(&text, &fallback)
-        .with_context(|| format!("in {}", workflow_path.display()))?;
-    let env = prepare_env(state, kernel, choice, progress)?;
-    Ok((workflow, env))
+    udos_core::workflow::parse(&text, &fallback)
+        .with_context(|| format!("in {}", workflow_path.display()))
 }
 
 /// Get the image, base layer, hypervisor and repository ready (building what is
-/// missing): everything [`prepare`] does except reading a workflow.
+/// missing). Read the workflow first with [`load_workflow`].
 pub fn prepare_env(
     state: &StateDir,
     kernel: Option<PathBuf>,

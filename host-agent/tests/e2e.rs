@@ -336,6 +336,10 @@ fn bad_input_is_a_setup_error_with_a_reason() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/vmlinuz"));
 
+    let out = udos(&["run", "-j", "nope", wf2.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no job `nope`"));
+
     let out = udos(&["run", "--json", "/nonexistent/wf.yml"]);
     assert_eq!(out.status.code(), Some(2));
 
