@@ -146,7 +146,7 @@ impl Worker {
         self.client.assignment(&self.id, seen, None).unwrap()
     }
 
-    /// Report running exactly what `a` assigns.
+    /// Report exactly what `a` assigns: services running, workflow runs finished well.
     pub fn report(&self, a: &AssignmentResponse) {
         self.client
             .heartbeat(&Heartbeat {
@@ -159,7 +159,10 @@ impl Worker {
                         spec: x.spec.id.clone(),
                         replica: x.replica,
                         hash: x.spec.hash.clone(),
-                        state: InstanceState::Running,
+                        state: match x.spec.kind {
+                            SpecKind::WorkflowRun { .. } => InstanceState::Succeeded,
+                            SpecKind::Service { .. } => InstanceState::Running,
+                        },
                         uptime_s: 1,
                         snapshot_ids: vec![],
                         message: None,
