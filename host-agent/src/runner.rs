@@ -205,7 +205,7 @@ pub fn run_job(
     let (run_id, generation) = store.begin_run(
         &shown_path.display().to_string(),
         &job.id,
-        prep.hypervisor.name(),
+        &prep.hypervisor.describe(),
         &prep.image.id,
     )?;
     tracing::info!(run_id, generation, job = %job.id, hypervisor = prep.hypervisor.name(), "run started");
@@ -491,7 +491,7 @@ pub fn run_job(
         generation,
         status: status.into(),
         workflow: workflow_path.display().to_string(),
-        hypervisor: prep.hypervisor.name().into(),
+        hypervisor: prep.hypervisor.describe(),
         image_id: prep.image.id.clone(),
         inputs,
         jobs: vec![JobReport {

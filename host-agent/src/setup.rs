@@ -201,7 +201,7 @@ pub fn prepare_env(
             cache: state.root().join("kvm-probe.json"),
         },
     )?;
-    progress(&format!("hypervisor: {}", hypervisor.name()));
+    progress(&format!("hypervisor: {}", hypervisor.describe()));
     let repo = Repo::from_env_or_default(state.root())?;
     repo.ensure_initialized()?;
     Ok(Env {

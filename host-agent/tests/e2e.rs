@@ -159,6 +159,10 @@ fn chained_steps_carry_files_deletions_outputs_env_and_restore() {
     let report = json(&out);
     assert_eq!(out.status.code(), Some(0), "report: {report:#}");
     assert_eq!(report["status"], "success");
+    assert!(
+        report["hypervisor"].as_str().unwrap().starts_with("qemu ("),
+        "{report:#}"
+    );
     let steps = report["jobs"][0]["steps"].as_array().unwrap();
     assert_eq!(steps.len(), 4);
     for s in steps {
@@ -385,4 +389,43 @@ fn a_step_that_runs_past_its_timeout_is_stopped_and_reported() {
         "{:#}",
         steps[1]
     );
+}
+
+#[test]
+fn a_bad_repository_is_a_setup_error_that_says_what_to_do() {
+    let _g = serial();
+    let (_dir, wf) = repo(CHAIN, &[]);
+    let run_with = |env: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_udos"));
+        cmd.arg("--state-dir").arg(state_dir());
+        cmd.args(["run", "--hypervisor", "qemu", wf.to_str().unwrap()]);
+        cmd.env_remove("RESTIC_PASSWORD")
+            .env_remove("RESTIC_PASSWORD_FILE");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    // A repository named without a password.
+    let out = run_with(&[("RESTIC_REPOSITORY", "/nonexistent/repo")]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("RESTIC_PASSWORD_FILE"), "{err}");
+
+    // A directory that is not a restic repository (corrupt: no config): refused,
+    // and left as it was.
+    let junk = tempfile::tempdir().unwrap();
+    std::fs::write(junk.path().join("precious.txt"), "keep me").unwrap();
+    let out = run_with(&[
+        ("RESTIC_REPOSITORY", junk.path().to_str().unwrap()),
+        ("RESTIC_PASSWORD", "x"),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a restic repository"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(junk.path().join("precious.txt")).unwrap(),
+        "keep me"
+    );
+    assert_eq!(std::fs::read_dir(junk.path()).unwrap().count(), 1);
 }
