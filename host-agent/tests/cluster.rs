@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+mod common;
+
 /// Convergence involves booting VMs under TCG on a 2-core machine.
 const CONVERGE: Duration = Duration::from_secs(240);
 const LEASE_S: u64 = 5;
@@ -796,22 +798,7 @@ fn a_workflow_run_spec_runs_in_vms_and_reports_its_snapshots() {
     std::fs::write(repo.join(".github/workflows/ci.yml"), WORKFLOW).unwrap();
     std::fs::write(repo.join(".github/workflows/slow.yml"), SLOW).unwrap();
     std::fs::write(repo.join("README"), "cluster test\n").unwrap();
-    let git = |args: &[&str]| {
-        let ok = Command::new("git")
-            .args(args)
-            .current_dir(&repo)
-            .env("GIT_AUTHOR_NAME", "t")
-            .env("GIT_AUTHOR_EMAIL", "t@example.invalid")
-            .env("GIT_COMMITTER_NAME", "t")
-            .env("GIT_COMMITTER_EMAIL", "t@example.invalid")
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "git {args:?}");
-    };
-    git(&["init", "-q", "."]);
-    git(&["add", "-A"]);
-    git(&["commit", "-q", "-m", "ci"]);
+    common::commit_all(&repo);
     let repo_s = repo.display().to_string();
     c.agent("w1", "", &["--workdir", &repo_s]);
     let spec = json!([{

@@ -13,6 +13,8 @@ use std::sync::{Mutex, OnceLock};
 
 use serde_json::Value;
 
+mod common;
+
 fn state_dir() -> PathBuf {
     std::env::var_os("UDOS_TEST_STATE")
         .map(PathBuf::from)
@@ -52,20 +54,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 fn repo(workflow: &str, files: &[(&str, &str)]) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let git = |args: &[&str]| {
-        let ok = Command::new("git")
-            .args(args)
-            .current_dir(root)
-            .env("GIT_AUTHOR_NAME", "t")
-            .env("GIT_AUTHOR_EMAIL", "t@example.invalid")
-            .env("GIT_COMMITTER_NAME", "t")
-            .env("GIT_COMMITTER_EMAIL", "t@example.invalid")
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "git {args:?}");
-    };
-    git(&["init", "-q", "."]);
     std::fs::create_dir_all(root.join(".github/workflows")).unwrap();
     let wf = root.join(".github/workflows/test.yml");
     std::fs::write(&wf, workflow).unwrap();
@@ -74,8 +62,7 @@ fn repo(workflow: &str, files: &[(&str, &str)]) -> (tempfile::TempDir, PathBuf) 
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, content).unwrap();
     }
-    git(&["add", "-A"]);
-    git(&["commit", "-q", "-m", "test"]);
+    common::commit_all(root);
     (dir, wf)
 }
 
