@@ -747,6 +747,21 @@ pub(crate) async fn audit(
     ))
 }
 
+/// One Prometheus metric: its HELP and TYPE lines, then one sample per label set.
+fn write_metric<L: AsRef<str>>(
+    out: &mut String,
+    kind: &str,
+    name: &str,
+    help: &str,
+    lines: &[(L, String)],
+) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, value) in lines {
+        let _ = writeln!(out, "{name}{} {value}", labels.as_ref());
+    }
+}
+
 pub(crate) async fn metrics(State(m): Shared) -> Response {
     let r = current_status(&m).await;
     let now = now_ms();
@@ -767,11 +782,7 @@ pub(crate) async fn metrics(State(m): Shared) -> Response {
     let c = &m.counters;
     let mut out = String::with_capacity(2048);
     let mut gauge = |name: &str, help: &str, lines: &[(&str, String)]| {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} gauge");
-        for (labels, value) in lines {
-            let _ = writeln!(out, "{name}{labels} {value}");
-        }
+        write_metric(&mut out, "gauge", name, help, lines)
     };
     gauge(
         "udos_generation",
@@ -806,42 +817,38 @@ pub(crate) async fn metrics(State(m): Shared) -> Response {
         "Longest time since the last heartbeat among live workers (since enrollment if none yet).",
         &[("", format!("{:.3}", lag_ms as f64 / 1000.0))],
     );
-    let _ = writeln!(
-        out,
-        "# HELP udos_requests_total Requests received, by endpoint."
-    );
-    let _ = writeln!(out, "# TYPE udos_requests_total counter");
-    for (ep, v) in [
+    let requests: Vec<(String, String)> = [
         ("assignment", &c.assignment),
         ("heartbeat", &c.heartbeat),
         ("publish", &c.publish),
         ("enroll", &c.enroll),
-    ] {
-        let _ = writeln!(
-            out,
-            "udos_requests_total{{endpoint=\"{ep}\"}} {}",
-            v.load(Ordering::Relaxed)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP udos_auth_failures_total Requests refused with 401."
+    ]
+    .into_iter()
+    .map(|(ep, v)| {
+        let labels = format!("{{endpoint=\"{ep}\"}}");
+        (labels, v.load(Ordering::Relaxed).to_string())
+    })
+    .collect();
+    write_metric(
+        &mut out,
+        "counter",
+        "udos_requests_total",
+        "Requests received, by endpoint.",
+        &requests,
     );
-    let _ = writeln!(out, "# TYPE udos_auth_failures_total counter");
-    let _ = writeln!(
-        out,
-        "udos_auth_failures_total {}",
-        c.auth_failures.load(Ordering::Relaxed)
+    write_metric(
+        &mut out,
+        "counter",
+        "udos_auth_failures_total",
+        "Requests refused with 401.",
+        &[("", c.auth_failures.load(Ordering::Relaxed).to_string())],
     );
-    let _ = writeln!(
-        out,
-        "# HELP udos_placements_total Placement recomputations."
-    );
-    let _ = writeln!(out, "# TYPE udos_placements_total counter");
-    let _ = writeln!(
-        out,
-        "udos_placements_total {}",
-        c.recomputes.load(Ordering::Relaxed)
+    write_metric(
+        &mut out,
+        "counter",
+        "udos_placements_total",
+        "Placement recomputations.",
+        &[("", c.recomputes.load(Ordering::Relaxed).to_string())],
     );
     (
         [(
