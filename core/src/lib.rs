@@ -18,6 +18,7 @@ pub mod desired;
 pub mod reconcile;
 pub mod schedule;
 pub mod synth;
+pub mod value;
 pub mod wire;
 pub mod workflow;
 
