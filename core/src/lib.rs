@@ -15,12 +15,17 @@
 pub mod cache;
 pub mod condition;
 pub mod desired;
+pub mod engine;
+pub mod event;
+pub mod expr;
+pub mod matrix;
 pub mod reconcile;
 pub mod schedule;
 pub mod synth;
 pub mod value;
 pub mod wire;
 pub mod workflow;
+pub mod workflow_old;
 
 /// Errors of the pure core.
 #[derive(Debug, thiserror::Error)]

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_yaml_ng::{Mapping, Value};
 
-use crate::workflow::{Job, Step, Workflow};
+use crate::workflow_old::{Job, Step, Workflow};
 
 /// The id the user's step carries inside the VM when the user gave it none.
 pub const USER_STEP_ID: &str = "udos-step";
@@ -240,7 +240,7 @@ pub fn synthesize(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workflow::parse;
+    use crate::workflow_old::parse;
 
     const WF: &str = r#"
 name: demo
