@@ -1,8 +1,9 @@
 //! The workspace layer: the git working tree that holds the workflow, at `/workspace`.
 //!
 //! Files are those git would show: tracked and untracked-but-not-ignored, as they are
-//! on disk now (uncommitted edits included). `.git` itself is left out. The layer id is
-//! a hash of the paths, modes and contents, so an unchanged tree reuses its layer.
+//! on disk now (uncommitted edits included), and the repository itself (`.git`), so
+//! `git` works in steps. The layer id is a hash of the paths, modes and contents, so an
+//! unchanged tree reuses its layer.
 
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -18,7 +19,28 @@ pub struct WorkingTree {
     pub root: PathBuf,
     /// Files relative to `root`, sorted.
     pub files: Vec<PathBuf>,
+    /// The repository, when the tree is a git working tree.
+    pub git: Option<GitDir>,
 }
+
+/// Where a working tree's repository is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GitDir {
+    /// `.git` is a directory: copied as it is.
+    Plain(PathBuf),
+    /// `.git` is a file (a linked worktree or a submodule): the repository is cloned
+    /// into the layer at the tree's HEAD.
+    Linked {
+        /// The commit checked out.
+        head: String,
+        /// The branch ref, if HEAD is on one.
+        branch: Option<String>,
+    },
+}
+
+/// `.git/index` is git's stat cache: it changes on every `git status` and says nothing
+/// about the content, so it is left out of the layer id (but copied).
+const GIT_INDEX: &str = "index";
 
 /// Find the working tree of `workflow` and list its files.
 pub fn discover(workflow: &Path) -> Result<WorkingTree> {
@@ -32,6 +54,7 @@ pub fn discover(workflow: &Path) -> Result<WorkingTree> {
         .stderr_null()
         .unchecked()
         .run();
+    let mut git = None;
     let (root, files) = match top {
         Ok(out) if out.status.success() => {
             let root = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
@@ -54,6 +77,7 @@ pub fn discover(workflow: &Path) -> Result<WorkingTree> {
                 // A tracked file deleted in the working tree is not in the workspace.
                 .filter(|p| root.join(p).symlink_metadata().is_ok())
                 .collect();
+            git = git_dir(&root)?;
             (root, files)
         }
         _ => {
@@ -67,7 +91,53 @@ pub fn discover(workflow: &Path) -> Result<WorkingTree> {
     let mut files: Vec<PathBuf> = files;
     files.sort();
     files.dedup();
-    Ok(WorkingTree { root, files })
+    Ok(WorkingTree { root, files, git })
+}
+
+fn git_dir(root: &Path) -> Result<Option<GitDir>> {
+    let dot = root.join(".git");
+    let md = match dot.symlink_metadata() {
+        Ok(md) => md,
+        Err(_) => return Ok(None),
+    };
+    if md.is_dir() {
+        return Ok(Some(GitDir::Plain(dot)));
+    }
+    let read = |args: &[&str]| {
+        crate::proc::read_bounded(
+            &duct::cmd("git", args).dir(root).unchecked(),
+            std::time::Duration::from_secs(60),
+            "git",
+        )
+    };
+    let head = read(&["rev-parse", "--verify", "-q", "HEAD"])?;
+    if head.is_empty() {
+        return Ok(None);
+    }
+    let branch = Some(read(&["symbolic-ref", "-q", "HEAD"])?).filter(|b| !b.is_empty());
+    Ok(Some(GitDir::Linked { head, branch }))
+}
+
+/// Every file under `dir` (relative, sorted), not following symlinks.
+fn walk_all(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut todo = vec![PathBuf::new()];
+    while let Some(rel) = todo.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(dir.join(&rel))
+            .with_context(|| format!("listing {}", dir.join(&rel).display()))?
+            .collect::<std::io::Result<_>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let r = rel.join(e.file_name());
+            if e.file_type()?.is_dir() {
+                todo.push(r);
+            } else {
+                out.push(r);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 fn walk(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
@@ -112,6 +182,39 @@ impl WorkingTree {
             }
             h.update(b"\0");
         }
+        match &self.git {
+            None => {}
+            Some(GitDir::Linked { head, branch }) => {
+                h.update(b"git-linked\0");
+                h.update(head.as_bytes());
+                h.update(branch.as_deref().unwrap_or("").as_bytes());
+            }
+            Some(GitDir::Plain(dir)) => {
+                h.update(b"git\0");
+                for rel in walk_all(dir)? {
+                    if rel == Path::new(GIT_INDEX) {
+                        continue;
+                    }
+                    let p = dir.join(&rel);
+                    h.update(rel.as_os_str().as_encoded_bytes());
+                    h.update(b"\0");
+                    let md = p.symlink_metadata()?;
+                    if md.file_type().is_symlink() {
+                        h.update(std::fs::read_link(&p)?.as_os_str().as_encoded_bytes());
+                    } else {
+                        let mut f = std::fs::File::open(&p)?;
+                        loop {
+                            let n = f.read(&mut buf)?;
+                            if n == 0 {
+                                break;
+                            }
+                            h.update(&buf[..n]);
+                        }
+                    }
+                    h.update(b"\0");
+                }
+            }
+        }
         Ok(hex::encode(h.finalize()))
     }
 
@@ -143,7 +246,52 @@ impl WorkingTree {
             }
             n += 1;
         }
+        match &self.git {
+            None => {}
+            Some(GitDir::Plain(dir)) => {
+                for rel in walk_all(dir)? {
+                    let (src, dst) = (dir.join(&rel), ws.join(".git").join(&rel));
+                    if let Some(parent) = dst.parent() {
+                        std::fs::create_dir_all(parent)?;
+                    }
+                    if src.symlink_metadata()?.file_type().is_symlink() {
+                        std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
+                    } else {
+                        std::fs::copy(&src, &dst)
+                            .with_context(|| format!("copying {}", src.display()))?;
+                    }
+                }
+            }
+            Some(GitDir::Linked { head, branch }) => self.clone_linked(&ws, head, branch.as_deref())?,
+        }
         Ok(n)
+    }
+
+    /// A linked worktree's `.git` points outside the tree: clone the repository into
+    /// the layer instead and put HEAD and the index where the worktree has them.
+    fn clone_linked(&self, ws: &Path, head: &str, branch: Option<&str>) -> Result<()> {
+        let limit = std::time::Duration::from_secs(600);
+        let git_dir = ws.join(".git");
+        let run = |expr: duct::Expression| -> Result<()> {
+            crate::proc::run_bounded(&expr.stdout_null().stderr_capture(), limit, "git")?;
+            Ok(())
+        };
+        run(duct::cmd!("git", "clone", "--quiet", "--bare", "--local", &self.root, &git_dir))?;
+        let g = |args: &[&str]| {
+            let mut a = vec!["--git-dir".to_string(), git_dir.display().to_string()];
+            a.extend(args.iter().map(|s| s.to_string()));
+            duct::cmd("git", a).dir(ws)
+        };
+        run(g(&["config", "core.bare", "false"]))?;
+        match branch {
+            Some(b) => {
+                run(g(&["update-ref", b, head]))?;
+                run(g(&["symbolic-ref", "HEAD", b]))?;
+            }
+            None => run(g(&["update-ref", "--no-deref", "HEAD", head]))?,
+        }
+        run(g(&["--work-tree", &ws.display().to_string(), "read-tree", head]))?;
+        Ok(())
     }
 }
 

@@ -440,6 +440,7 @@ impl Hypervisor for CloudHypervisor {
             TailReader::new(reader, stop.clone()),
             None,
             spec.console.take(),
+            None,
         )
         .map_err(|e| VmmError::io("starting the console reader for", &console_log, e))?;
         // On an API error `vmm` is dropped (killed) and `pump` is stopped below.
@@ -498,6 +499,9 @@ impl Hypervisor for CloudHypervisor {
         let wall = boot_started.elapsed();
         stop.store(true, Ordering::Release);
         let first_line = pump.finish(Duration::from_secs(10));
+        if let Some(f) = &spec.log_filter {
+            filter_file(&console_log, f);
+        }
         let (code, signal) = code_and_signal(status);
         let exit = if timed_out {
             VmExit::TimedOut
@@ -558,5 +562,27 @@ mod tests {
         assert_eq!(c["serial"]["file"], "/rt/console.log");
         assert_eq!(c["console"]["mode"], "Off");
         assert_eq!(c["rng"]["src"], "/dev/urandom");
+    }
+}
+
+/// cloud-hypervisor writes the console file itself: rewrite it through the filter
+/// once the VM is gone (atomically; on error the file is removed rather than kept
+/// unfiltered).
+fn filter_file(path: &std::path::Path, filter: &crate::LineFilter) {
+    let rewrite = || -> std::io::Result<()> {
+        let bytes = std::fs::read(path)?;
+        let text = String::from_utf8_lossy(&bytes);
+        let mut out = String::with_capacity(text.len());
+        for line in text.lines() {
+            out.push_str(&filter(line));
+            out.push('\n');
+        }
+        let tmp = path.with_extension("filtered");
+        std::fs::write(&tmp, out)?;
+        std::fs::rename(&tmp, path)
+    };
+    if let Err(e) = rewrite() {
+        tracing::warn!("filtering {}: {e}; removing it", path.display());
+        let _ = std::fs::remove_file(path);
     }
 }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::ConsoleCallback;
+use crate::{ConsoleCallback, LineFilter};
 
 /// Lines longer than this are cut and delivered in pieces.
 const MAX_LINE: usize = 64 * 1024;
@@ -24,13 +24,15 @@ pub(crate) struct Pump {
 
 impl Pump {
     /// Reads `reader` until EOF, splitting on `\n` (a trailing `\r` is dropped), and
-    /// calls `callback` per line; copies every byte to `log` if given. A panicking
-    /// callback is dropped (logged once) and the log goes on.
+    /// calls `callback` per line; copies every byte to `log` if given, or with a
+    /// `filter`, each line as the filter rewrites it. A panicking callback is dropped
+    /// (logged once) and the log goes on.
     pub(crate) fn start<R: Read + Send + 'static>(
         name: &str,
         mut reader: R,
         mut log: Option<File>,
         mut callback: Option<ConsoleCallback>,
+        filter: Option<LineFilter>,
     ) -> io::Result<Pump> {
         let first_line = Arc::new(OnceLock::new());
         let first = first_line.clone();
@@ -40,10 +42,17 @@ impl Pump {
             .spawn(move || {
                 let mut buf = vec![0u8; 16 * 1024];
                 let mut line: Vec<u8> = Vec::new();
-                let deliver = |line: &mut Vec<u8>, cb: &mut Option<ConsoleCallback>| {
+                let mut filtered_log = if filter.is_some() { log.take() } else { None };
+                let mut deliver = |line: &mut Vec<u8>, cb: &mut Option<ConsoleCallback>| {
                     let _ = first.set(Instant::now());
                     if line.last() == Some(&b'\r') {
                         line.pop();
+                    }
+                    if let (Some(f), Some(l)) = (filter.as_ref(), filtered_log.as_mut()) {
+                        let kept = f(&String::from_utf8_lossy(line));
+                        if l.write_all(kept.as_bytes()).and_then(|()| l.write_all(b"\n")).is_err() {
+                            filtered_log = None;
+                        }
                     }
                     if let Some(f) = cb.as_mut() {
                         let text = String::from_utf8_lossy(line);
@@ -238,11 +247,27 @@ mod tests {
             Some(Box::new(move |s: &str| {
                 l2.lock().unwrap().push(s.to_string())
             })),
+            None,
         )
         .unwrap();
         assert!(pump.finish(Duration::from_secs(5)).is_some());
         assert_eq!(*lines.lock().unwrap(), vec!["one", "two", "", "three"]);
         assert_eq!(std::fs::read(&log).unwrap(), input);
+    }
+
+    #[test]
+    fn a_filter_rewrites_each_line_kept_in_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        let input: &[u8] = b"token=hunter2\r\nplain\nhunter2 again";
+        let filter: LineFilter = Arc::new(|l: &str| l.replace("hunter2", "***"));
+        let pump = Pump::start("t", input, Some(File::create(&log).unwrap()), None, Some(filter))
+            .unwrap();
+        pump.finish(Duration::from_secs(5));
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap(),
+            "token=***\nplain\n*** again\n"
+        );
     }
 
     #[test]
@@ -255,6 +280,7 @@ mod tests {
             input,
             Some(File::create(&log).unwrap()),
             Some(Box::new(|_: &str| panic!("boom"))),
+            None,
         )
         .unwrap();
         pump.finish(Duration::from_secs(5));
@@ -276,6 +302,7 @@ mod tests {
             Some(Box::new(move |s: &str| {
                 l2.lock().unwrap().push(s.to_string())
             })),
+            None,
         )
         .unwrap();
         w.write_all(b"first\n").unwrap();

@@ -88,6 +88,9 @@ impl Disk {
 /// Called once per console line (without the line ending), live, from a helper thread.
 pub type ConsoleCallback = Box<dyn FnMut(&str) + Send>;
 
+/// Rewrites each console line before it is kept in `console.log` (masking secrets).
+pub type LineFilter = std::sync::Arc<dyn Fn(&str) -> String + Send + Sync>;
+
 /// What to boot.
 pub struct VmSpec {
     /// A label for logs and the hypervisor's process title.
@@ -111,6 +114,10 @@ pub struct VmSpec {
     /// Called per console line, live; the full log is also kept in
     /// `runtime_dir/console.log`.
     pub console: Option<ConsoleCallback>,
+    /// When set, `console.log` keeps each line as this function returns it, not the
+    /// raw bytes. (cloud-hypervisor writes the file itself: it is rewritten through the
+    /// filter when the VM ends.)
+    pub log_filter: Option<LineFilter>,
 }
 
 impl fmt::Debug for VmSpec {
@@ -126,6 +133,7 @@ impl fmt::Debug for VmSpec {
             .field("runtime_dir", &self.runtime_dir)
             .field("timeout", &self.timeout)
             .field("console", &self.console.as_ref().map(|_| "callback"))
+            .field("log_filter", &self.log_filter.as_ref().map(|_| "filter"))
             .finish()
     }
 }
@@ -150,6 +158,7 @@ impl VmSpec {
             runtime_dir: runtime_dir.into(),
             timeout: Duration::from_secs(600),
             console: None,
+            log_filter: None,
         }
     }
 

@@ -161,7 +161,13 @@ impl Hypervisor for Qemu {
         let io_err = |what: &str, e: std::io::Error| VmmError::io(what, &self.binary, e);
         let stdout = proc.take_stdout().expect("stdout is piped");
         let stderr = proc.take_stderr().expect("stderr is piped");
-        let pump = Pump::start(&spec.name, stdout, Some(log), spec.console.take())
+        let pump = Pump::start(
+            &spec.name,
+            stdout,
+            Some(log),
+            spec.console.take(),
+            spec.log_filter.clone(),
+        )
             .map_err(|e| io_err("starting the console reader for", e))?;
         let watch = StderrWatch::start(stderr, stderr_file)
             .map_err(|e| io_err("starting the stderr reader for", e))?;

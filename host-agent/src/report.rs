@@ -1,0 +1,114 @@
+//! The report of a run (`udos run --json`), also stored in SQLite.
+//!
+//! Everything in it that came from a step (outputs, errors, summaries) has been masked:
+//! secret values and `::add-mask::` values read `***`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use indexmap::IndexMap;
+use serde::Serialize;
+use udos_core::engine::Conclusion;
+use udos_core::value::Value;
+
+/// The JSON report of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// Run number.
+    pub run_id: i64,
+    /// Generation number.
+    pub generation: i64,
+    /// `success`, `failure` or `cancelled`.
+    pub status: Conclusion,
+    /// The event that ran the workflows.
+    pub event: String,
+    /// The first workflow file (absolute path).
+    pub workflow: String,
+    /// Every workflow file that ran.
+    pub workflows: Vec<String>,
+    /// Hypervisor used.
+    pub hypervisor: String,
+    /// Guest image id.
+    pub image_id: String,
+    /// Input layers below the steps' layers.
+    pub inputs: Vec<InputReport>,
+    /// One entry per job leg, in the order they were decided.
+    pub jobs: Vec<JobReport>,
+    /// What udos accepted but ignored, skipped, or left out, and why.
+    pub notices: Vec<String>,
+    /// Wall time of the run, ms.
+    pub wall_ms: u64,
+}
+
+/// An input layer of the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct InputReport {
+    /// `base` or `workspace`.
+    pub kind: String,
+    /// Layer id.
+    pub layer_id: String,
+    /// Full restic snapshot id.
+    pub snapshot_id: Option<String>,
+}
+
+/// One job leg.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobReport {
+    /// The job's key (`caller/job` inside a reusable workflow).
+    pub id: String,
+    /// Display name (`test (ubuntu, 18)`).
+    pub name: String,
+    /// The leg's matrix values, or null.
+    pub matrix: Option<Value>,
+    /// How the leg ended: success, failure, skipped or cancelled.
+    pub status: Conclusion,
+    /// Same as `status`.
+    pub outcome: Conclusion,
+    /// `needs.<id>.result`: a failure under `continue-on-error` concludes `success`.
+    pub conclusion: Conclusion,
+    /// The job's outputs from this leg.
+    pub outputs: IndexMap<String, String>,
+    /// Why udos ended or skipped it, when it did.
+    pub error: Option<String>,
+    /// The base it ran on.
+    pub base: Option<String>,
+    /// Its steps, in order (none for a skipped job or a reusable workflow call).
+    pub steps: Vec<StepReport>,
+}
+
+/// One step of a leg.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepReport {
+    /// 1-based number.
+    pub number: usize,
+    /// The user's step id.
+    pub id: Option<String>,
+    /// Display name.
+    pub name: String,
+    /// success, failure, skipped or cancelled (same as `outcome`).
+    pub status: Conclusion,
+    /// `steps.<id>.outcome`.
+    pub outcome: Conclusion,
+    /// `steps.<id>.conclusion`.
+    pub conclusion: Conclusion,
+    /// The step's exit code (null when it did not run or ended without one).
+    pub exit_code: Option<i32>,
+    /// Full restic id of the layer snapshot.
+    pub snapshot_id: Option<String>,
+    /// Layer id (SHA-256 of the layer stream).
+    pub layer_id: Option<String>,
+    /// Cache key of the step's inputs.
+    pub cache_key: Option<String>,
+    /// Outputs the step set.
+    pub outputs: IndexMap<String, String>,
+    /// `$GITHUB_STEP_SUMMARY`, if the step wrote one.
+    pub summary: Option<String>,
+    /// Phase timings, ms: materialize, boot, guest, seal, unpack, snapshot, vm.
+    pub phases_ms: BTreeMap<String, u64>,
+    /// What went wrong, when udos (not the step's program) failed it.
+    pub error: Option<String>,
+    /// How udos ran it, when not in a VM.
+    pub note: Option<String>,
+    /// The step VM's console log.
+    pub console_log: Option<PathBuf>,
+}
