@@ -8,6 +8,9 @@
 //! - [`schedule`]: placing spec instances on workers, deterministically.
 //! - [`reconcile`]: a worker's decision per instance: noop, replace, create, stop.
 //! - [`wire`]: the master's API messages.
+//! - [`event`]: which workflows an event triggers (`on:` filters), and their inputs.
+//! - [`glob`]: GitHub's filter patterns for branches, tags and paths.
+//! - [`matrix`]: the legs of a matrix job (`strategy.matrix`).
 //!
 //! The data path: workflow text → [`workflow::Workflow`] → per step a
 //! [`condition::Decision`] and [`synth::StepFiles`] → (host agent) VM → sealed layer.
@@ -15,6 +18,9 @@
 pub mod cache;
 pub mod condition;
 pub mod desired;
+pub mod event;
+pub mod glob;
+pub mod matrix;
 pub mod reconcile;
 pub mod schedule;
 pub mod synth;
