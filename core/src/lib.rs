@@ -8,6 +8,9 @@
 //! - [`schedule`]: placing spec instances on workers, deterministically.
 //! - [`reconcile`]: a worker's decision per instance: noop, replace, create, stop.
 //! - [`wire`]: the master's API messages.
+//! - [`event`]: which workflows an event triggers (`on:` filters), and their inputs.
+//! - [`glob`]: GitHub's filter patterns for branches, tags and paths.
+//! - [`matrix`]: the legs of a matrix job (`strategy.matrix`).
 //!
 //! The data path: workflow text → [`workflow::Workflow`] → per step a
 //! [`condition::Decision`] and [`synth::StepFiles`] → (host agent) VM → sealed layer.
@@ -18,6 +21,7 @@ pub mod desired;
 pub mod engine;
 pub mod event;
 pub mod expr;
+pub mod glob;
 pub mod matrix;
 pub mod reconcile;
 pub mod schedule;

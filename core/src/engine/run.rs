@@ -258,7 +258,8 @@ fn template_number(v: &Value, env: &EvalEnv) -> Result<Option<f64>, expr::ExprEr
 pub fn triggers(wf: &Workflow) -> Result<Triggers, EngineError> {
     let model: github_actions_models::workflow::Trigger = serde_yaml_ng::from_value(wf.on.clone())
         .map_err(|e| EngineError::Plan(format!("{}: `on:` is not valid: {e}", wf.file)))?;
-    Ok(Triggers::from_model(&model))
+    Triggers::from_model_with_source(&model, &Value::from(&wf.on))
+        .map_err(|e| EngineError::Plan(format!("{}: `on:` {e}", wf.file)))
 }
 
 /// Does `label` run on the default base when `-P` says nothing about it?
@@ -700,7 +701,7 @@ impl Run {
 
     /// The job's legs: its matrix evaluated and expanded, `--matrix` applied; one leg
     /// without a matrix.
-    fn expand(&self, job: &Job, env: &EvalEnv) -> Result<Vec<Option<Object>>, String> {
+    fn expand(&self, job: &Job, env: &EvalEnv) -> Result<Vec<Option<matrix::Leg>>, String> {
         let Some(strategy) = &job.strategy else {
             return Ok(vec![None]);
         };
@@ -708,7 +709,7 @@ impl Run {
             .map_err(|e| format!("`strategy.matrix` of job `{}`: {e}", job.id))?;
         let legs = matrix::expand(&m).map_err(|e| format!("job `{}`: {e}", job.id))?;
         let legs = matrix::filter(legs, &self.cfg.matrix_filter);
-        Ok(legs.into_iter().map(|l| Some(l.values)).collect())
+        Ok(legs.into_iter().map(Some).collect())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -721,10 +722,11 @@ impl Run {
         index: usize,
         total: usize,
         has_matrix: bool,
-        matrix: Option<Object>,
+        leg: Option<matrix::Leg>,
         fail_fast: bool,
         max_parallel: usize,
     ) {
+        let matrix = leg.as_ref().map(|l| l.values.clone());
         let mut ctx = job_ctx.clone();
         ctx.insert("matrix", Value::Object(matrix.clone().unwrap_or_default()));
         let mut strategy = Object::new();
@@ -750,12 +752,12 @@ impl Run {
             Some(n) if expr::has_expression(n) => {
                 expr::interpolate_to_string(n, &env).unwrap_or_else(|_| n.clone())
             }
-            Some(n) => match &matrix {
-                Some(m) => matrix::leg_name(n, &matrix::Leg { values: m.clone() }),
+            Some(n) => match &leg {
+                Some(l) => matrix::leg_name(n, l),
                 None => n.clone(),
             },
-            None => match &matrix {
-                Some(m) => matrix::leg_name(&job.id, &matrix::Leg { values: m.clone() }),
+            None => match &leg {
+                Some(l) => matrix::leg_name(&job.id, l),
                 None => job.id.clone(),
             },
         };
@@ -1126,8 +1128,8 @@ impl Run {
             return (out, None);
         };
         if let Some(spec) = t.call() {
-            for (name, template) in &spec.outputs {
-                match expr::interpolate_to_string(template, &env) {
+            for (name, output) in &spec.outputs {
+                match expr::interpolate_to_string(&output.value, &env) {
                     Ok(v) => out.insert(name.clone(), Value::String(v)),
                     Err(e) => return (out, Some(format!("output `{name}`: {e}"))),
                 }
