@@ -25,29 +25,30 @@ pub fn run(
     choice: HypervisorChoice,
     progress: &dyn Fn(&str),
 ) -> Result<()> {
-    let wf = setup::load_workflow(workflow_path)?;
-    let job = wf.select_job(None)?;
+    let args = crate::plan::PlanArgs {
+        positionals: vec![workflow_path.display().to_string()],
+        parallel: Some(1),
+        memory_mib: RunSettings::default().memory_mib,
+        ..crate::plan::PlanArgs::default()
+    };
+    let req = match crate::plan::plan(&args)?.0 {
+        crate::plan::Planned::Run(req) => req,
+        crate::plan::Planned::Nothing(why) => anyhow::bail!("nothing to run: {}", why.join("; ")),
+    };
     let env = setup::prepare_env(state, None, choice, progress)?;
-    let mut store = Store::open(&state.db())?;
+    let store = Store::open(&state.db())?;
     let settings = RunSettings {
         stream_console: false,
         ..RunSettings::default()
     };
     progress("benchmark: running the workflow in step VMs");
-    let report = runner::run_job(
-        &env.prepared(state),
-        &mut store,
-        workflow_path,
-        &wf,
-        job,
-        &settings,
-    )?;
+    let report = runner::run(&env.prepared(state), store, *req, &settings)?;
 
     progress("benchmark: running the same workflow with act on the host");
     let act_ms = act_on_host(workflow_path)?;
 
     let steps = &report.jobs[0].steps;
-    let get = |s: &runner::StepReport, k: &str| s.phases_ms.get(k).copied().unwrap_or(0);
+    let get = |s: &crate::report::StepReport, k: &str| s.phases_ms.get(k).copied().unwrap_or(0);
     println!(
         "udos bench: {} ({} steps) on {}",
         workflow_path.display(),

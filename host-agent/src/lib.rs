@@ -1,7 +1,10 @@
 //! The udos host agent: everything between the `udos` command line and the step VMs.
 //!
 //! - [`setup`]: find or build what a run needs (image, base layer, hypervisor, repository);
-//! - [`runner`]: run a job, one VM per step, chaining layers;
+//! - [`plan`]: read the workflows and what they refer to, pick the event's jobs;
+//! - [`runner`]: drive the engine: each job leg on its own thread ([`leg`]), each step
+//!   in its own VM ([`step_vm`]), layers snapshotted off the critical path ([`snapshots`]);
+//! - [`repo`], [`request`]: what git and the flags say about the run; [`report`]: its JSON;
 //! - [`workspace`]: the git working tree as the workspace layer;
 //! - [`restic`]: layer snapshots in a restic repository;
 //! - [`store`]: runs, steps and layers in SQLite;
@@ -12,10 +15,19 @@
 
 pub mod bench;
 pub mod cluster;
+pub mod hashfiles;
+pub mod leg;
+pub mod plan;
+pub mod proc;
+pub mod repo;
+pub mod report;
+pub mod request;
 pub mod restic;
 pub mod restore;
 pub mod runner;
 pub mod setup;
+pub mod snapshots;
 pub mod state;
+pub mod step_vm;
 pub mod store;
 pub mod workspace;

@@ -5,7 +5,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use udos_host_agent::{bench, restic::Repo, restore, runner, setup, state::StateDir, store::Store};
+use udos_core::engine::Conclusion;
+use udos_host_agent::{
+    bench, plan, restic::Repo, restore, runner, setup, state::StateDir, store::Store,
+};
 
 #[derive(Parser)]
 #[command(
@@ -37,35 +40,10 @@ enum HypervisorArg {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run one job of a workflow, each step in its own VM
-    Run {
-        /// The workflow file (.github/workflows/*.yml)
-        workflow: PathBuf,
-        /// The job to run (needed when the workflow has several)
-        #[arg(short, long)]
-        job: Option<String>,
-        /// Which hypervisor runs the step VMs
-        #[arg(long, value_enum, default_value = "auto")]
-        hypervisor: HypervisorArg,
-        /// Print one JSON report on stdout (logs stay on stderr)
-        #[arg(long)]
-        json: bool,
-        /// vCPUs per step VM
-        #[arg(long, default_value_t = 1)]
-        cpus: u32,
-        /// Memory per step VM, MiB
-        #[arg(long, default_value_t = 1024)]
-        memory: u64,
-        /// A step is stopped after this many seconds
-        #[arg(long, default_value_t = 600)]
-        timeout: u64,
-        /// Boot this kernel (bzImage or vmlinux) instead of Debian's cloud kernel
-        #[arg(long)]
-        kernel: Option<PathBuf>,
-        /// Don't stream the guests' consoles to the terminal
-        #[arg(long)]
-        no_console: bool,
-    },
+    /// Run workflows as GitHub runs them, each step in its own VM
+    ///
+    /// act's flags where act has them: `udos run [EVENT] [-W PATH] [-j JOB]... ...`.
+    Run(Box<RunArgs>),
     /// List runs
     Runs {
         /// JSON on stdout
@@ -86,6 +64,10 @@ enum Command {
         run: i64,
         /// Step: 1-based number or the step's id
         step: String,
+        /// The job leg (its id, e.g. `build`, or its name, e.g. `test (ubuntu, 18)`):
+        /// needed when the run has several legs with layers
+        #[arg(short, long)]
+        job: Option<String>,
         /// Directory to restore into (new or empty)
         #[arg(long)]
         target: PathBuf,
@@ -120,6 +102,77 @@ enum Command {
     Status(udos_host_agent::cluster::cli::StatusArgs),
     /// Show how two generations differ
     DiffGenerations(udos_host_agent::cluster::cli::DiffArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// `[EVENT] [WORKFLOW]`: the event (default: the workflows' only event, else push)
+    /// and a workflow file (or use -W)
+    #[arg(value_name = "EVENT|WORKFLOW", num_args = 0..=2)]
+    args: Vec<String>,
+    /// A workflow file, or a directory of workflows [default: .github/workflows]
+    #[arg(short = 'W', long = "workflows", value_name = "PATH")]
+    workflows: Option<PathBuf>,
+    /// Run this job (and what it needs); repeatable
+    #[arg(short, long = "job")]
+    job: Vec<String>,
+    /// The event payload (JSON), as GitHub would send it
+    #[arg(short = 'e', long = "eventpath", value_name = "FILE")]
+    eventpath: Option<PathBuf>,
+    /// An input for workflow_dispatch / workflow_call: K=V; repeatable
+    #[arg(long = "input", value_name = "K=V")]
+    input: Vec<String>,
+    /// A secret: NAME=VALUE, or NAME to take the value from the environment; repeatable
+    #[arg(short = 's', long = "secret", value_name = "NAME[=VALUE]")]
+    secret: Vec<String>,
+    /// Secrets from a dotenv file
+    #[arg(long = "secret-file", value_name = "FILE")]
+    secret_file: Option<PathBuf>,
+    /// A variable (the `vars` context): K=V; repeatable
+    #[arg(long = "var", value_name = "K=V")]
+    var: Vec<String>,
+    /// Variables from a dotenv file
+    #[arg(long = "var-file", value_name = "FILE")]
+    var_file: Option<PathBuf>,
+    /// Environment for every step, from a dotenv file (below the workflow's env:)
+    #[arg(long = "env-file", value_name = "FILE")]
+    env_file: Option<PathBuf>,
+    /// Run only the matrix legs with K:V; repeatable
+    #[arg(long = "matrix", value_name = "K:V")]
+    matrix: Vec<String>,
+    /// Step VMs at once [default: what the machine's cores and memory hold]
+    #[arg(long = "jobs", value_name = "N")]
+    jobs: Option<usize>,
+    /// Map a runs-on label to a base: LABEL=BASE (bases: default, minimal); repeatable
+    #[arg(short = 'P', long = "platform", value_name = "LABEL=BASE")]
+    platform: Vec<String>,
+    /// Print the plan and boot nothing
+    #[arg(short = 'n', long = "dryrun")]
+    dryrun: bool,
+    /// List the jobs by stage and exit
+    #[arg(short = 'l', long = "list")]
+    list: bool,
+    /// Which hypervisor runs the step VMs
+    #[arg(long, value_enum, default_value = "auto")]
+    hypervisor: HypervisorArg,
+    /// Print one JSON report on stdout (logs stay on stderr)
+    #[arg(long)]
+    json: bool,
+    /// vCPUs per step VM
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Memory per step VM, MiB
+    #[arg(long, default_value_t = 1024)]
+    memory: u64,
+    /// No step runs longer than this many seconds (below the workflow's timeout-minutes)
+    #[arg(long, default_value_t = 6 * 3600)]
+    timeout: u64,
+    /// Boot this kernel (bzImage or vmlinux) instead of Debian's cloud kernel
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Don't stream the guests' consoles to the terminal
+    #[arg(long)]
+    no_console: bool,
 }
 
 #[derive(Subcommand)]
@@ -171,52 +224,7 @@ fn choice(h: HypervisorArg) -> udos_vmm::HypervisorChoice {
 fn dispatch(cli: Cli) -> Result<ExitCode, SetupFailed> {
     let state = StateDir::resolve(cli.state_dir.as_deref()).map_err(SetupFailed)?;
     match cli.command {
-        Command::Run {
-            workflow,
-            job,
-            hypervisor,
-            json,
-            cpus,
-            memory,
-            timeout,
-            kernel,
-            no_console,
-        } => {
-            let settings = runner::RunSettings {
-                cpus,
-                memory_mib: memory,
-                step_timeout: Duration::from_secs(timeout),
-                stream_console: !no_console,
-                ..runner::RunSettings::default()
-            };
-            // The workflow and the job are checked before any image is built.
-            let wf = setup::load_workflow(&workflow).map_err(SetupFailed)?;
-            let job = wf
-                .select_job(job.as_deref())
-                .map_err(|e| SetupFailed(e.into()))?;
-            let env = setup::prepare_env(&state, kernel, choice(hypervisor), &progress)
-                .map_err(SetupFailed)?;
-            let mut store = Store::open(&state.db()).map_err(SetupFailed)?;
-            let report = runner::run_job(
-                &env.prepared(&state),
-                &mut store,
-                &workflow,
-                &wf,
-                job,
-                &settings,
-            )
-            .map_err(SetupFailed)?;
-            if json {
-                print_json(&report);
-            } else {
-                print_run(&report);
-            }
-            Ok(if report.status == "success" {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
-        }
+        Command::Run(a) => run(&state, *a),
         Command::Runs { json } => {
             let store = Store::open(&state.db()).map_err(SetupFailed)?;
             let runs = store.runs().map_err(SetupFailed)?;
@@ -226,13 +234,19 @@ fn dispatch(cli: Cli) -> Result<ExitCode, SetupFailed> {
                 println!("no runs yet: start one with `udos run WORKFLOW`");
             } else {
                 println!(
-                    "{:>5} {:>5}  {:<8} {:<20} {:<16} WORKFLOW",
-                    "RUN", "GEN", "STATUS", "STARTED", "JOB"
+                    "{:>5} {:>5}  {:<9} {:<20} {:<18} {:<24} WORKFLOW",
+                    "RUN", "GEN", "STATUS", "STARTED", "EVENT", "JOBS"
                 );
                 for r in runs {
                     println!(
-                        "{:>5} {:>5}  {:<8} {:<20} {:<16} {}",
-                        r.run_id, r.generation, r.status, r.started_at, r.job, r.workflow
+                        "{:>5} {:>5}  {:<9} {:<20} {:<18} {:<24} {}",
+                        r.run_id,
+                        r.generation,
+                        r.status,
+                        r.started_at,
+                        r.event,
+                        truncate(&r.job, 24),
+                        r.workflow
                     );
                 }
             }
@@ -247,27 +261,34 @@ fn dispatch(cli: Cli) -> Result<ExitCode, SetupFailed> {
             }
             let inputs = store.inputs(run).map_err(SetupFailed)?;
             let steps = store.steps(run).map_err(SetupFailed)?;
+            let jobs = store.jobs(run).map_err(SetupFailed)?;
             if json {
-                let v = serde_json::json!({ "run_id": run, "inputs": inputs, "steps": steps });
+                let v = serde_json::json!({ "run_id": run, "inputs": inputs, "jobs": jobs, "steps": steps });
                 print_json(&v);
             } else {
                 println!(
-                    "{:<10} {:<8} {:<14} {:<10} NAME",
+                    "{:<24} {:<9} {:<14} {:<10} NAME",
                     "LAYER OF", "STATUS", "LAYER", "SNAPSHOT"
                 );
                 for i in &inputs {
                     println!(
-                        "{:<10} {:<8} {:<14} {:<10}",
+                        "{:<24} {:<9} {:<14} {:<10}",
                         i.kind,
                         "-",
                         short(&i.layer_id),
                         short(i.snapshot_id.as_deref().unwrap_or("-"))
                     );
                 }
+                let several = jobs.len() > 1;
                 for s in &steps {
+                    let of = if several {
+                        format!("{} step {}", truncate(&s.job_id, 15), s.number)
+                    } else {
+                        format!("step {}", s.number)
+                    };
                     println!(
-                        "{:<10} {:<8} {:<14} {:<10} {}",
-                        format!("step {}", s.number),
+                        "{:<24} {:<9} {:<14} {:<10} {}",
+                        of,
                         s.status,
                         short(s.layer_id.as_deref().unwrap_or("-")),
                         short(s.snapshot_id.as_deref().unwrap_or("-")),
@@ -280,13 +301,25 @@ fn dispatch(cli: Cli) -> Result<ExitCode, SetupFailed> {
         Command::Restore {
             run,
             step,
+            job,
             target,
             json,
         } => {
             let store = Store::open(&state.db()).map_err(SetupFailed)?;
             let repo = Repo::from_env_or_default(state.root()).map_err(SetupFailed)?;
-            let report = restore::restore(&state, &store, &repo, run, &step, &target, &progress)
-                .map_err(SetupFailed)?;
+            let report = restore::restore(
+                &state,
+                &store,
+                &repo,
+                &restore::Point {
+                    run,
+                    step: &step,
+                    job: job.as_deref(),
+                },
+                &target,
+                &progress,
+            )
+            .map_err(SetupFailed)?;
             if json {
                 print_json(&report);
             } else {
@@ -349,35 +382,121 @@ fn short(s: &str) -> &str {
     s.get(..12).unwrap_or(s)
 }
 
-fn print_run(r: &runner::RunReport) {
+fn print_run(r: &udos_host_agent::report::RunReport) {
     println!();
     println!(
-        "run {} (generation {}) on {}: {}  [{:.1}s]",
+        "run {} (generation {}) on {}: {} `{}`: {}  [{:.1}s]",
         r.run_id,
         r.generation,
         r.hypervisor,
+        r.workflows.len(),
+        r.event,
         r.status,
         r.wall_ms as f64 / 1000.0
     );
+    let clean = |s: &str| udos_core::text::sanitize_for_terminal(s).into_owned();
     for j in &r.jobs {
+        println!("  job {}: {}", clean(&j.name), j.status);
+        if let Some(e) = &j.error {
+            println!("      error: {}", clean(e));
+        }
         for s in &j.steps {
             println!(
-                "  {:>2}. {:<8} {:<40} layer {} snapshot {}",
+                "  {:>4}. {:<9} {:<40} layer {} snapshot {}",
                 s.number,
                 s.status,
-                truncate(&s.name, 40),
+                truncate(&clean(&s.name), 40),
                 short(s.layer_id.as_deref().unwrap_or("-")),
                 short(s.snapshot_id.as_deref().unwrap_or("-")),
             );
             if let Some(e) = &s.error {
-                println!("      error: {e}");
+                println!("        error: {}", clean(e));
             }
         }
     }
+    for n in &r.notices {
+        println!("  note: {}", clean(n));
+    }
     println!(
-        "restore any step with: udos restore {} STEP --target DIR",
+        "restore any step with: udos restore {} STEP [--job JOB] --target DIR",
         r.run_id
     );
+}
+
+/// `udos run`: plan (setup errors exit 2 before anything is built), then run.
+fn run(state: &StateDir, a: RunArgs) -> Result<ExitCode, SetupFailed> {
+    let args = plan::PlanArgs {
+        positionals: a.args,
+        workflows: a.workflows,
+        jobs: a.job,
+        eventpath: a.eventpath,
+        inputs: a.input,
+        secrets: a.secret,
+        secret_file: a.secret_file,
+        vars: a.var,
+        var_file: a.var_file,
+        env_file: a.env_file,
+        matrix: a.matrix,
+        parallel: a.jobs,
+        platforms: a.platform,
+        memory_mib: a.memory,
+    };
+    let (planned, set) = plan::plan(&args).map_err(SetupFailed)?;
+    let req = match planned {
+        plan::Planned::Run(req) => req,
+        plan::Planned::Nothing(reasons) => {
+            for r in &reasons {
+                eprintln!("udos: not triggered: {r}");
+            }
+            if a.json {
+                print_json(&serde_json::json!({ "status": "skipped", "jobs": [], "notices": reasons }));
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    if a.list {
+        let rows = plan::list(&set, &req.selection).map_err(SetupFailed)?;
+        println!(
+            "{:<6} {:<20} {:<24} {:<20} {:<32} EVENTS",
+            "STAGE", "JOB ID", "JOB NAME", "WORKFLOW", "FILE"
+        );
+        for [stage, id, name, wf, file, events] in rows {
+            println!("{stage:<6} {id:<20} {name:<24} {wf:<20} {file:<32} {events}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if a.dryrun {
+        print!("{}", plan::dry_run(&set, &req.selection).map_err(SetupFailed)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let settings = runner::RunSettings {
+        cpus: a.cpus,
+        memory_mib: a.memory,
+        step_timeout: Duration::from_secs(a.timeout.max(1)),
+        stream_console: !a.no_console,
+        ..runner::RunSettings::default()
+    };
+    let env = setup::prepare_env(state, a.kernel, choice(a.hypervisor), &progress)
+        .map_err(SetupFailed)?;
+    let store = Store::open(&state.db()).map_err(SetupFailed)?;
+    let report = match runner::run(&env.prepared(state), store, *req, &settings) {
+        Ok(r) => r,
+        Err(e) => {
+            // The run began (and is recorded as `error`): a failed run, not a setup error.
+            eprintln!("udos: error: {e:#}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    if a.json {
+        print_json(&report);
+    } else {
+        print_run(&report);
+    }
+    Ok(if report.status == Conclusion::Success {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn truncate(s: &str, n: usize) -> String {

@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use udos_core::workflow::Workflow;
 use udos_images::{BaseLayer, Image, ImageOptions, ImageStore};
 use udos_vmm::{Hypervisor, HypervisorChoice};
 
@@ -166,20 +165,9 @@ pub fn build_images(
     Ok((image, base))
 }
 
-/// Read and parse a workflow file: fails fast, before any image is built.
-pub fn load_workflow(workflow_path: &Path) -> Result<Workflow> {
-    let text = std::fs::read_to_string(workflow_path)
-        .with_context(|| format!("reading the workflow {}", workflow_path.display()))?;
-    let fallback = workflow_path
-        .file_name()
-        .map(|f| f.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "workflow".into());
-    udos_core::workflow::parse(&text, &fallback)
-        .with_context(|| format!("in {}", workflow_path.display()))
-}
-
 /// Get the image, base layer, hypervisor and repository ready (building what is
-/// missing). Read the workflow first with [`load_workflow`].
+/// missing). Plan the run first ([`crate::plan::plan`]): it fails fast, before any
+/// image is built.
 pub fn prepare_env(
     state: &StateDir,
     kernel: Option<PathBuf>,

@@ -7,7 +7,7 @@
 //! <state>/images/                 guest images and the base layer (udos-images)
 //! <state>/layers/<id>/            a layer in overlay form (what restic snapshots)
 //! <state>/layers/<id>.erofs       the same layer as a read-only disk image
-//! <state>/runs/<run>/step-<n>/    a step VM's runtime dir: control layer, console log
+//! <state>/runs/<run>/leg-<l>/step-<n>/  a step VM's runtime dir: control layer, console log
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -72,12 +72,34 @@ impl StateDir {
     pub fn layer_erofs(&self, id: &str) -> PathBuf {
         self.layers_dir().join(format!("{id}.erofs"))
     }
-    /// A step VM's runtime directory.
-    pub fn step_dir(&self, run: i64, step: usize) -> PathBuf {
+    /// A step VM's runtime directory: per run, per leg, per step, so legs that run in
+    /// parallel never share one.
+    pub fn step_dir(&self, run: i64, leg: usize, step: usize) -> PathBuf {
         self.root
             .join("runs")
             .join(run.to_string())
+            .join(format!("leg-{leg}"))
             .join(format!("step-{step}"))
+    }
+
+    /// Takes the lock of layer `id` (an exclusive `flock` on `layers/<id>.lock`, held
+    /// until the file is dropped): storing a layer and describing it for its snapshot
+    /// never race with another leg or another `udos` process doing the same.
+    pub fn lock_layer(&self, id: &str) -> Result<std::fs::File> {
+        let path = self.layers_dir().join(format!("{id}.lock"));
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("locking {}", path.display()));
+        }
+        Ok(f)
     }
 }
 
@@ -91,6 +113,6 @@ mod tests {
         let s = StateDir::resolve(Some(&d.path().join("st"))).unwrap();
         assert!(s.layers_dir().is_dir() && s.images_dir().is_dir());
         assert!(s.db().starts_with(s.root()));
-        assert!(s.step_dir(3, 2).ends_with("runs/3/step-2"));
+        assert!(s.step_dir(3, 1, 2).ends_with("runs/3/leg-1/step-2"));
     }
 }

@@ -1,14 +1,17 @@
-//! Runs, steps and layers, recorded in SQLite (`<state>/udos.db`).
+//! Runs, job legs, steps and layers, recorded in SQLite (`<state>/udos.db`).
 //!
 //! Each local `udos run` is one generation: the number is taken when the run starts,
 //! so runs are numbered in the order they began. Timestamps are UTC RFC 3339, made by
-//! SQLite itself (`strftime`).
+//! SQLite itself (`strftime`). The schema is versioned with `PRAGMA user_version` and
+//! migrated forward on open ([`MIGRATIONS`]).
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
+
+use crate::report::{JobReport, StepReport};
 
 /// The SQLite store.
 pub struct Store {
@@ -22,11 +25,13 @@ pub struct RunRow {
     pub run_id: i64,
     /// Generation the run belongs to.
     pub generation: i64,
-    /// Workflow file.
+    /// Workflow file(s).
     pub workflow: String,
-    /// Job id.
+    /// The jobs, comma-separated.
     pub job: String,
-    /// `running`, `success`, `failure` or `error`.
+    /// The event.
+    pub event: String,
+    /// `running`, `success`, `failure`, `cancelled` or `error`.
     pub status: String,
     /// RFC 3339 start time (UTC).
     pub started_at: String,
@@ -34,16 +39,35 @@ pub struct RunRow {
     pub hypervisor: String,
 }
 
+/// A job leg of a run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobRow {
+    /// The leg's number in the run.
+    pub leg: i64,
+    /// The job's key (`caller/job` in a reusable workflow).
+    pub job_id: String,
+    /// Display name.
+    pub name: String,
+    /// The leg's matrix, as JSON, if any.
+    pub matrix: Option<String>,
+    /// success, failure, skipped or cancelled.
+    pub status: String,
+}
+
 /// A step of a run, with its layer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepRow {
+    /// The leg it belongs to.
+    pub leg: i64,
+    /// The leg's job key.
+    pub job_id: String,
     /// 1-based step number.
     pub number: i64,
     /// The user's step id, if any.
     pub step_id: Option<String>,
     /// Display name.
     pub name: String,
-    /// `success`, `failure` or `skipped`.
+    /// success, failure, skipped or cancelled.
     pub status: String,
     /// Exit code of the step, when it ran.
     pub exit_code: Option<i64>,
@@ -68,7 +92,11 @@ pub struct InputRow {
     pub snapshot_id: Option<String>,
 }
 
-const SCHEMA: &str = r#"
+/// The schema version this code writes.
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// Version 1: one job per run, steps numbered within the run.
+const SCHEMA_V1: &str = r#"
 CREATE TABLE IF NOT EXISTS generations (
     number     INTEGER PRIMARY KEY,
     created_at TEXT NOT NULL,
@@ -118,6 +146,55 @@ CREATE TABLE IF NOT EXISTS steps (
 );
 "#;
 
+/// Version 2: many jobs and matrix legs per run; steps belong to a leg.
+const V1_TO_V2: &str = r#"
+ALTER TABLE runs ADD COLUMN event TEXT NOT NULL DEFAULT 'push';
+CREATE TABLE jobs (
+    run_id     INTEGER NOT NULL REFERENCES runs(id),
+    leg        INTEGER NOT NULL,
+    job_id     TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    matrix     TEXT,
+    status     TEXT NOT NULL,
+    conclusion TEXT NOT NULL,
+    outputs    TEXT NOT NULL DEFAULT '{}',
+    error      TEXT,
+    PRIMARY KEY (run_id, leg)
+);
+CREATE TABLE steps_v2 (
+    run_id      INTEGER NOT NULL REFERENCES runs(id),
+    leg         INTEGER NOT NULL,
+    job_id      TEXT NOT NULL,
+    number      INTEGER NOT NULL,
+    step_id     TEXT,
+    name        TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    conclusion  TEXT NOT NULL,
+    exit_code   INTEGER,
+    layer_id    TEXT REFERENCES layers(id),
+    snapshot_id TEXT,
+    cache_key   TEXT,
+    outputs     TEXT NOT NULL DEFAULT '{}',
+    phases_ms   TEXT NOT NULL DEFAULT '{}',
+    error       TEXT,
+    PRIMARY KEY (run_id, leg, number)
+);
+INSERT INTO steps_v2 (run_id, leg, job_id, number, step_id, name, status, conclusion,
+                      exit_code, layer_id, snapshot_id, cache_key, outputs, phases_ms, error)
+    SELECT s.run_id, 0, r.job, s.number, s.step_id, s.name, s.status, s.status,
+           s.exit_code, s.layer_id, s.snapshot_id, s.cache_key, s.outputs, s.phases_ms, s.error
+    FROM steps s JOIN runs r ON r.id = s.run_id;
+INSERT INTO jobs (run_id, leg, job_id, name, status, conclusion)
+    SELECT id, 0, job, job, status, status FROM runs;
+DROP TABLE steps;
+ALTER TABLE steps_v2 RENAME TO steps;
+"#;
+
+/// Migrations: `MIGRATIONS[v]` takes a database at version `v` to `v + 1`. A database
+/// made before versions existed has `user_version` 0 and the version 1 tables (or
+/// none, when new).
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, V1_TO_V2];
+
 impl Store {
     /// Open (and create or migrate) the store at `path`.
     pub fn open(path: &Path) -> Result<Store> {
@@ -125,13 +202,12 @@ impl Store {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("creating {}", parent.display()))?;
         }
-        let conn = Connection::open(path)
+        let mut conn = Connection::open(path)
             .with_context(|| format!("opening the udos database {}", path.display()))?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.execute_batch(SCHEMA)
-            .with_context(|| format!("creating the schema in {}", path.display()))?;
+        migrate(&mut conn).with_context(|| format!("migrating {}", path.display()))?;
         Ok(Store { conn })
     }
 
@@ -139,7 +215,8 @@ impl Store {
     pub fn begin_run(
         &mut self,
         workflow: &str,
-        job: &str,
+        jobs: &str,
+        event: &str,
         hypervisor: &str,
         image_id: &str,
     ) -> Result<(i64, i64)> {
@@ -150,9 +227,9 @@ impl Store {
         )?;
         let generation = tx.last_insert_rowid();
         tx.execute(
-            "INSERT INTO runs (generation, workflow, job, status, started_at, hypervisor, image_id)
-             VALUES (?1, ?2, ?3, 'running', strftime('%Y-%m-%dT%H:%M:%SZ','now'), ?4, ?5)",
-            params![generation, workflow, job, hypervisor, image_id],
+            "INSERT INTO runs (generation, workflow, job, event, status, started_at, hypervisor, image_id)
+             VALUES (?1, ?2, ?3, ?4, 'running', strftime('%Y-%m-%dT%H:%M:%SZ','now'), ?5, ?6)",
+            params![generation, workflow, jobs, event, hypervisor, image_id],
         )?;
         let run_id = tx.last_insert_rowid();
         tx.commit()?;
@@ -201,36 +278,56 @@ impl Store {
         Ok(())
     }
 
-    /// Record (or update) a step of a run.
-    #[allow(clippy::too_many_arguments)]
-    pub fn put_step(
-        &self,
-        run_id: i64,
-        row: &StepRow,
-        outputs_json: &str,
-        phases_json: &str,
-        error: Option<&str>,
-    ) -> Result<()> {
+    /// Record (or update) a step of leg `leg`.
+    pub fn put_step(&self, run_id: i64, leg: i64, job_id: &str, s: &StepReport) -> Result<()> {
         self.conn.execute(
-            "INSERT INTO steps (run_id, number, step_id, name, status, exit_code, layer_id, snapshot_id, cache_key, outputs, phases_ms, error)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
-             ON CONFLICT(run_id, number) DO UPDATE SET
-               status = excluded.status, exit_code = excluded.exit_code, layer_id = excluded.layer_id,
+            "INSERT INTO steps (run_id, leg, job_id, number, step_id, name, status, conclusion, exit_code,
+                                layer_id, snapshot_id, cache_key, outputs, phases_ms, error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+             ON CONFLICT(run_id, leg, number) DO UPDATE SET
+               status = excluded.status, conclusion = excluded.conclusion,
+               exit_code = excluded.exit_code, layer_id = excluded.layer_id,
                snapshot_id = excluded.snapshot_id, cache_key = excluded.cache_key,
                outputs = excluded.outputs, phases_ms = excluded.phases_ms, error = excluded.error",
             params![
                 run_id,
-                row.number,
-                row.step_id,
-                row.name,
-                row.status,
-                row.exit_code,
-                row.layer_id,
-                row.snapshot_id,
-                row.cache_key,
-                outputs_json,
-                phases_json,
-                error
+                leg,
+                job_id,
+                s.number as i64,
+                s.id,
+                s.name,
+                s.outcome.as_str(),
+                s.conclusion.as_str(),
+                s.exit_code.map(i64::from),
+                s.layer_id,
+                s.snapshot_id,
+                s.cache_key,
+                serde_json::to_string(&s.outputs)?,
+                serde_json::to_string(&s.phases_ms)?,
+                s.error
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Record (or update) a job leg.
+    pub fn put_job(&self, run_id: i64, leg: i64, j: &JobReport) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO jobs (run_id, leg, job_id, name, matrix, status, conclusion, outputs, error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+             ON CONFLICT(run_id, leg) DO UPDATE SET
+               status = excluded.status, conclusion = excluded.conclusion,
+               outputs = excluded.outputs, error = excluded.error",
+            params![
+                run_id,
+                leg,
+                j.id,
+                j.name,
+                j.matrix.as_ref().map(|m| serde_json::to_string(m)).transpose()?,
+                j.status.as_str(),
+                j.conclusion.as_str(),
+                serde_json::to_string(&j.outputs)?,
+                j.error
             ],
         )?;
         Ok(())
@@ -248,7 +345,7 @@ impl Store {
     /// All runs, newest first.
     pub fn runs(&self) -> Result<Vec<RunRow>> {
         let mut st = self.conn.prepare(
-            "SELECT id, generation, workflow, job, status, started_at, hypervisor FROM runs ORDER BY id DESC",
+            "SELECT id, generation, workflow, job, event, status, started_at, hypervisor FROM runs ORDER BY id DESC",
         )?;
         let rows = st.query_map([], |r| {
             Ok(RunRow {
@@ -256,9 +353,10 @@ impl Store {
                 generation: r.get(1)?,
                 workflow: r.get(2)?,
                 job: r.get(3)?,
-                status: r.get(4)?,
-                started_at: r.get(5)?,
-                hypervisor: r.get(6)?,
+                event: r.get(4)?,
+                status: r.get(5)?,
+                started_at: r.get(6)?,
+                hypervisor: r.get(7)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -269,22 +367,41 @@ impl Store {
         Ok(self.runs()?.into_iter().find(|r| r.run_id == run_id))
     }
 
-    /// The steps of a run, in order.
+    /// The job legs of a run, in leg order.
+    pub fn jobs(&self, run_id: i64) -> Result<Vec<JobRow>> {
+        let mut st = self.conn.prepare(
+            "SELECT leg, job_id, name, matrix, status FROM jobs WHERE run_id = ?1 ORDER BY leg",
+        )?;
+        let rows = st.query_map(params![run_id], |r| {
+            Ok(JobRow {
+                leg: r.get(0)?,
+                job_id: r.get(1)?,
+                name: r.get(2)?,
+                matrix: r.get(3)?,
+                status: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// The steps of a run, by leg then number.
     pub fn steps(&self, run_id: i64) -> Result<Vec<StepRow>> {
         let mut st = self.conn.prepare(
-            "SELECT number, step_id, name, status, exit_code, layer_id, snapshot_id, cache_key
-             FROM steps WHERE run_id = ?1 ORDER BY number",
+            "SELECT leg, job_id, number, step_id, name, status, exit_code, layer_id, snapshot_id, cache_key
+             FROM steps WHERE run_id = ?1 ORDER BY leg, number",
         )?;
         let rows = st.query_map(params![run_id], |r| {
             Ok(StepRow {
-                number: r.get(0)?,
-                step_id: r.get(1)?,
-                name: r.get(2)?,
-                status: r.get(3)?,
-                exit_code: r.get(4)?,
-                layer_id: r.get(5)?,
-                snapshot_id: r.get(6)?,
-                cache_key: r.get(7)?,
+                leg: r.get(0)?,
+                job_id: r.get(1)?,
+                number: r.get(2)?,
+                step_id: r.get(3)?,
+                name: r.get(4)?,
+                status: r.get(5)?,
+                exit_code: r.get(6)?,
+                layer_id: r.get(7)?,
+                snapshot_id: r.get(8)?,
+                cache_key: r.get(9)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -309,17 +426,59 @@ impl Store {
     }
 }
 
+/// Brings the database to [`SCHEMA_VERSION`], one migration per transaction. A
+/// database from a newer udos is refused rather than damaged.
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let mut version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        bail!(
+            "the database has schema version {version}, newer than this udos understands ({SCHEMA_VERSION}): use a newer udos"
+        );
+    }
+    while version < SCHEMA_VERSION {
+        let tx = conn.transaction()?;
+        tx.execute_batch(MIGRATIONS[version as usize])
+            .with_context(|| format!("migrating the schema from version {version}"))?;
+        tx.pragma_update(None, "user_version", version + 1)?;
+        tx.commit()?;
+        version += 1;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use udos_core::engine::Conclusion;
+
+    fn step(number: usize, status: Conclusion) -> StepReport {
+        StepReport {
+            number,
+            id: Some("make".into()),
+            name: "make".into(),
+            status,
+            outcome: status,
+            conclusion: status,
+            exit_code: Some(0),
+            snapshot_id: None,
+            layer_id: Some("base1".into()),
+            cache_key: Some("k".into()),
+            outputs: Default::default(),
+            summary: None,
+            phases_ms: Default::default(),
+            error: None,
+            note: None,
+            console_log: None,
+        }
+    }
 
     #[test]
-    fn runs_steps_and_layers_round_trip_in_a_real_file() {
+    fn runs_legs_steps_and_layers_round_trip_in_a_real_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("udos.db");
         let mut s = Store::open(&path).unwrap();
-        let (r1, g1) = s.begin_run("wf.yml", "build", "qemu-tcg", "img").unwrap();
-        let (r2, g2) = s.begin_run("wf.yml", "build", "qemu-tcg", "img").unwrap();
+        let (r1, g1) = s.begin_run("wf.yml", "build", "push", "qemu-tcg", "img").unwrap();
+        let (r2, g2) = s.begin_run("wf.yml", "build", "push", "qemu-tcg", "img").unwrap();
         assert_eq!((r2, g2), (r1 + 1, g1 + 1));
         s.put_layer("base1", "base", 10, 2).unwrap();
         s.put_layer("base1", "base", 99, 99).unwrap();
@@ -327,41 +486,68 @@ mod tests {
         s.set_layer_snapshot("base1", "snapB").unwrap();
         assert_eq!(s.layer_snapshot("base1").unwrap().as_deref(), Some("snapA"));
         s.add_input(r1, 0, "base", "base1").unwrap();
-        let row = StepRow {
-            number: 1,
-            step_id: Some("make".into()),
-            name: "make".into(),
-            status: "success".into(),
-            exit_code: Some(0),
-            layer_id: Some("base1".into()),
-            snapshot_id: None,
-            cache_key: Some("k".into()),
-        };
-        s.put_step(r1, &row, "{}", "{}", None).unwrap();
-        s.put_step(
-            r1,
-            &StepRow {
-                snapshot_id: Some("full".into()),
-                ..row
-            },
-            "{}",
-            "{}",
-            None,
-        )
-        .unwrap();
+        s.put_step(r1, 0, "build", &step(1, Conclusion::Success)).unwrap();
+        s.put_step(r1, 1, "test", &step(1, Conclusion::Failure)).unwrap();
+        let mut again = step(1, Conclusion::Success);
+        again.snapshot_id = Some("full".into());
+        s.put_step(r1, 0, "build", &again).unwrap();
         s.finish_run(r1, "success", "{}").unwrap();
         drop(s);
 
-        // Reopen: everything is on disk.
         let s = Store::open(&path).unwrap();
         let runs = s.runs().unwrap();
         assert_eq!(runs.len(), 2);
         assert_eq!(runs[1].status, "success");
         assert_eq!(runs[0].status, "running");
         let steps = s.steps(r1).unwrap();
-        assert_eq!(steps.len(), 1);
+        assert_eq!(steps.len(), 2);
         assert_eq!(steps[0].snapshot_id.as_deref(), Some("full"));
-        let inputs = s.inputs(r1).unwrap();
-        assert_eq!(inputs[0].snapshot_id.as_deref(), Some("snapA"));
+        assert_eq!((steps[1].leg, steps[1].job_id.as_str(), steps[1].status.as_str()), (1, "test", "failure"));
+        assert_eq!(s.inputs(r1).unwrap()[0].snapshot_id.as_deref(), Some("snapA"));
+    }
+
+    /// A database written by the previous udos (schema 1, no user_version) opens, and
+    /// its runs and steps are still there, as leg 0 of their job.
+    #[test]
+    fn a_version_1_database_is_migrated_with_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("udos.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(SCHEMA_V1).unwrap();
+            c.execute_batch(
+                "INSERT INTO generations VALUES (1, '2026-01-01T00:00:00Z', 'old');
+                 INSERT INTO runs (id, generation, workflow, job, status, started_at, hypervisor, image_id)
+                     VALUES (1, 1, 'wf.yml', 'build', 'success', '2026-01-01T00:00:00Z', 'qemu', 'img');
+                 INSERT INTO layers VALUES ('L1', 'step', 'snap1', 10, 1, '2026-01-01T00:00:00Z');
+                 INSERT INTO steps (run_id, number, step_id, name, status, exit_code, layer_id, snapshot_id)
+                     VALUES (1, 1, 'make', 'make', 'success', 0, 'L1', 'snap1');",
+            )
+            .unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let v: i64 = s.conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        let steps = s.steps(1).unwrap();
+        assert_eq!(steps.len(), 1);
+        assert_eq!((steps[0].leg, steps[0].job_id.as_str()), (0, "build"));
+        assert_eq!(steps[0].snapshot_id.as_deref(), Some("snap1"));
+        assert_eq!(s.jobs(1).unwrap()[0].job_id, "build");
+        assert_eq!(s.runs().unwrap()[0].event, "push");
+        // Reopening is a no-op.
+        drop(s);
+        Store::open(&path).unwrap();
+    }
+
+    #[test]
+    fn a_newer_database_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("udos.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
+        }
+        let err = Store::open(&path).err().unwrap();
+        assert!(format!("{err:#}").contains("newer"), "{err:#}");
     }
 }

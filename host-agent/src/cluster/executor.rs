@@ -2,7 +2,7 @@
 //! [`VmExecutor`], which runs spec instances in real VMs.
 //!
 //! - **workflow_run**: the workflow (a path relative to the agent's working directory)
-//!   runs through the step runner ([`crate::runner::run_job`]) on a thread of its own:
+//!   runs through the step runner ([`crate::runner::run`]) on a thread of its own:
 //!   `Running`, then `Succeeded` or `Failed` with the restic snapshot ids of its layers.
 //!   Finished runs are remembered (`<state>/agent/finished.json`), so a restarted agent
 //!   does not run them again.
@@ -280,7 +280,7 @@ impl VmExecutor {
                             .flat_map(|j| j.steps.iter())
                             .filter_map(|s| s.snapshot_id.clone())
                             .collect();
-                        if report.status == "success" {
+                        if report.status == udos_core::engine::Conclusion::Success {
                             c.state = InstanceState::Succeeded;
                             c.message = Some(format!("run {}", report.run_id));
                         } else {
@@ -289,7 +289,7 @@ impl VmExecutor {
                                 .jobs
                                 .iter()
                                 .flat_map(|j| j.steps.iter())
-                                .find(|s| s.status == "failure")
+                                .find(|s| s.status == udos_core::engine::Conclusion::Failure)
                                 .map(|s| {
                                     format!(
                                         "step {} ({}) failed{}",
@@ -409,25 +409,22 @@ fn run_workflow(
     path: &Path,
     job: Option<&str>,
     settings: &RunSettings,
-) -> Result<runner::RunReport> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the workflow {}", path.display()))?;
-    let fallback = path
-        .file_name()
-        .map(|f| f.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "workflow".into());
-    let wf = udos_core::workflow::parse(&text, &fallback)
-        .with_context(|| format!("in {}", path.display()))?;
-    let job = wf.select_job(job)?;
-    let mut store = Store::open(&shared.state.db())?;
-    runner::run_job(
-        &shared.env.prepared(&shared.state),
-        &mut store,
-        path,
-        &wf,
-        job,
-        settings,
-    )
+) -> Result<crate::report::RunReport> {
+    let args = crate::plan::PlanArgs {
+        positionals: vec![path.display().to_string()],
+        jobs: job.into_iter().map(String::from).collect(),
+        memory_mib: settings.memory_mib,
+        parallel: Some(1),
+        ..crate::plan::PlanArgs::default()
+    };
+    let req = match crate::plan::plan(&args)?.0 {
+        crate::plan::Planned::Run(req) => req,
+        crate::plan::Planned::Nothing(reasons) => {
+            anyhow::bail!("the workflow does not run: {}", reasons.join("; "))
+        }
+    };
+    let store = Store::open(&shared.state.db())?;
+    runner::run(&shared.env.prepared(&shared.state), store, *req, settings)
 }
 
 /// What a console log says last: PID 1's last error or report line

@@ -1,0 +1,391 @@
+//! One leg of a job on the host: the engine's [`udos_core::engine::leg::Leg`] says
+//! which step comes next and what it is; this runs it in a VM over the leg's own chain
+//! of layers (base, workspace, this leg's earlier steps — never another leg's), feeds
+//! the result back, snapshots each layer, and enforces the job's deadline.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+use udos_core::engine::leg::{Leg, Next, ResolvedStep, StepRun, StepSummary};
+use udos_core::engine::run::{LegResult, LegTicket};
+use udos_core::engine::synth;
+use udos_core::engine::Conclusion;
+use udos_layer::RecordStatus;
+
+use crate::hashfiles::LayeredWorkspace;
+use crate::report::StepReport;
+use crate::restic::Tags;
+use crate::runner::{Prepared, RunSettings};
+use crate::snapshots::Queue;
+use crate::step_vm::{mask, StepVm, StepVmOutcome};
+use crate::store::Store;
+
+/// At most this many step layers are mounted as separate lowers; beyond it they are
+/// squashed into one, so a step VM's device count stays bounded however long the job.
+pub const MAX_STEP_LOWERS: usize = 8;
+/// How long a step that runs after its job was cancelled (`if: always()`) may take.
+pub const CLEANUP_STEP_LIMIT: Duration = Duration::from_secs(300);
+
+/// What every leg of a run shares.
+pub struct RunShared<'a> {
+    /// Image, base, hypervisor, state, repository.
+    pub prep: &'a Prepared<'a>,
+    /// VM sizes and console streaming.
+    pub settings: &'a RunSettings,
+    /// The run's number.
+    pub run_id: i64,
+    /// The run's generation.
+    pub generation: i64,
+    /// The workspace layer id.
+    pub workspace: String,
+    /// The event payload, as JSON.
+    pub event_json: Vec<u8>,
+    /// The store (one connection, shared).
+    pub store: &'a Mutex<Store>,
+}
+
+/// How a leg went, for the engine and the report.
+pub struct LegOutput {
+    /// For the engine.
+    pub result: LegResult,
+    /// Its steps.
+    pub steps: Vec<StepReport>,
+    /// What the user should know (outputs left out, ...).
+    pub notices: Vec<String>,
+}
+
+/// The leg's stack of layers: base and workspace, then its steps' layers (squashed
+/// beyond [`MAX_STEP_LOWERS`]).
+struct Lowers {
+    base: PathBuf,
+    workspace: String,
+    steps: Vec<String>,
+}
+
+impl Lowers {
+    fn paths(&self, shared: &RunShared<'_>) -> Vec<PathBuf> {
+        let state = shared.prep.state;
+        let mut v = vec![self.base.clone(), state.layer_erofs(&self.workspace)];
+        v.extend(self.steps.iter().map(|id| state.layer_erofs(id)));
+        v
+    }
+
+    /// The workspace as hashFiles sees it before the next step.
+    fn view(&self, shared: &RunShared<'_>) -> LayeredWorkspace {
+        let state = shared.prep.state;
+        let mut layers = vec![state.layer_dir(&self.workspace)];
+        layers.extend(self.steps.iter().map(|id| state.layer_dir(id)));
+        LayeredWorkspace { layers }
+    }
+
+    /// Adds a step's layer, squashing when there are too many.
+    fn push(&mut self, shared: &RunShared<'_>, id: &str) -> Result<()> {
+        self.steps.push(id.to_string());
+        if self.steps.len() > MAX_STEP_LOWERS {
+            let squashed = squash(shared, &self.steps)?;
+            self.steps = vec![squashed];
+        }
+        Ok(())
+    }
+}
+
+/// Squashes `ids` (bottom first) into one layer, content-addressed by the ids it
+/// holds; made once, under its lock. Not a restore point: the steps' own layers are.
+fn squash(shared: &RunShared<'_>, ids: &[String]) -> Result<String> {
+    let state = shared.prep.state;
+    let mut h = Sha256::new();
+    h.update(b"udos-squash-v1\0");
+    for id in ids {
+        h.update(id.as_bytes());
+        h.update(b"\0");
+    }
+    let id = format!("squash-{}", hex::encode(h.finalize()));
+    let _lock = state.lock_layer(&id)?;
+    if state.layer_erofs(&id).exists() {
+        return Ok(id);
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("{id}.tmp"))
+        .tempdir_in(state.layers_dir())?;
+    let dirs: Vec<PathBuf> = ids.iter().map(|i| state.layer_dir(i)).collect();
+    let refs: Vec<&std::path::Path> = dirs.iter().map(PathBuf::as_path).collect();
+    udos_layer::squash::squash(&refs, tmp.path()).context("squashing step layers")?;
+    // The snapshot description in each layer directory is not part of the root.
+    let _ = std::fs::remove_file(tmp.path().join(crate::snapshots::LAYER_META));
+    let final_dir = state.layer_dir(&id);
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir)?;
+    }
+    std::fs::rename(tmp.keep(), &final_dir)?;
+    udos_images::mkfs_erofs(&final_dir, &state.layer_erofs(&id))?;
+    Ok(id)
+}
+
+/// Turns what the guest sealed into the engine's view of the step.
+fn step_run(step: &ResolvedStep, out: &StepVmOutcome) -> StepRun {
+    let act = out
+        .record
+        .as_ref()
+        .and_then(|r| r.step(synth::act_id(step)));
+    let mut run = StepRun {
+        error: out.error.clone(),
+        ..StepRun::default()
+    };
+    if let Some(a) = act {
+        run.outputs = a.outputs.clone().into_iter().collect();
+        run.env = a.env.clone().into_iter().collect();
+        run.path = a.path.clone();
+        run.masks = a.masks.clone();
+        run.exit_code = a.exit_code;
+    }
+    let result = act.map(|a| a.result);
+    run.outcome = Some(if out.stopped {
+        Conclusion::Cancelled
+    } else if out.timed_out {
+        run.error.get_or_insert_with(|| "the step timed out".into());
+        Conclusion::Failure
+    } else {
+        match result {
+            Some(udos_layer::ActResult::Success) => {
+                run.exit_code = Some(0);
+                Conclusion::Success
+            }
+            Some(udos_layer::ActResult::Failure) => {
+                run.exit_code = run.exit_code.or(Some(1));
+                Conclusion::Failure
+            }
+            _ => {
+                if run.error.is_none() {
+                    run.error = Some(match &out.record {
+                        Some(r) if r.status == RecordStatus::Error => {
+                            r.error.clone().unwrap_or_else(|| "the guest reported an error".into())
+                        }
+                        Some(r) if r.step(synth::SETUP_STEP_ID).is_some_and(|s| s.result != udos_layer::ActResult::Success) => {
+                            "udos could not link act's workspace to /workspace (does the base have sh, rmdir and ln?)".into()
+                        }
+                        Some(r) => r
+                            .error
+                            .clone()
+                            .unwrap_or_else(|| "act did not report the step".into()),
+                        None => "the step VM produced no result".into(),
+                    });
+                }
+                Conclusion::Failure
+            }
+        }
+    });
+    run
+}
+
+/// Runs one leg to its end.
+pub fn run_leg(shared: &RunShared<'_>, ticket: LegTicket, cancel: &AtomicBool, queue: &Queue) -> LegOutput {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(ticket.timeout_minutes * 60.0);
+    let leg_index = ticket.id;
+    let mut leg = Leg::new(ticket);
+    let masks = Arc::new(RwLock::new(leg.masks()));
+    let mut lowers = Lowers {
+        base: shared.prep.base.erofs.clone(),
+        workspace: shared.workspace.clone(),
+        steps: Vec::new(),
+    };
+    let mut reports = Vec::new();
+    let mut notices = Vec::new();
+    let mut cancelled = false;
+    let mut timed_out = false;
+    let mut parent = shared.workspace.clone();
+    loop {
+        if !cancelled && cancel.load(Ordering::Acquire) {
+            cancelled = true;
+            leg.cancel();
+        }
+        if !timed_out && Instant::now() >= deadline {
+            timed_out = true;
+            leg.cancel();
+        }
+        let view = lowers.view(shared);
+        let next = leg.next(Some(&view));
+        let step = match next {
+            Next::Finished(mut result) => {
+                if timed_out {
+                    result.outcome = Conclusion::Cancelled;
+                    result.error = Some(format!(
+                        "the job timed out after {} minutes",
+                        leg.ticket().timeout_minutes
+                    ));
+                }
+                notices.append(&mut leg.notices);
+                return LegOutput {
+                    result,
+                    steps: reports,
+                    notices,
+                };
+            }
+            Next::Decided(summary) => {
+                let m = masks.read().map(|m| m.clone()).unwrap_or_default();
+                print_step(leg.ticket(), &summary, &m);
+                let r = report(&summary, &m, None, None);
+                persist(shared, leg_index, leg.ticket(), &r);
+                reports.push(r);
+                continue;
+            }
+            Next::Run(step) => step,
+        };
+        *masks.write().unwrap_or_else(|e| e.into_inner()) = leg.masks();
+        eprintln!(
+            "udos: {} step {} {:?}: starting VM",
+            leg.ticket().name,
+            step.number,
+            step.name
+        );
+        // The step's own limit, within what is left of the job's (a step that runs
+        // after a cancellation gets a cleanup allowance).
+        let own = step
+            .timeout_minutes
+            .filter(|m| *m > 0.0)
+            .map(|m| Duration::from_secs_f64(m * 60.0))
+            .unwrap_or(shared.settings.step_timeout);
+        let left = if cancelled || timed_out {
+            CLEANUP_STEP_LIMIT
+        } else {
+            deadline.saturating_duration_since(Instant::now())
+        };
+        let limit = own.min(left).min(shared.settings.step_timeout);
+        let files = synth::step_files(&step);
+        let vm = StepVm {
+            prep: shared.prep,
+            settings: shared.settings,
+            dir: shared
+                .prep
+                .state
+                .step_dir(shared.run_id, leg_index, step.number),
+            event_json: &shared.event_json,
+            label: format!("{} {}", leg.ticket().name, step.number),
+            masks: masks.clone(),
+        };
+        let stop = AtomicBool::new(false);
+        let out = std::thread::scope(|s| {
+            let (stop, done) = (&stop, AtomicBool::new(false));
+            let watcher = s.spawn(|| {
+                // Stops the VM when the leg is cancelled or the job's deadline passes.
+                while !done.load(Ordering::Acquire) {
+                    if (!cancelled && cancel.load(Ordering::Acquire))
+                        || (!timed_out && Instant::now() >= deadline)
+                    {
+                        stop.store(true, Ordering::Release);
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            });
+            let out = vm.run(&step, &files, &lowers.paths(shared), limit, stop);
+            done.store(true, Ordering::Release);
+            let _ = watcher.join();
+            out
+        });
+        let mut run = step_run(&step, &out);
+        let exit_code = run.exit_code;
+        if out.stopped && Instant::now() >= deadline && !timed_out {
+            run.error = Some(format!(
+                "the job timed out after {} minutes",
+                leg.ticket().timeout_minutes
+            ));
+        }
+        let summary = leg.record(&step, run);
+        *masks.write().unwrap_or_else(|e| e.into_inner()) = leg.masks();
+        let m = leg.masks();
+        let mut r = report(&summary, &m, Some(&out), exit_code);
+        if let Some(layer) = &out.layer {
+            match lowers.push(shared, &layer.id) {
+                Ok(()) => {}
+                Err(e) => r.error = Some(format!("{e:#}")),
+            }
+            let key = format!("leg-{leg_index}-step-{}", step.number);
+            queue.add(
+                key,
+                &shared.prep.state.layer_dir(&layer.id),
+                Tags::default()
+                    .with("udos", "layer")
+                    .with("kind", "step")
+                    .with("run", shared.run_id)
+                    .with("generation", shared.generation)
+                    .with("job", &leg.ticket().report_id)
+                    .with("leg", leg_index)
+                    .with("step", step.number)
+                    .with("parent", &parent)
+                    .with("key", &out.cache_key)
+                    .with("layer", &layer.id),
+            );
+            parent = layer.id.clone();
+            if let Ok(mut st) = shared.store.lock() {
+                let _ = st.put_layer(&layer.id, "step", layer.bytes, layer.entries);
+            }
+        }
+        if let Some(summary_text) = out
+            .record
+            .as_ref()
+            .and_then(|rec| rec.step(synth::act_id(&step)))
+            .and_then(|a| a.summary.clone())
+        {
+            r.summary = Some(mask(&summary_text, &m));
+        }
+        print_step(leg.ticket(), &summary, &m);
+        persist(shared, leg_index, leg.ticket(), &r);
+        reports.push(r);
+    }
+}
+
+fn print_step(ticket: &LegTicket, s: &StepSummary, masks: &[String]) {
+    let detail = s
+        .error
+        .as_deref()
+        .or(s.note.as_deref())
+        .map(|e| format!(" ({})", udos_core::text::sanitize_for_terminal(&mask(e, masks))))
+        .unwrap_or_default();
+    eprintln!(
+        "udos: {} step {} {:?}: {}{detail}",
+        ticket.name, s.number, s.name, s.outcome
+    );
+}
+
+fn report(
+    s: &StepSummary,
+    masks: &[String],
+    vm: Option<&StepVmOutcome>,
+    exit_code: Option<i32>,
+) -> StepReport {
+    StepReport {
+        number: s.number,
+        id: s.id.clone(),
+        name: mask(&s.name, masks),
+        status: s.outcome,
+        outcome: s.outcome,
+        conclusion: s.conclusion,
+        exit_code,
+        snapshot_id: None,
+        layer_id: vm.and_then(|o| o.layer.as_ref()).map(|l| l.id.clone()),
+        cache_key: vm.map(|o| o.cache_key.clone()).filter(|k| !k.is_empty()),
+        outputs: s
+            .outputs
+            .iter()
+            .map(|(k, v)| (k.clone(), mask(v, masks)))
+            .collect(),
+        summary: None,
+        phases_ms: vm.map(|o| o.phases.clone()).unwrap_or_default(),
+        error: s.error.as_deref().map(|e| mask(e, masks)),
+        note: s.note.clone(),
+        console_log: vm.map(|o| o.console_log.clone()),
+    }
+}
+
+fn persist(shared: &RunShared<'_>, leg: usize, ticket: &LegTicket, r: &StepReport) {
+    if let Ok(st) = shared.store.lock() {
+        if let Err(e) = st.put_step(shared.run_id, leg as i64, &ticket.report_id, r) {
+            tracing::warn!("recording step {} of {}: {e:#}", r.number, ticket.name);
+        }
+    }
+}
