@@ -2,6 +2,7 @@
 //!
 //! - [`workflow`]: parse a GitHub Actions workflow file, keeping each step as written.
 //! - [`condition`]: decide whether a step runs, from its `if:` and the job's state.
+//! - [`expr`]: evaluate GitHub Actions expressions (`${{ }}`) over [`value::Value`]s.
 //! - [`synth`]: build the single-step workflow and `.actrc` a step VM runs.
 //! - [`cache`]: content-addressed cache keys for steps.
 //! - [`desired`]: desired state (specs), validation, intent hash.

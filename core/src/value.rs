@@ -171,7 +171,8 @@ impl Value {
 
     /// GitHub's `toJSON`: pretty-printed with two-space indentation.
     pub fn to_json_pretty(&self) -> String {
-        serde_json::to_string_pretty(&self.to_json()).unwrap_or_default()
+        // Through our own Serialize, which keeps key order (serde_json's map sorts).
+        serde_json::to_string_pretty(self).unwrap_or_default()
     }
 
     /// The value as JSON. Integral numbers become JSON integers; NaN and the
