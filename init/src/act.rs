@@ -43,7 +43,7 @@ pub enum Stdio3 {
 /// be signalled as a whole), with exactly the environment act needs.
 pub fn spawn(
     program: &Path,
-    args: &[&str],
+    args: &[String],
     root: &StepRoot,
     stdio: Stdio3,
 ) -> Result<Running, Error> {

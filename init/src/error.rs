@@ -47,12 +47,8 @@ pub enum Error {
     DeviceNotFound { role: &'static str, serial: String },
 
     /// A `udos.*` key on the kernel command line has a value PID 1 cannot use.
-    #[error("kernel command line: {key}={value}: {reason}")]
-    Cmdline {
-        key: String,
-        value: String,
-        reason: String,
-    },
+    #[error(transparent)]
+    Cmdline(#[from] udos_layer::boot::CmdlineError),
 
     /// Step mode without any `udos.lowers` and without `udos.root`.
     #[error("no udos.lowers on the kernel command line: no root to run the step in")]

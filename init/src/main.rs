@@ -8,7 +8,6 @@
 
 mod act;
 mod button;
-mod cmdline;
 mod console;
 mod devices;
 mod error;
@@ -25,10 +24,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use nix::unistd::getpid;
+use udos_layer::boot::{BootConfig, Mode};
 use udos_layer::{RecordStatus, StepRecord, RECORD_VERSION};
 
 use crate::act::{ActLog, Stdio3};
-use crate::cmdline::{Config, Mode};
 use crate::console::{error, info, warning};
 use crate::error::Error;
 use crate::mounts::Mounts;
@@ -43,7 +42,7 @@ const AGENT: &str = "/sbin/udos-agent";
 /// PID 1's state, kept outside the fallible boot so shutdown can always use it.
 struct Init {
     started: Instant,
-    cfg: Config,
+    cfg: BootConfig,
     mounts: Mounts,
     signals: Option<Signals>,
     reaper: Reaper,
@@ -61,7 +60,7 @@ impl Init {
     fn new(started: Instant) -> Self {
         Init {
             started,
-            cfg: Config::default(),
+            cfg: BootConfig::default(),
             mounts: Mounts::default(),
             signals: None,
             reaper: Reaper::default(),
@@ -141,9 +140,9 @@ impl Init {
                 std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?
             }
         };
-        let (cfg, bad) = cmdline::parse_lenient(&text);
+        let (cfg, bad) = BootConfig::parse_lenient(&text);
         self.cfg = cfg;
-        Ok(bad)
+        Ok(bad.map(Error::from))
     }
 
     fn load_modules(&mut self) -> Result<(), Error> {
@@ -186,7 +185,7 @@ impl Init {
 
     /// Step mode: act, supervised to the end.
     fn run_act(&mut self, root: &StepRoot) -> Result<StepRecord, Error> {
-        let running = act::spawn(&self.cfg.act, &["--json"], root, Stdio3::Piped)?;
+        let running = act::spawn(&self.cfg.act, &["--json".to_string()], root, Stdio3::Piped)?;
         let init_to_act = self.started.elapsed();
         self.timings.insert("init_to_act".into(), ms(init_to_act));
         info!(

@@ -1,5 +1,6 @@
 //! The udos layer stream (docs/layer-format.md).
 //!
+//! - [`boot`]: the kernel command line, rendered by the host and parsed by PID 1.
 //! - [`record`]: the step record PID 1 writes beside the layer.
 //! - [`format`](mod@format): the sealed-output header (magic, offsets, checksums).
 //! - [`seal`]: PID 1's side: overlay upper dir -> OCI-style tar -> sealed output device.
@@ -12,6 +13,7 @@
 #![warn(missing_docs)]
 
 pub mod apply;
+pub mod boot;
 pub mod format;
 mod fsutil;
 pub mod output;
@@ -20,6 +22,7 @@ pub mod seal;
 pub mod unpack;
 
 pub use apply::{apply, ApplyError, ApplyStats};
+pub use boot::{BootConfig, DeviceRef, Mode};
 pub use format::SealedHeader;
 pub use output::{read_output, OutputError, ReadLimits, SealedOutput};
 pub use record::{ActStep, LayerStats, RecordStatus, StepRecord, RECORD_VERSION};
