@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use nix::unistd::Pid;
 use serde::Deserialize;
 use serde_json::Value;
-use udos_layer::ActStep;
+use udos_layer::{ActResult, ActStep};
 
 use crate::error::Error;
 use crate::root::StepRoot;
@@ -163,7 +163,7 @@ impl ActLog {
         if let Some(id) = entry.step() {
             let step = self.step_mut(id);
             if let Some(result) = &entry.step_result {
-                step.result = result.clone();
+                step.result = ActResult::from_act(result).unwrap_or(ActResult::Failure);
             }
             match (entry.command.as_deref(), &entry.name, &entry.arg) {
                 (Some("set-output"), Some(name), Some(arg)) => {
@@ -280,7 +280,7 @@ mod tests {
         }
         let steps = log.into_steps();
         assert_eq!(steps[0].exit_code, Some(3));
-        assert_eq!(steps[0].result, "failure");
+        assert_eq!(steps[0].result, ActResult::Failure);
         assert_eq!(steps[1].exit_code, None);
     }
 
@@ -319,12 +319,12 @@ Error: Job 'udos' failed"#;
         let steps = log.into_steps();
         assert_eq!(steps.len(), 2);
         assert_eq!(steps[0].id, "one");
-        assert_eq!(steps[0].result, "success");
+        assert_eq!(steps[0].result, ActResult::Success);
         assert_eq!(steps[0].outputs["greeting"], "hi there");
         assert_eq!(steps[0].env["FOO"], "bar");
         assert_eq!(steps[0].path, ["/opt/xbin"]);
         assert_eq!(steps[1].id, "two");
-        assert_eq!(steps[1].result, "failure");
+        assert_eq!(steps[1].result, ActResult::Failure);
         assert!(steps[1].outputs.is_empty());
     }
 

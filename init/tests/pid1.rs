@@ -7,7 +7,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
 use common::Harness;
-use udos_layer::RecordStatus;
+use udos_layer::{ActResult, RecordStatus};
 
 const LIMIT: Duration = Duration::from_secs(90);
 
@@ -55,7 +55,7 @@ fn happy_path_collects_outputs_env_and_the_layer() {
     let ids: Vec<&str> = r.steps.iter().map(|s| s.id.as_str()).collect();
     assert_eq!(ids, ["build", "check"]);
     let build = r.step("build").unwrap();
-    assert_eq!(build.result, "success");
+    assert_eq!(build.result, ActResult::Success);
     assert_eq!(
         build.outputs.get("artifact").map(String::as_str),
         Some("out/result.txt")
@@ -66,7 +66,7 @@ fn happy_path_collects_outputs_env_and_the_layer() {
     );
     assert_eq!(build.path, ["/opt/tools/bin"]);
     let check = r.step("check").unwrap();
-    assert_eq!(check.result, "success");
+    assert_eq!(check.result, ActResult::Success);
     assert_eq!(check.outputs.get("ok").map(String::as_str), Some("yes"));
     assert!(check.env.is_empty());
     for key in ["init_to_act", "act", "seal", "mount"] {
@@ -181,7 +181,7 @@ fn sigterm_is_forwarded_to_act_and_the_step_still_seals() {
     let r = h.sealed().record;
     assert_eq!(r.status, RecordStatus::Failure, "{r:?}");
     assert_ne!(r.act_exit_code, Some(0));
-    assert_eq!(r.step("wait").map(|s| s.result.as_str()), Some("failure"));
+    assert_eq!(r.step("wait").map(|s| s.result), Some(ActResult::Failure));
     assert_eq!(done.result(), "failure");
 }
 
@@ -237,8 +237,8 @@ fn failing_step_is_a_failure_record() {
     assert_eq!(r.status, RecordStatus::Failure, "{r:?}");
     assert_eq!(r.act_exit_code, Some(1));
     assert_eq!(r.error, None);
-    assert_eq!(r.step("ok").map(|s| s.result.as_str()), Some("success"));
-    assert_eq!(r.step("boom").map(|s| s.result.as_str()), Some("failure"));
+    assert_eq!(r.step("ok").map(|s| s.result), Some(ActResult::Success));
+    assert_eq!(r.step("boom").map(|s| s.result), Some(ActResult::Failure));
 }
 
 #[test]
