@@ -54,6 +54,13 @@ pub enum Error {
     #[error("no udos.lowers on the kernel command line: no root to run the step in")]
     NoLowers,
 
+    /// The secrets device (`udos.secrets`) cannot be read or decoded.
+    #[error("secrets device {}: {error}", device.display())]
+    Secrets {
+        device: PathBuf,
+        error: udos_layer::SecretsError,
+    },
+
     /// act's binary is not there (exec gave `ENOENT`).
     #[error("act not found at {}", path.display())]
     ActNotFound { path: PathBuf },
