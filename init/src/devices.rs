@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use crate::cmdline::Target;
+use udos_layer::boot::DeviceRef;
+
 use crate::error::Error;
 
 const POLL: Duration = Duration::from_millis(10);
@@ -35,7 +36,7 @@ fn lookup(sys_block: &Path, dev: &Path, serial: &str) -> Option<PathBuf> {
 /// Resolves each target to a device path, waiting up to `timeout` for serials to appear.
 /// `role` names the device in the error (`layer device udos-l2 not found`).
 pub fn resolve(
-    targets: &[Target],
+    targets: &[DeviceRef],
     role: &'static str,
     timeout: Duration,
 ) -> Result<Vec<PathBuf>, Error> {
@@ -43,21 +44,21 @@ pub fn resolve(
     let mut found: Vec<Option<PathBuf>> = targets
         .iter()
         .map(|t| match t {
-            Target::Path(p) => Some(p.clone()),
-            Target::Serial(_) => None,
+            DeviceRef::Path(p) => Some(p.clone()),
+            DeviceRef::Serial(_) => None,
         })
         .collect();
     loop {
         for (slot, target) in found.iter_mut().zip(targets) {
-            if let (None, Target::Serial(serial)) = (&slot, target) {
+            if let (None, DeviceRef::Serial(serial)) = (&slot, target) {
                 *slot = lookup(Path::new("/sys/block"), Path::new("/dev"), serial);
             }
         }
         if let Some(missing) = found.iter().position(Option::is_none) {
             if Instant::now() >= deadline {
                 let serial = match &targets[missing] {
-                    Target::Serial(s) => s.clone(),
-                    Target::Path(p) => p.display().to_string(),
+                    DeviceRef::Serial(s) => s.clone(),
+                    DeviceRef::Path(p) => p.display().to_string(),
                 };
                 return Err(Error::DeviceNotFound { role, serial });
             }
@@ -93,14 +94,14 @@ mod tests {
 
     #[test]
     fn missing_serial_times_out_with_its_name() {
-        let targets = [Target::Serial("udos-test-never-there".into())];
+        let targets = [DeviceRef::Serial("udos-test-never-there".into())];
         let err = resolve(&targets, "layer", Duration::from_millis(30)).unwrap_err();
         assert_eq!(
             err.to_string(),
             "layer device udos-test-never-there not found"
         );
         let paths = resolve(
-            &[Target::Path("/dev/null".into())],
+            &[DeviceRef::Path("/dev/null".into())],
             "output",
             Duration::ZERO,
         )

@@ -47,16 +47,19 @@ pub enum Error {
     DeviceNotFound { role: &'static str, serial: String },
 
     /// A `udos.*` key on the kernel command line has a value PID 1 cannot use.
-    #[error("kernel command line: {key}={value}: {reason}")]
-    Cmdline {
-        key: String,
-        value: String,
-        reason: String,
-    },
+    #[error(transparent)]
+    Cmdline(#[from] udos_layer::boot::CmdlineError),
 
     /// Step mode without any `udos.lowers` and without `udos.root`.
     #[error("no udos.lowers on the kernel command line: no root to run the step in")]
     NoLowers,
+
+    /// The secrets device (`udos.secrets`) cannot be read or decoded.
+    #[error("secrets device {}: {error}", device.display())]
+    Secrets {
+        device: PathBuf,
+        error: udos_layer::SecretsError,
+    },
 
     /// act's binary is not there (exec gave `ENOENT`).
     #[error("act not found at {}", path.display())]

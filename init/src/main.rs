@@ -1,14 +1,15 @@
 //! `udos-init`: PID 1 of a udos step VM (docs/pid1.md).
 //!
 //! Boot: API filesystems, kernel modules, the layered step root (`root`); then act
-//! (`act`, supervised by `reaper`) — or, in service mode, nothing but reaping until
+//! (`act`, with the step's `secrets`, supervised by `reaper`, its log read and masked
+//! by `actlog`) — or, in service mode, nothing but reaping until
 //! SIGTERM, SIGINT or the power button (`reaper::idle`, `button`); then `shutdown`:
 //! kill everything, seal the output (`report`), unmount, power off. Every path, including errors and panics, ends in a
 //! step record, a `UDOS-RESULT` line and `reboot(RB_POWER_OFF)`: PID 1 never exits.
 
 mod act;
+mod actlog;
 mod button;
-mod cmdline;
 mod console;
 mod devices;
 mod error;
@@ -17,6 +18,7 @@ mod mounts;
 mod reaper;
 mod report;
 mod root;
+mod secrets;
 mod shutdown;
 
 use std::collections::BTreeMap;
@@ -25,10 +27,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use nix::unistd::getpid;
+use udos_layer::boot::{BootConfig, Mode};
 use udos_layer::{RecordStatus, StepRecord, RECORD_VERSION};
 
-use crate::act::{ActLog, Stdio3};
-use crate::cmdline::{Config, Mode};
+use crate::act::Stdio3;
+use crate::actlog::ActLog;
 use crate::console::{error, info, warning};
 use crate::error::Error;
 use crate::mounts::Mounts;
@@ -43,7 +46,7 @@ const AGENT: &str = "/sbin/udos-agent";
 /// PID 1's state, kept outside the fallible boot so shutdown can always use it.
 struct Init {
     started: Instant,
-    cfg: Config,
+    cfg: BootConfig,
     mounts: Mounts,
     signals: Option<Signals>,
     reaper: Reaper,
@@ -61,7 +64,7 @@ impl Init {
     fn new(started: Instant) -> Self {
         Init {
             started,
-            cfg: Config::default(),
+            cfg: BootConfig::default(),
             mounts: Mounts::default(),
             signals: None,
             reaper: Reaper::default(),
@@ -141,9 +144,9 @@ impl Init {
                 std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?
             }
         };
-        let (cfg, bad) = cmdline::parse_lenient(&text);
+        let (cfg, bad) = BootConfig::parse_lenient(&text);
         self.cfg = cfg;
-        Ok(bad)
+        Ok(bad.map(Error::from))
     }
 
     fn load_modules(&mut self) -> Result<(), Error> {
@@ -184,9 +187,10 @@ impl Init {
         ))
     }
 
-    /// Step mode: act, supervised to the end.
+    /// Step mode: act, with the step's secrets, supervised to the end.
     fn run_act(&mut self, root: &StepRoot) -> Result<StepRecord, Error> {
-        let running = act::spawn(&self.cfg.act, &["--json"], root, Stdio3::Piped)?;
+        let (args, mut log) = self.act_args_and_log()?;
+        let running = act::spawn(&self.cfg.act, &args, root, Stdio3::Piped)?;
         let init_to_act = self.started.elapsed();
         self.timings.insert("init_to_act".into(), ms(init_to_act));
         info!(
@@ -194,7 +198,6 @@ impl Init {
             running.pid,
             init_to_act.as_secs_f64() * 1000.0
         );
-        let mut log = ActLog::default();
         let done = self.supervise(running, &mut log)?;
         self.timings.insert("act".into(), ms(done.elapsed));
         info!("act exited: {}", describe(done.exit));
@@ -202,6 +205,23 @@ impl Init {
         record.act_exit_code = Some(done.exit.code());
         record.steps = log.into_steps();
         Ok(record)
+    }
+
+    /// act's arguments (`--json`, then `--secret NAME=VALUE` for each secret) and the
+    /// log reader that masks what act prints.
+    fn act_args_and_log(&self) -> Result<(Vec<String>, ActLog), Error> {
+        let Some(device) = &self.cfg.secrets else {
+            return Ok((vec!["--json".to_string()], ActLog::default()));
+        };
+        let secrets = secrets::load(device, self.cfg.device_timeout)?;
+        info!(
+            "{} secret(s) for act, {} more value(s) to mask",
+            secrets.secrets.len(),
+            secrets.masks.len()
+        );
+        let mut args = vec!["--json".to_string()];
+        args.extend(secrets.act_args());
+        Ok((args, ActLog::new(secrets.masker())))
     }
 
     /// Manager mode: an emergency shell, the agent, or nothing to do.

@@ -14,7 +14,8 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{read, Pid};
 
-use crate::act::{ActLog, Lines, Running};
+use crate::act::Running;
+use crate::actlog::{ActLog, Lines};
 use crate::button::Buttons;
 use crate::console::{self, info, warning};
 use crate::error::Error;
@@ -255,8 +256,8 @@ pub fn supervise(
             match read(pipe.fd.as_raw_fd(), &mut buf) {
                 Ok(0) => closed.push(i),
                 Ok(n) => {
-                    for line in pipe.lines.push(&buf[..n]) {
-                        if let Some(text) = log.handle_line(&line) {
+                    for piece in pipe.lines.push(&buf[..n]) {
+                        for text in log.handle_piece(piece) {
                             console::line(&text);
                         }
                     }
@@ -268,11 +269,14 @@ pub fn supervise(
         for i in closed.into_iter().rev() {
             let mut pipe = pipes.remove(i);
             if let Some(rest) = pipe.lines.finish() {
-                if let Some(text) = log.handle_line(&rest) {
+                for text in log.handle_piece(rest) {
                     console::line(&text);
                 }
             }
         }
+    }
+    for text in log.finish() {
+        console::line(&text);
     }
 
     let (exit, exited) = exit.unwrap_or((Exit::Signal(Signal::SIGKILL), Instant::now()));

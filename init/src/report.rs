@@ -4,10 +4,10 @@
 use std::path::Path;
 use std::time::Duration;
 
+use udos_layer::boot::DeviceRef;
 use udos_layer::seal::{seal_output, SealLimits};
 use udos_layer::{RecordStatus, StepRecord};
 
-use crate::cmdline::Target;
 use crate::console::{error, info};
 use crate::devices;
 
@@ -24,7 +24,7 @@ pub fn status_word(status: RecordStatus) -> &'static str {
 /// an output device was configured but could not be sealed: the host will then see
 /// "the guest did not seal".
 pub fn seal(
-    output: Option<&Target>,
+    output: Option<&DeviceRef>,
     upper: Option<&Path>,
     record: &mut StepRecord,
     device_timeout: Duration,

@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 
 use nix::mount::MsFlags;
 use nix::unistd::{chdir, chroot};
+use udos_layer::boot::{BootConfig, DeviceRef};
 
-use crate::cmdline::{Config, Target};
 use crate::console::info;
 use crate::devices;
 use crate::error::Error;
@@ -84,7 +84,7 @@ pub fn overlay_options(lowers: &[PathBuf], upper: Option<(&Path, &Path)>) -> Str
 }
 
 /// Step mode in a VM: mount the layers, merge them at `/newroot`, and make it `/`.
-pub fn assemble_and_switch(cfg: &Config, mounts: &mut Mounts) -> Result<StepRoot, Error> {
+pub fn assemble_and_switch(cfg: &BootConfig, mounts: &mut Mounts) -> Result<StepRoot, Error> {
     if cfg.lowers.is_empty() {
         return Err(Error::NoLowers);
     }
@@ -183,11 +183,15 @@ fn bind_udos_bin(mounts: &mut Mounts, root: &Path) -> Result<(), Error> {
 
 /// HARNESS: `udos.root=DIR` is the step root as-is (no modules, no layers, no switch):
 /// the API filesystems are mounted inside it and children are chrooted into it.
-pub fn prepare_harness(cfg: &Config, dir: &Path, mounts: &mut Mounts) -> Result<StepRoot, Error> {
+pub fn prepare_harness(
+    cfg: &BootConfig,
+    dir: &Path,
+    mounts: &mut Mounts,
+) -> Result<StepRoot, Error> {
     mount_api_filesystems(mounts, dir, true)?;
     bind_udos_bin(mounts, dir)?;
     let upper = match &cfg.upper {
-        Some(Target::Path(p)) => Some(p.clone()),
+        Some(DeviceRef::Path(p)) => Some(p.clone()),
         _ => None,
     };
     Ok(StepRoot {

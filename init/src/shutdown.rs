@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use nix::sys::reboot::{reboot, RebootMode};
 use nix::unistd::sync;
+use udos_layer::boot::DeviceRef;
 use udos_layer::StepRecord;
 
-use crate::cmdline::Target;
 use crate::console::{self, info, warning};
 use crate::mounts::Mounts;
 use crate::reaper::{terminate_all, Reaper};
@@ -38,7 +38,7 @@ pub struct Shutdown<'a> {
     pub reaper: &'a mut Reaper,
     pub mounts: &'a mut Mounts,
     pub grace: Duration,
-    pub output: Option<&'a Target>,
+    pub output: Option<&'a DeviceRef>,
     pub upper: Option<&'a Path>,
     pub device_timeout: Duration,
 }

@@ -3,11 +3,13 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use common::Harness;
-use udos_layer::RecordStatus;
+use udos_layer::{ActResult, RecordStatus, StepSecrets};
 
 const LIMIT: Duration = Duration::from_secs(90);
 
@@ -55,7 +57,7 @@ fn happy_path_collects_outputs_env_and_the_layer() {
     let ids: Vec<&str> = r.steps.iter().map(|s| s.id.as_str()).collect();
     assert_eq!(ids, ["build", "check"]);
     let build = r.step("build").unwrap();
-    assert_eq!(build.result, "success");
+    assert_eq!(build.result, ActResult::Success);
     assert_eq!(
         build.outputs.get("artifact").map(String::as_str),
         Some("out/result.txt")
@@ -66,7 +68,7 @@ fn happy_path_collects_outputs_env_and_the_layer() {
     );
     assert_eq!(build.path, ["/opt/tools/bin"]);
     let check = r.step("check").unwrap();
-    assert_eq!(check.result, "success");
+    assert_eq!(check.result, ActResult::Success);
     assert_eq!(check.outputs.get("ok").map(String::as_str), Some("yes"));
     assert!(check.env.is_empty());
     for key in ["init_to_act", "act", "seal", "mount"] {
@@ -181,7 +183,7 @@ fn sigterm_is_forwarded_to_act_and_the_step_still_seals() {
     let r = h.sealed().record;
     assert_eq!(r.status, RecordStatus::Failure, "{r:?}");
     assert_ne!(r.act_exit_code, Some(0));
-    assert_eq!(r.step("wait").map(|s| s.result.as_str()), Some("failure"));
+    assert_eq!(r.step("wait").map(|s| s.result), Some(ActResult::Failure));
     assert_eq!(done.result(), "failure");
 }
 
@@ -237,8 +239,8 @@ fn failing_step_is_a_failure_record() {
     assert_eq!(r.status, RecordStatus::Failure, "{r:?}");
     assert_eq!(r.act_exit_code, Some(1));
     assert_eq!(r.error, None);
-    assert_eq!(r.step("ok").map(|s| s.result.as_str()), Some("success"));
-    assert_eq!(r.step("boom").map(|s| s.result.as_str()), Some("failure"));
+    assert_eq!(r.step("ok").map(|s| s.result), Some(ActResult::Success));
+    assert_eq!(r.step("boom").map(|s| s.result), Some(ActResult::Failure));
 }
 
 #[test]
@@ -416,4 +418,278 @@ fn service_mode_stops_on_sigint_too() {
     assert!(done
         .console()
         .contains("udos-init: service stopping on SIGINT"));
+}
+
+// ---- secrets, masking, summaries, quiet helper steps ----
+
+const TOKEN: &str = "tok-s3cr3t-value";
+const KEY_LINES: [&str; 2] = ["key-line-one", "key-line-two"];
+const EARLIER_MASK: &str = "earlier-mask-v";
+const ADDED_MASK: &str = "added-mask-v";
+
+fn step_secrets(pairs: &[(&str, String)]) -> StepSecrets {
+    StepSecrets {
+        secrets: pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect::<BTreeMap<_, _>>(),
+        masks: vec![EARLIER_MASK.to_string()],
+    }
+}
+
+/// Writes the encoded secrets next to the step root (like the memfd the host uses).
+fn secrets_file(h: &Harness, secrets: &StepSecrets) -> PathBuf {
+    let path = h.dir.path().join("secrets.img");
+    std::fs::write(&path, secrets.encode().unwrap()).unwrap();
+    path
+}
+
+/// A stand-in act that records its argv (NUL-separated, in the step root) and prints
+/// what act 0.2.89 prints for a step that shows its secrets, registers a mask and
+/// writes a summary, after a quiet helper step.
+const FAKE_ACT_WITH_SECRETS: &str = r##"#!/bin/bash
+printf '%s\0' "$@" > /act-argv
+cat <<'LOG'
+{"level":"info","msg":"⭐ Run Main udos setup","step":"HELPER-STEP-FIELD","stepID":["udos-setup"]}
+{"level":"info","msg":"HELPER-NOISE\n","raw_output":true,"stepID":["udos-setup"]}
+{"level":"info","msg":"  ✅  Success - Main udos setup","stepID":["udos-setup"],"stepResult":"success"}
+{"level":"info","msg":"token is tok-s3cr3t-value\n","raw_output":true,"step":"echo STEP-FIELD tok-s3cr3t-value","stepID":["use"]}
+{"level":"info","msg":"key-line-one\n","raw_output":true,"stepID":["use"]}
+{"level":"info","msg":"key-line-two\n","raw_output":true,"stepID":["use"]}
+{"level":"info","msg":"earlier: earlier-mask-v\n","raw_output":true,"stepID":["use"]}
+{"arg":"added-mask-v","command":"add-mask","level":"info","msg":"  ⚙  ***","stepID":["use"]}
+{"level":"info","msg":"now added-mask-v\n","raw_output":true,"stepID":["use"]}
+{"command":"summary","content":"# Summary with added-mask-v\n","level":"info","msg":"  ⚙  Summary - # Summary with added-mask-v\n","stepID":["use"]}
+{"level":"info","msg":"  ✅  Success - Main use","stepID":["use"],"stepResult":"success"}
+not JSON: tok-s3cr3t-value
+LOG
+echo "stderr: key-line-two" >&2
+"##;
+
+fn assert_hidden(console: &str, values: &[&str]) {
+    for value in values {
+        assert!(
+            !console.contains(value),
+            "{value:?} is on the console:\n{console}"
+        );
+    }
+}
+
+#[test]
+fn secrets_reach_act_as_arguments_and_never_the_console() {
+    let mut h = Harness::new();
+    h.fake_act(FAKE_ACT_WITH_SECRETS);
+    let key = format!("{}\n{}\n", KEY_LINES[0], KEY_LINES[1]);
+    let secrets = secrets_file(
+        &h,
+        &step_secrets(&[("TOKEN", TOKEN.to_string()), ("KEY", key.clone())]),
+    );
+    let done = h
+        .spawn(&h.cmdline(&format!("udos.secrets={}", secrets.display())))
+        .wait(LIMIT);
+    done.assert_powered_off();
+    assert_eq!(done.result(), "success");
+
+    // The stand-in wrote its argv into the step root (so into the layer: that is the
+    // stand-in's doing; PID 1 writes no secret anywhere).
+    let argv = std::fs::read(h.upper.join("act-argv")).expect("fake act ran");
+    let argv: Vec<String> = argv
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    assert_eq!(
+        argv,
+        [
+            "--json".to_string(),
+            "--secret".into(),
+            format!("KEY={key}"),
+            "--secret".into(),
+            format!("TOKEN={TOKEN}"),
+        ]
+    );
+
+    let console = done.console();
+    assert_hidden(
+        &console,
+        &[
+            TOKEN,
+            KEY_LINES[0],
+            KEY_LINES[1],
+            EARLIER_MASK,
+            ADDED_MASK,
+            "STEP-FIELD",
+            "HELPER-NOISE",
+            "udos setup",
+        ],
+    );
+    for shown in [
+        "  | token is ***",
+        "  | earlier: ***",
+        "  | now ***",
+        "not JSON: ***",
+        "stderr: ***",
+        "udos-init: 2 secret(s) for act, 1 more value(s) to mask",
+    ] {
+        assert!(console.contains(shown), "{shown:?} missing:\n{console}");
+    }
+
+    let r = h.sealed().record;
+    assert_eq!(r.status, RecordStatus::Success, "{r:?}");
+    let ids: Vec<&str> = r.steps.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, ["udos-setup", "use"]);
+    let step = r.step("use").unwrap();
+    assert_eq!(step.masks, [ADDED_MASK]);
+    assert_eq!(step.summary.as_deref(), Some("# Summary with ***\n"));
+    assert_eq!(r.step("udos-setup").unwrap().result, ActResult::Success);
+}
+
+#[test]
+fn a_failing_helper_step_shows_its_lines() {
+    let mut h = Harness::new();
+    h.fake_act(
+        r#"#!/bin/sh
+cat <<'LOG'
+{"level":"info","msg":"HELPER-NOISE\n","raw_output":true,"stepID":["udos-setup"]}
+{"level":"info","msg":"  ❌  Failure - Main udos setup","stepID":["udos-setup"],"stepResult":"failure"}
+LOG
+exit 1
+"#,
+    );
+    let done = h.spawn(&h.cmdline("")).wait(LIMIT);
+    done.assert_powered_off();
+    let console = done.console();
+    assert!(console.contains("  | HELPER-NOISE"), "{console}");
+    assert!(console.contains("Failure - Main udos setup"), "{console}");
+    let r = h.sealed().record;
+    assert_eq!(r.step("udos-setup").unwrap().result, ActResult::Failure);
+}
+
+#[test]
+fn a_corrupt_secrets_device_is_an_error_record() {
+    let mut h = Harness::new();
+    h.fake_act("#!/bin/sh\necho ACT-RAN\n");
+    let path = secrets_file(&h, &step_secrets(&[("TOKEN", TOKEN.to_string())]));
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes
+        .windows(TOKEN.len())
+        .position(|w| w == TOKEN.as_bytes())
+        .unwrap();
+    bytes[at] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let done = h
+        .spawn(&h.cmdline(&format!("udos.secrets={}", path.display())))
+        .wait(LIMIT);
+    done.assert_powered_off();
+    assert_eq!(done.result(), "error");
+    let console = done.console();
+    assert!(!console.contains("ACT-RAN"), "act must not run: {console}");
+    assert!(!console.contains("act started"), "{console}");
+    let r = h.sealed().record;
+    assert_eq!(r.status, RecordStatus::Error);
+    assert_eq!(
+        r.error,
+        Some(format!(
+            "secrets device {}: checksum mismatch",
+            path.display()
+        ))
+    );
+    assert!(r.steps.is_empty());
+}
+
+#[test]
+fn a_missing_secrets_device_is_an_error_record() {
+    let mut h = Harness::new();
+    h.fake_act("#!/bin/sh\necho ACT-RAN\n");
+    let done = h
+        .spawn(&h.cmdline("udos.secrets=udos-nope udos.devtimeout=0.3"))
+        .wait(LIMIT);
+    done.assert_powered_off();
+    assert!(!done.console().contains("ACT-RAN"), "{}", done.console());
+    let r = h.sealed().record;
+    assert_eq!(r.status, RecordStatus::Error);
+    assert_eq!(
+        r.error.as_deref(),
+        Some("secrets device udos-nope not found")
+    );
+}
+
+#[test]
+fn real_act_gets_the_secrets_and_the_console_is_masked() {
+    let h = Harness::new();
+    h.workflow(&workflow(
+        r##"      - id: udos-setup
+        run: echo HELPER-NOISE
+      - id: use
+        run: |
+          echo "single ${{ secrets.S }}"
+          echo "multi ${{ secrets.M }}"
+          echo "earlier: earlier-mask-v"
+          echo "::add-mask::added-mask-v"
+          echo "now added-mask-v"
+          echo "# sum added-mask-v" >> "$GITHUB_STEP_SUMMARY"
+          test "${{ secrets.S }}" = "s1ngle-secret-v" && echo "ok=yes" >> "$GITHUB_OUTPUT"
+"##,
+    ));
+    let (single, lines) = ("s1ngle-secret-v", ["multi-line-one", "multi-line-two"]);
+    let secrets = secrets_file(
+        &h,
+        &step_secrets(&[
+            ("S", single.to_string()),
+            ("M", format!("{}\n{}", lines[0], lines[1])),
+        ]),
+    );
+    let done = h
+        .spawn(&h.cmdline(&format!("udos.secrets={}", secrets.display())))
+        .wait(LIMIT);
+    done.assert_powered_off();
+    assert_eq!(done.result(), "success", "{}", done.console());
+    let console = done.console();
+    assert_hidden(
+        &console,
+        &[
+            single,
+            lines[0],
+            lines[1],
+            EARLIER_MASK,
+            ADDED_MASK,
+            "HELPER-NOISE",
+        ],
+    );
+    for shown in [
+        "  | single ***",
+        "  | multi ***",
+        "  | ***",
+        "  | earlier: ***",
+        "  | now ***",
+    ] {
+        assert!(console.contains(shown), "{shown:?} missing:\n{console}");
+    }
+
+    let sealed = h.sealed();
+    let r = &sealed.record;
+    assert_eq!(r.status, RecordStatus::Success, "{r:?}");
+    let step = r.step("use").unwrap();
+    assert_eq!(
+        step.outputs.get("ok").map(String::as_str),
+        Some("yes"),
+        "act resolved secrets.S"
+    );
+    assert_eq!(step.masks, [ADDED_MASK]);
+    assert_eq!(step.summary.as_deref(), Some("# sum ***\n"));
+    // Nothing of the secrets landed in the step's layer (act's home is on /run).
+    for value in [single, lines[0], lines[1]] {
+        assert!(
+            !sealed
+                .layer
+                .windows(value.len())
+                .any(|w| w == value.as_bytes()),
+            "{value:?} is in the layer: {:?}",
+            sealed
+                .files()
+                .into_iter()
+                .map(|(p, _)| p)
+                .collect::<Vec<_>>()
+        );
+    }
 }

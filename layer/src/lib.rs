@@ -1,5 +1,8 @@
 //! The udos layer stream (docs/layer-format.md).
 //!
+//! - [`boot`]: the kernel command line, rendered by the host and parsed by PID 1.
+//! - [`secrets`]: the secrets device: what the host gives a step and PID 1 reads.
+//! - [`mask`]: hiding secret values in text (PID 1's console, the host's logs).
 //! - [`record`]: the step record PID 1 writes beside the layer.
 //! - [`format`](mod@format): the sealed-output header (magic, offsets, checksums).
 //! - [`seal`]: PID 1's side: overlay upper dir -> OCI-style tar -> sealed output device.
@@ -12,16 +15,22 @@
 #![warn(missing_docs)]
 
 pub mod apply;
+pub mod boot;
 pub mod format;
 mod fsutil;
+pub mod mask;
 pub mod output;
 pub mod record;
 pub mod seal;
+pub mod secrets;
 pub mod unpack;
 
 pub use apply::{apply, ApplyError, ApplyStats};
+pub use boot::{BootConfig, DeviceRef, Mode};
 pub use format::SealedHeader;
+pub use mask::Masker;
 pub use output::{read_output, OutputError, ReadLimits, SealedOutput};
-pub use record::{ActStep, LayerStats, RecordStatus, StepRecord, RECORD_VERSION};
+pub use record::{ActResult, ActStep, LayerStats, RecordStatus, StepRecord, RECORD_VERSION};
 pub use seal::{seal_output, write_layer_tar, SealError, SealLimits, SealSummary};
+pub use secrets::{SecretsError, StepSecrets};
 pub use unpack::{unpack, UnpackError, UnpackLimits, UnpackSummary};

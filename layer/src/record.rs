@@ -19,13 +19,71 @@ pub enum RecordStatus {
     Error,
 }
 
+/// A step's result as act reports it (`stepResult`).
+///
+/// Read leniently: any word other than `success`, `failure` and `skipped` (an act
+/// newer than this crate, or an older record of a step that never reported a result,
+/// `""`) reads as [`ActResult::Failure`], so that nothing unknown ever passes as a
+/// success. The default is `Failure` for the same reason: a step seen in the log
+/// without a result (act was killed mid-step) did not succeed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActResult {
+    /// The step succeeded.
+    Success,
+    /// The step failed, or its result is unknown.
+    #[default]
+    Failure,
+    /// The step did not run (its `if:` was false).
+    Skipped,
+}
+
+impl ActResult {
+    /// act's word for a known result; `None` for anything else.
+    pub fn from_act(word: &str) -> Option<Self> {
+        match word {
+            "success" => Some(ActResult::Success),
+            "failure" => Some(ActResult::Failure),
+            "skipped" => Some(ActResult::Skipped),
+            _ => None,
+        }
+    }
+
+    /// The word in the record's JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActResult::Success => "success",
+            ActResult::Failure => "failure",
+            ActResult::Skipped => "skipped",
+        }
+    }
+}
+
+impl std::fmt::Display for ActResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for ActResult {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let word = std::borrow::Cow::<str>::deserialize(deserializer)?;
+        Ok(ActResult::from_act(&word).unwrap_or(ActResult::Failure))
+    }
+}
+
+/// The most bytes of step summary a record carries (the note included).
+pub const MAX_SUMMARY_BYTES: usize = 1 << 20;
+/// Ends a summary that was cut at [`MAX_SUMMARY_BYTES`].
+pub const SUMMARY_CUT_NOTE: &str = "\n\n[udos: summary cut at 1 MiB]\n";
+
 /// One step as act reported it in its `--json` log.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActStep {
     /// act's step id (`stepID`), e.g. `udos-step`.
     pub id: String,
-    /// act's `stepResult`: `success`, `failure` or `skipped`.
-    pub result: String,
+    /// act's `stepResult`.
+    pub result: ActResult,
     /// The step's exit status, when act reported one (`exit status N` on failure).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
@@ -38,6 +96,38 @@ pub struct ActStep {
     /// `add-path` commands, in order.
     #[serde(default)]
     pub path: Vec<String>,
+    /// The step summary (`$GITHUB_STEP_SUMMARY`): act's `summary` contents, in order,
+    /// masked, at most [`MAX_SUMMARY_BYTES`] (see [`ActStep::append_summary`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+    /// The values the step registered with `::add-mask::`, raw and in order, without
+    /// duplicates: the host masks its own copies of the log and outputs with them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub masks: Vec<String>,
+}
+
+impl ActStep {
+    /// Appends to the summary, keeping it within [`MAX_SUMMARY_BYTES`]: what does not
+    /// fit is dropped (at a character boundary) and [`SUMMARY_CUT_NOTE`] ends the
+    /// summary instead.
+    pub fn append_summary(&mut self, content: &str) {
+        let summary = self.summary.get_or_insert_with(String::new);
+        if summary.ends_with(SUMMARY_CUT_NOTE) {
+            return;
+        }
+        if summary.len() + content.len() <= MAX_SUMMARY_BYTES {
+            summary.push_str(content);
+            return;
+        }
+        let room = MAX_SUMMARY_BYTES.saturating_sub(SUMMARY_CUT_NOTE.len());
+        summary.push_str(content);
+        let mut cut = room.min(summary.len());
+        while !summary.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        summary.truncate(cut);
+        summary.push_str(SUMMARY_CUT_NOTE);
+    }
 }
 
 /// Counts describing the sealed layer.
@@ -90,5 +180,52 @@ impl StepRecord {
     /// The step act reported under `id`, if any.
     pub fn step(&self, id: &str) -> Option<&ActStep> {
         self.steps.iter().find(|s| s.id == id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_read_leniently_and_write_lowercase() {
+        let read = |json: &str| serde_json::from_str::<ActResult>(json).unwrap();
+        assert_eq!(read("\"success\""), ActResult::Success);
+        assert_eq!(read("\"skipped\""), ActResult::Skipped);
+        assert_eq!(read("\"failure\""), ActResult::Failure);
+        assert_eq!(read("\"cancelled\""), ActResult::Failure);
+        assert_eq!(read("\"\""), ActResult::Failure);
+        assert_eq!(
+            serde_json::to_string(&ActResult::Skipped).unwrap(),
+            "\"skipped\""
+        );
+    }
+
+    #[test]
+    fn an_older_record_still_parses_and_new_fields_stay_out_when_empty() {
+        let old = r#"{"id":"s","result":"success","outputs":{"k":"v"},"env":{},"path":[]}"#;
+        let step: ActStep = serde_json::from_str(old).unwrap();
+        assert_eq!(step.result, ActResult::Success);
+        assert_eq!((step.summary.as_deref(), step.masks.len()), (None, 0));
+        let json = serde_json::to_string(&step).unwrap();
+        assert_eq!(json, old);
+    }
+
+    #[test]
+    fn summaries_are_capped_with_a_note() {
+        let mut step = ActStep::default();
+        step.append_summary("# one\n");
+        step.append_summary("two\n");
+        assert_eq!(step.summary.as_deref(), Some("# one\ntwo\n"));
+        // "é" is 2 bytes: the cut must not split it.
+        let big = "é".repeat(MAX_SUMMARY_BYTES / 2);
+        step.append_summary(&big);
+        let summary = step.summary.clone().unwrap();
+        assert!(summary.len() <= MAX_SUMMARY_BYTES, "{}", summary.len());
+        assert!(summary.len() > MAX_SUMMARY_BYTES - SUMMARY_CUT_NOTE.len() - 2);
+        assert!(summary.starts_with("# one\ntwo\né"));
+        assert!(summary.ends_with(SUMMARY_CUT_NOTE));
+        step.append_summary("more");
+        assert_eq!(step.summary.unwrap(), summary, "nothing after the note");
     }
 }

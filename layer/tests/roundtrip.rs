@@ -9,7 +9,7 @@ use std::path::Path;
 use common::*;
 use udos_layer::format::SealedHeader;
 use udos_layer::{
-    read_output, seal_output, unpack, write_layer_tar, ActStep, LayerStats, ReadLimits,
+    read_output, seal_output, unpack, write_layer_tar, ActResult, ActStep, LayerStats, ReadLimits,
     RecordStatus, SealLimits, StepRecord, UnpackLimits, RECORD_VERSION,
 };
 
@@ -89,11 +89,13 @@ fn sample_record() -> StepRecord {
         act_exit_code: Some(0),
         steps: vec![ActStep {
             id: "udos-step".to_string(),
-            result: "success".to_string(),
+            result: ActResult::Success,
             exit_code: Some(0),
             outputs,
             env: BTreeMap::new(),
             path: vec!["/opt/bin".to_string()],
+            summary: Some("# Built\n".to_string()),
+            masks: vec!["registered-mask".to_string()],
         }],
         timings_ms: BTreeMap::from([("act".to_string(), 1500)]),
         layer: LayerStats::default(),
