@@ -26,6 +26,7 @@ pub mod glob;
 pub mod matrix;
 pub mod reconcile;
 pub mod schedule;
+pub mod text;
 pub mod synth;
 pub mod value;
 pub mod wire;

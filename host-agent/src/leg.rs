@@ -268,9 +268,10 @@ pub fn run_leg(shared: &RunShared<'_>, ticket: LegTicket, cancel: &AtomicBool, q
             masks: masks.clone(),
         };
         let stop = AtomicBool::new(false);
+        let done = AtomicBool::new(false);
         let out = std::thread::scope(|s| {
-            let (stop, done) = (&stop, AtomicBool::new(false));
-            let watcher = s.spawn(|| {
+            let (stop, done) = (&stop, &done);
+            let watcher = s.spawn(move || {
                 // Stops the VM when the leg is cancelled or the job's deadline passes.
                 while !done.load(Ordering::Acquire) {
                     if (!cancelled && cancel.load(Ordering::Acquire))
@@ -321,7 +322,7 @@ pub fn run_leg(shared: &RunShared<'_>, ticket: LegTicket, cancel: &AtomicBool, q
                     .with("layer", &layer.id),
             );
             parent = layer.id.clone();
-            if let Ok(mut st) = shared.store.lock() {
+            if let Ok(st) = shared.store.lock() {
                 let _ = st.put_layer(&layer.id, "step", layer.bytes, layer.entries);
             }
         }

@@ -9,8 +9,6 @@ use udos_core::engine::contexts::RunFacts;
 use udos_core::event::EventFacts;
 use udos_core::value::{Object, Value};
 
-use crate::proc::read_bounded;
-
 const GIT_LIMIT: Duration = Duration::from_secs(60);
 
 /// Facts read from git (empty strings where git has no answer).

@@ -90,7 +90,11 @@ impl Drop for Scratch {
 
 /// Masks `line` with `masks` (secret values, `::add-mask::` values).
 pub fn mask(line: &str, masks: &[String]) -> String {
-    udos_layer::mask::Masker::new(masks.iter().cloned()).mask(line).into_owned()
+    let mut m = udos_layer::mask::Masker::new();
+    for v in masks {
+        m.add(v);
+    }
+    m.mask(line).into_owned()
 }
 
 impl StepVm<'_> {
@@ -185,7 +189,8 @@ impl StepVm<'_> {
                 secrets: step.secrets.clone(),
                 masks: step.masks.clone(),
             }
-            .encode();
+            .encode()
+            .context("encoding the step's secrets")?;
             let fd = memfd::MemfdOptions::default()
                 .close_on_exec(true)
                 .create("udos-secrets")
@@ -219,7 +224,10 @@ impl StepVm<'_> {
             timeout: Some(guest_timeout),
             ..udos_layer::boot::BootConfig::default()
         };
-        let cmdline = format!("console=ttyS0 quiet panic=-1 {}", boot.render());
+        let cmdline = format!(
+            "console=ttyS0 quiet panic=-1 {}",
+            boot.render().context("the step's kernel command line")?
+        );
         let prefix = format!("  [{}] ", self.label);
         let stream = self.settings.stream_console;
         let masks = self.masks.clone();

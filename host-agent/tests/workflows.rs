@@ -1,0 +1,390 @@
+//! Whole workflows end to end, in real VMs (QEMU; TCG here): several jobs, needs and
+//! outputs, a matrix with include and exclude, a local composite action, a reusable
+//! workflow, workflow_dispatch with inputs and a payload, secrets, timeouts, and a
+//! long job. Needs what e2e.rs needs (scripts/test provides it).
+
+use std::path::Path;
+
+use serde_json::Value;
+
+mod common;
+use common::{json, repo, serial, state_dir, udos};
+
+fn jobs(report: &Value) -> Vec<Value> {
+    report["jobs"].as_array().expect("jobs[]").clone()
+}
+
+fn job<'a>(jobs: &'a [Value], id: &str) -> Vec<&'a Value> {
+    jobs.iter().filter(|j| j["id"] == id).collect()
+}
+
+const GRAPH: &str = r#"
+name: graph
+on: push
+jobs:
+  left:
+    runs-on: ubuntu-latest
+    outputs:
+      word: ${{ steps.w.outputs.word }}
+    steps:
+      - id: w
+        run: |
+          echo "word=left-$(cat data/seed.txt)" >> "$GITHUB_OUTPUT"
+          echo left > from-left.txt
+      - name: skipped by its own if
+        if: github.event_name == 'pull_request'
+        run: exit 1
+      - id: greet
+        uses: ./.github/actions/greet
+        with:
+          who: ${{ steps.w.outputs.word }}
+      - run: test "${{ steps.greet.outputs.greeting }}" = "hello left-42"
+  right:
+    runs-on: ubuntu-latest
+    outputs:
+      r: ${{ steps.r.outputs.r }}
+    steps:
+      - id: r
+        run: echo "r=right" >> "$GITHUB_OUTPUT"
+  matrix:
+    runs-on: ubuntu-latest
+    strategy:
+      matrix:
+        os: [ubuntu, debian, alpine]
+        v: [1]
+        exclude:
+          - os: alpine
+        include:
+          - os: fedora
+            v: 2
+    outputs:
+      leg: ${{ steps.m.outputs.leg }}
+    steps:
+      - id: m
+        run: echo "leg=${{ matrix.os }}-${{ matrix.v }}" >> "$GITHUB_OUTPUT"
+  join:
+    needs: [left, right, matrix]
+    runs-on: ubuntu-latest
+    steps:
+      - run: |
+          test "${{ needs.left.outputs.word }}" = left-42
+          test "${{ needs.right.outputs.r }}" = right
+          test "${{ needs.left.result }}" = success
+          test "${{ needs.matrix.result }}" = success
+          test -n "${{ needs.matrix.outputs.leg }}"
+          # Legs never see each other's layers.
+          test ! -e from-left.txt
+  cleanup:
+    needs: join
+    if: failure()
+    runs-on: ubuntu-latest
+    steps:
+      - run: exit 1
+"#;
+
+const GREET: &str = r#"
+name: greet
+inputs:
+  who:
+    required: true
+outputs:
+  greeting:
+    value: ${{ steps.g.outputs.greeting }}
+runs:
+  using: composite
+  steps:
+    - id: g
+      shell: sh
+      run: |
+        # A composite action runs in the workspace, as on GitHub.
+        test -f data/seed.txt
+        echo "greeting=hello ${{ inputs.who }}" >> "$GITHUB_OUTPUT"
+"#;
+
+#[test]
+fn jobs_run_by_needs_with_a_matrix_outputs_and_a_local_action() {
+    let _g = serial();
+    let (_dir, wf) = repo(
+        GRAPH,
+        &[
+            ("data/seed.txt", "42"),
+            (".github/actions/greet/action.yml", GREET),
+        ],
+    );
+    let out = udos(&["run", "--hypervisor", "qemu", "--json", wf.to_str().unwrap()]);
+    let report = json(&out);
+    assert_eq!(out.status.code(), Some(0), "{report:#}");
+    assert_eq!(report["status"], "success");
+    let jobs = jobs(&report);
+    // One entry per leg: left, right, three matrix legs, join, cleanup.
+    assert_eq!(jobs.len(), 7, "{report:#}");
+    let left = job(&jobs, "left")[0];
+    assert_eq!(left["status"], "success");
+    assert_eq!(left["outputs"]["word"], "left-42");
+    let steps = left["steps"].as_array().unwrap();
+    assert_eq!(steps[1]["status"], "skipped", "skipped by its own if: {left:#}");
+    assert!(steps[1]["phases_ms"].get("vm").is_none(), "no VM for it");
+    assert_eq!(steps[2]["outputs"]["greeting"], "hello left-42");
+    let legs = job(&jobs, "matrix");
+    let mut seen: Vec<String> = legs
+        .iter()
+        .map(|l| format!("{}-{}", l["matrix"]["os"].as_str().unwrap(), l["matrix"]["v"]))
+        .collect();
+    seen.sort();
+    assert_eq!(seen, ["debian-1", "fedora-2", "ubuntu-1"], "exclude and include");
+    assert!(legs.iter().all(|l| l["status"] == "success"));
+    assert_eq!(job(&jobs, "join")[0]["status"], "success");
+    let cleanup = job(&jobs, "cleanup")[0];
+    assert_eq!(cleanup["status"], "skipped");
+    assert!(cleanup["steps"].as_array().unwrap().is_empty());
+    // Each leg is a chain of its own restore points.
+    let run = report["run_id"].as_i64().unwrap().to_string();
+    let t = tempfile::tempdir().unwrap();
+    let target = t.path().join("left-1");
+    let r = udos(&["restore", &run, "1", "--job", "left", "--target", target.to_str().unwrap()]);
+    assert!(r.status.success());
+    assert!(target.join("workspace/from-left.txt").is_file());
+    let r = udos(&["restore", &run, "1", "--target", t.path().join("x").to_str().unwrap()]);
+    assert_ne!(r.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("--job"));
+}
+
+const DISPATCH: &str = r#"
+on:
+  workflow_dispatch:
+    inputs:
+      level:
+        type: choice
+        options: [low, high]
+        required: true
+      count:
+        type: number
+        default: 2
+jobs:
+  call:
+    uses: ./.github/workflows/reusable.yml
+    with:
+      level: ${{ inputs.level }}
+      count: ${{ inputs.count }}
+  use:
+    needs: call
+    runs-on: ubuntu-latest
+    steps:
+      - run: |
+          test "${{ needs.call.outputs.echoed }}" = "high-3"
+          test "${{ github.event.custom }}" = from-payload
+          test "${{ github.event_name }}" = workflow_dispatch
+          test "$GITHUB_EVENT_NAME" = workflow_dispatch
+          grep -q from-payload "$GITHUB_EVENT_PATH"
+"#;
+
+const REUSABLE: &str = r#"
+on:
+  workflow_call:
+    inputs:
+      level:
+        type: string
+        required: true
+      count:
+        type: number
+    outputs:
+      echoed:
+        value: ${{ jobs.inner.outputs.e }}
+jobs:
+  inner:
+    runs-on: ubuntu-latest
+    outputs:
+      e: ${{ steps.s.outputs.e }}
+    steps:
+      - id: s
+        run: echo "e=${{ inputs.level }}-${{ inputs.count }}" >> "$GITHUB_OUTPUT"
+"#;
+
+#[test]
+fn workflow_dispatch_with_inputs_a_payload_and_a_reusable_workflow() {
+    let _g = serial();
+    let (dir, wf) = repo(DISPATCH, &[(".github/workflows/reusable.yml", REUSABLE)]);
+    let payload = dir.path().join("payload.json");
+    std::fs::write(&payload, r#"{"custom": "from-payload"}"#).unwrap();
+    // A required input missing: a setup error before anything runs.
+    let out = udos(&["run", "workflow_dispatch", "-W", wf.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("level"));
+    let out = udos(&[
+        "run",
+        "workflow_dispatch",
+        "-W",
+        wf.to_str().unwrap(),
+        "--input",
+        "level=high",
+        "--input",
+        "count=3",
+        "-e",
+        payload.to_str().unwrap(),
+        "--hypervisor",
+        "qemu",
+        "--json",
+    ]);
+    let report = json(&out);
+    assert_eq!(out.status.code(), Some(0), "{report:#}");
+    assert_eq!(report["event"], "workflow_dispatch");
+    let jobs = jobs(&report);
+    let inner = job(&jobs, "call/inner");
+    assert_eq!(inner.len(), 1, "{report:#}");
+    assert_eq!(inner[0]["outputs"]["e"], "high-3");
+    assert_eq!(job(&jobs, "call")[0]["outputs"]["echoed"], "high-3");
+    assert_eq!(job(&jobs, "use")[0]["status"], "success");
+}
+
+const SECRETS: &str = r#"
+on: push
+jobs:
+  s:
+    runs-on: ubuntu-latest
+    env:
+      TOKEN: ${{ secrets.TOKEN }}
+    steps:
+      - id: a
+        run: |
+          echo "token is $TOKEN"
+          echo "inline ${{ secrets.TOKEN }}"
+          test "$TOKEN" = "${{ secrets.TOKEN }}"
+          printf '%s\n' "${{ secrets.MULTI }}"
+          echo "::add-mask::runtime-mask-4321"
+          echo "runtime-mask-4321 printed"
+          echo "mv=runtime-mask-4321" >> "$GITHUB_OUTPUT"
+          echo "## summary" >> "$GITHUB_STEP_SUMMARY"
+      - run: echo "again ${{ steps.a.outputs.mv }} $TOKEN"
+"#;
+
+/// Files under `dir` (recursively, not following links) whose bytes contain `needle`.
+fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut hits = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let p = e.path();
+            let Ok(md) = p.symlink_metadata() else { continue };
+            if md.is_dir() {
+                todo.push(p);
+            } else if md.is_file() {
+                if let Ok(bytes) = std::fs::read(&p) {
+                    if bytes.windows(needle.len()).any(|w| w == needle) {
+                        hits.push(p.display().to_string());
+                    }
+                }
+            }
+        }
+    }
+    hits
+}
+
+#[test]
+fn secrets_are_masked_and_never_stored() {
+    let _g = serial();
+    let (dir, wf) = repo(SECRETS, &[]);
+    let secret = "udos-sekrit-9f31c2";
+    let multi_line = "second-sekrit-line-7a";
+    let secret_file = dir.path().join("secrets.env");
+    std::fs::write(&secret_file, format!("MULTI=\"first-line\n{multi_line}\"\n")).unwrap();
+    let out = udos(&[
+        "run",
+        "--hypervisor",
+        "qemu",
+        "--json",
+        "--secret",
+        &format!("TOKEN={secret}"),
+        "--secret-file",
+        secret_file.to_str().unwrap(),
+        wf.to_str().unwrap(),
+    ]);
+    let report = json(&out);
+    assert_eq!(out.status.code(), Some(0), "{report:#}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for (what, text) in [("report", &stdout), ("console", &stderr)] {
+        assert!(!text.contains(secret), "the secret is in the {what}");
+        assert!(!text.contains(multi_line), "a multi-line secret's line is in the {what}");
+    }
+    assert!(stderr.contains("token is ***"), "masked on the console");
+    assert!(!stderr.contains("runtime-mask-4321 printed"), "add-mask masks what follows");
+    let steps = report["jobs"][0]["steps"].as_array().unwrap();
+    assert_eq!(steps[0]["outputs"]["mv"], "***");
+    assert!(steps[0]["summary"].as_str().unwrap().contains("## summary"));
+
+    // Nowhere in the state dir (layers, console logs, control layers, SQLite)...
+    let state = state_dir();
+    for needle in [secret, multi_line] {
+        let hits = files_containing(&state, needle.as_bytes());
+        assert!(hits.is_empty(), "{needle} found in {hits:?}");
+    }
+    // ...nor in any restore point of the run.
+    let run = report["run_id"].as_i64().unwrap().to_string();
+    for step in ["1", "2"] {
+        let t = tempfile::tempdir().unwrap();
+        let target = t.path().join("root");
+        let r = udos(&["restore", &run, step, "--target", target.to_str().unwrap()]);
+        assert!(r.status.success());
+        for needle in [secret, multi_line] {
+            let hits = files_containing(&target, needle.as_bytes());
+            assert!(hits.is_empty(), "{needle} restored in {hits:?}");
+        }
+    }
+}
+
+const TIMEOUT: &str = r#"
+on: push
+jobs:
+  slow:
+    runs-on: ubuntu-latest
+    timeout-minutes: 0.4
+    steps:
+      - run: sleep 600
+      - if: always()
+        run: echo cleaned > cleaned.txt
+"#;
+
+#[test]
+fn a_job_past_its_timeout_is_stopped_and_its_always_steps_run() {
+    let _g = serial();
+    let (_dir, wf) = repo(TIMEOUT, &[]);
+    let out = udos(&["run", "--hypervisor", "qemu", "--json", wf.to_str().unwrap()]);
+    let report = json(&out);
+    assert_eq!(out.status.code(), Some(1), "{report:#}");
+    let slow = &report["jobs"][0];
+    assert_eq!(slow["status"], "cancelled", "{slow:#}");
+    assert!(slow["error"].as_str().unwrap().contains("timed out"), "{slow:#}");
+    let steps = slow["steps"].as_array().unwrap();
+    assert_ne!(steps[0]["status"], "success");
+    assert_eq!(steps[1]["status"], "success", "always() runs after the timeout");
+}
+
+#[test]
+fn a_job_of_40_steps_runs_with_a_bounded_number_of_disks() {
+    let _g = serial();
+    let mut wf = String::from("on: push\njobs:\n  long:\n    runs-on: ubuntu-latest\n    steps:\n");
+    for i in 1..=39 {
+        wf.push_str(&format!(
+            "      - run: echo {i} > step-{i}.txt && rm -f step-{}.gone\n",
+            i.max(2) - 1
+        ));
+    }
+    wf.push_str(
+        "      - run: |\n          test \"$(ls step-*.txt | wc -l)\" = 39\n          test \"$(cat step-1.txt step-39.txt)\" = \"$(printf '1\\n39')\"\n          ls /sys/block | grep -c vd > /tmp/disks\n          test \"$(cat /tmp/disks)\" -le 16\n",
+    );
+    let (_dir, path) = repo(&wf, &[]);
+    let out = udos(&[
+        "run",
+        "--hypervisor",
+        "qemu",
+        "--json",
+        "--no-console",
+        path.to_str().unwrap(),
+    ]);
+    let report = json(&out);
+    assert_eq!(out.status.code(), Some(0), "{report:#}");
+    let steps = report["jobs"][0]["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 40);
+    assert!(steps.iter().all(|s| s["status"] == "success"));
+}
