@@ -719,23 +719,30 @@ fn run_step(
         done.error = sealed.record.error.clone();
     }
     if sealed.layer_len > 0 {
+        // The id in the header is the guest's claim: the stream must hash to it before
+        // it becomes the step's layer, and only then is an existing layer reused.
         let id = sealed.layer_id.clone();
-        if !state.layer_erofs(&id).exists() {
-            let tmp = state.layers_dir().join(format!("{id}.tmp"));
-            let _ = std::fs::remove_dir_all(&tmp);
-            std::fs::create_dir_all(&tmp)?;
+        if state.layer_erofs(&id).exists() {
+            sealed
+                .verify_layer(&output)
+                .with_context(|| format!("verifying the layer of step {}", step.number))?;
+        } else {
+            // A private (0700) scratch dir of its own, removed on every error path.
+            let tmp = state.unpack_dir(&id)?;
             let limits = UnpackLimits {
                 max_total_bytes: settings.disk_bytes,
                 ..UnpackLimits::default()
             };
             sealed
-                .unpack_layer(&output, &tmp, &limits)
+                .unpack_layer(&output, tmp.path(), &limits)
                 .with_context(|| format!("unpacking the layer of step {}", step.number))?;
             let final_dir = state.layer_dir(&id);
             if final_dir.exists() {
                 std::fs::remove_dir_all(&final_dir)?;
             }
-            std::fs::rename(&tmp, &final_dir)?;
+            std::fs::rename(tmp.path(), &final_dir)?;
+            // Renamed away: nothing left for the guard to remove.
+            let _ = tmp.keep();
             udos_images::mkfs_erofs(&final_dir, &state.layer_erofs(&id))?;
         }
         done.layer = Some(LayerDone {
