@@ -108,9 +108,7 @@ fn squash(shared: &RunShared<'_>, ids: &[String]) -> Result<String> {
     if state.layer_erofs(&id).exists() {
         return Ok(id);
     }
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!("{id}.tmp"))
-        .tempdir_in(state.layers_dir())?;
+    let tmp = state.unpack_dir(&id)?;
     let dirs: Vec<PathBuf> = ids.iter().map(|i| state.layer_dir(i)).collect();
     let refs: Vec<&std::path::Path> = dirs.iter().map(PathBuf::as_path).collect();
     udos_layer::squash::squash(&refs, tmp.path()).context("squashing step layers")?;

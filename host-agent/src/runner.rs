@@ -146,9 +146,7 @@ fn workspace_layer(state: &StateDir, workflow: &Path) -> Result<(String, u64)> {
     let id = wt.layer_id()?;
     let _lock = state.lock_layer(&id)?;
     if !state.layer_erofs(&id).exists() {
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!("{id}.tmp"))
-            .tempdir_in(state.layers_dir())?;
+        let tmp = state.unpack_dir(&id)?;
         let n = wt.materialize(tmp.path())?;
         let dir = state.layer_dir(&id);
         if dir.exists() {

@@ -8,11 +8,24 @@
 //! <state>/layers/<id>/            a layer in overlay form (what restic snapshots)
 //! <state>/layers/<id>.erofs       the same layer as a read-only disk image
 //! <state>/runs/<run>/leg-<l>/step-<n>/  a step VM's runtime dir: control layer, console log
+//! <state>/restore-scratch/        layers being restored (`udos restore`)
 //! ```
+//!
+//! Guest-made files (setuid-root binaries included: a step may install sudo, and later
+//! steps must see it) live only under `layers/`, `runs/` and `restore-scratch/`. Those,
+//! and `images/`, are forced to 0700 every time the state dir is opened, even when they
+//! exist with wider modes, so no other local user can reach them
+//! (docs/threat-model.md, "Guest"). A state dir udos creates is 0700 itself; one that
+//! exists keeps its mode (it may be a directory the user shares).
 
+use std::fs::{DirBuilder, Permissions};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+
+/// The subtrees that hold guest-made content (and the images), kept 0700.
+const PRIVATE_DIRS: [&str; 4] = ["layers", "runs", "images", "restore-scratch"];
 
 /// A resolved state directory.
 #[derive(Debug, Clone)]
@@ -39,13 +52,36 @@ impl StateDir {
                 },
             },
         };
-        std::fs::create_dir_all(&root)
-            .with_context(|| format!("creating the state directory {}", root.display()))?;
+        if !root.is_dir() {
+            if let Some(parent) = root.parent() {
+                std::fs::create_dir_all(parent).with_context(|| {
+                    format!("creating the state directory's parent {}", parent.display())
+                })?;
+            }
+            private_dir(&root)?;
+        }
         let root = root.canonicalize()?;
-        for sub in ["layers", "runs", "images"] {
-            std::fs::create_dir_all(root.join(sub))?;
+        for sub in PRIVATE_DIRS {
+            private_dir(&root.join(sub))?;
         }
         Ok(StateDir { root })
+    }
+
+    /// A new, empty, private (0700) directory in `layers/` to unpack layer `id` into;
+    /// removed when dropped unless kept (`TempDir::keep`). Its name is unique, so two
+    /// runs unpacking the same layer never share it.
+    pub fn unpack_dir(&self, id: &str) -> Result<tempfile::TempDir> {
+        tempfile::Builder::new()
+            .prefix(&format!("{id}."))
+            .suffix(".tmp")
+            .permissions(Permissions::from_mode(0o700))
+            .tempdir_in(self.layers_dir())
+            .with_context(|| {
+                format!(
+                    "creating an unpack directory in {}",
+                    self.layers_dir().display()
+                )
+            })
     }
 
     /// The directory itself.
@@ -103,6 +139,17 @@ impl StateDir {
     }
 }
 
+/// Creates `dir` with mode 0700, or narrows an existing one to 0700.
+fn private_dir(dir: &Path) -> Result<()> {
+    match DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+    }
+    std::fs::set_permissions(dir, Permissions::from_mode(0o700))
+        .with_context(|| format!("making {} private (0700)", dir.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,5 +161,50 @@ mod tests {
         assert!(s.layers_dir().is_dir() && s.images_dir().is_dir());
         assert!(s.db().starts_with(s.root()));
         assert!(s.step_dir(3, 1, 2).ends_with("runs/3/leg-1/step-2"));
+    }
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn a_new_state_dir_and_its_trees_are_private() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::resolve(Some(&d.path().join("a/st"))).unwrap();
+        assert_eq!(mode(s.root()), 0o700);
+        for sub in PRIVATE_DIRS {
+            assert_eq!(mode(&s.root().join(sub)), 0o700, "{sub}");
+        }
+    }
+
+    #[test]
+    fn wider_trees_are_narrowed_and_an_existing_root_keeps_its_mode() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("st");
+        for sub in ["", "layers", "runs", "images"] {
+            std::fs::create_dir_all(root.join(sub)).unwrap();
+            std::fs::set_permissions(root.join(sub), Permissions::from_mode(0o755)).unwrap();
+        }
+        let s = StateDir::resolve(Some(&root)).unwrap();
+        assert_eq!(mode(s.root()), 0o755);
+        for sub in PRIVATE_DIRS {
+            assert_eq!(mode(&s.root().join(sub)), 0o700, "{sub}");
+        }
+    }
+
+    #[test]
+    fn unpack_dirs_are_private_unique_and_removed_when_dropped() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::resolve(Some(d.path())).unwrap();
+        let a = s.unpack_dir("ab").unwrap();
+        let b = s.unpack_dir("ab").unwrap();
+        assert_ne!(a.path(), b.path());
+        assert_eq!(mode(a.path()), 0o700);
+        assert!(a.path().starts_with(s.layers_dir()));
+        let name = a.path().file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with("ab.") && name.ends_with(".tmp"), "{name}");
+        let kept = a.path().to_path_buf();
+        drop(a);
+        assert!(!kept.exists());
     }
 }

@@ -361,10 +361,7 @@ impl StepVm<'_> {
         if state.layer_erofs(id).exists() {
             return Ok(());
         }
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!("{id}.tmp"))
-            .tempdir_in(state.layers_dir())
-            .context("making an unpack directory")?;
+        let tmp = state.unpack_dir(&id)?;
         let limits = UnpackLimits {
             max_total_bytes: self.settings.disk_bytes,
             ..UnpackLimits::default()
