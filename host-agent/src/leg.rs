@@ -94,12 +94,13 @@ impl Lowers {
 }
 
 /// Squashes `ids` (bottom first) into one layer, content-addressed by the ids it
-/// holds; made once, under its lock. Not a restore point: the steps' own layers are.
+/// holds and the base and workspace it sits on (its whiteouts are pruned against
+/// them); made once, under its lock. Not a restore point: the steps' own layers are.
 fn squash(shared: &RunShared<'_>, ids: &[String]) -> Result<String> {
     let state = shared.prep.state;
     let mut h = Sha256::new();
     h.update(b"udos-squash-v1\0");
-    for id in ids {
+    for id in [&shared.prep.base.id, &shared.workspace].into_iter().chain(ids) {
         h.update(id.as_bytes());
         h.update(b"\0");
     }
@@ -112,6 +113,10 @@ fn squash(shared: &RunShared<'_>, ids: &[String]) -> Result<String> {
     let dirs: Vec<PathBuf> = ids.iter().map(|i| state.layer_dir(i)).collect();
     let refs: Vec<&std::path::Path> = dirs.iter().map(PathBuf::as_path).collect();
     udos_layer::squash::squash(&refs, tmp.path()).context("squashing step layers")?;
+    // Whiteouts of paths the lower layers do not have would show as broken entries.
+    let below = [shared.prep.base.tree.clone(), state.layer_dir(&shared.workspace)];
+    let below: Vec<&std::path::Path> = below.iter().map(PathBuf::as_path).collect();
+    udos_layer::squash::prune_whiteouts(tmp.path(), &below).context("pruning the squashed layer")?;
     // The snapshot description in each layer directory is not part of the root.
     let _ = std::fs::remove_file(tmp.path().join(crate::snapshots::LAYER_META));
     let final_dir = state.layer_dir(&id);

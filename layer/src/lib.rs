@@ -11,6 +11,7 @@
 //! - [`unpack`](mod@unpack): the host's side: extract a layer tar into overlay form, bounded and
 //!   confined to the target directory.
 //! - [`apply`](mod@apply): merge an overlay-form layer onto a directory (restore).
+//! - [`squash`](mod@squash): merge a stack of overlay-form layers into one layer.
 
 #![warn(missing_docs)]
 
@@ -23,6 +24,7 @@ pub mod output;
 pub mod record;
 pub mod seal;
 pub mod secrets;
+pub mod squash;
 pub mod unpack;
 
 pub use apply::{apply, ApplyError, ApplyStats};
@@ -33,4 +35,5 @@ pub use output::{read_output, OutputError, ReadLimits, SealedOutput};
 pub use record::{ActResult, ActStep, LayerStats, RecordStatus, StepRecord, RECORD_VERSION};
 pub use seal::{seal_output, write_layer_tar, SealError, SealLimits, SealSummary};
 pub use secrets::{SecretsError, StepSecrets};
+pub use squash::{prune_whiteouts, squash, SquashError, SquashStats};
 pub use unpack::{unpack, UnpackError, UnpackLimits, UnpackSummary};
