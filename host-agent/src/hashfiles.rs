@@ -65,7 +65,11 @@ impl LayeredWorkspace {
                 for e in std::fs::read_dir(&dir)? {
                     let e = e?;
                     let name = e.file_name().to_string_lossy().into_owned();
-                    let r = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+                    let r = if rel.is_empty() {
+                        name
+                    } else {
+                        format!("{rel}/{name}")
+                    };
                     let md = e.path().symlink_metadata()?;
                     let prefix = format!("{r}/");
                     if is_whiteout(&md) {
@@ -97,9 +101,7 @@ impl HashFiles for LayeredWorkspace {
                 None => (&mut include, p.as_str()),
             };
             let pat = pat.trim_start_matches("./");
-            let pat = pat
-                .strip_prefix(&format!("/{WORKSPACE}/"))
-                .unwrap_or(pat);
+            let pat = pat.strip_prefix(&format!("/{WORKSPACE}/")).unwrap_or(pat);
             let glob = GlobBuilder::new(pat)
                 .literal_separator(true)
                 .build()
@@ -123,7 +125,9 @@ impl HashFiles for LayeredWorkspace {
             let mut f = std::fs::File::open(&path).map_err(|e| format!("hashFiles: {rel}: {e}"))?;
             let mut h = Sha256::new();
             loop {
-                let n = f.read(&mut buf).map_err(|e| format!("hashFiles: {rel}: {e}"))?;
+                let n = f
+                    .read(&mut buf)
+                    .map_err(|e| format!("hashFiles: {rel}: {e}"))?;
                 if n == 0 {
                     break;
                 }
@@ -180,7 +184,8 @@ mod tests {
         // A whiteout deletes it; nothing left matches `b/*`.
         let l2 = d.path().join("l2");
         std::fs::create_dir_all(l2.join("workspace")).unwrap();
-        let wh = std::ffi::CString::new(l2.join("workspace/b").as_os_str().as_encoded_bytes()).unwrap();
+        let wh =
+            std::ffi::CString::new(l2.join("workspace/b").as_os_str().as_encoded_bytes()).unwrap();
         // SAFETY: a NUL-terminated path; a 0/0 character device is overlay's whiteout.
         assert_eq!(unsafe { libc::mknod(wh.as_ptr(), libc::S_IFCHR, 0) }, 0);
         assert_eq!(

@@ -100,7 +100,10 @@ fn squash(shared: &RunShared<'_>, ids: &[String]) -> Result<String> {
     let state = shared.prep.state;
     let mut h = Sha256::new();
     h.update(b"udos-squash-v1\0");
-    for id in [&shared.prep.base.id, &shared.workspace].into_iter().chain(ids) {
+    for id in [&shared.prep.base.id, &shared.workspace]
+        .into_iter()
+        .chain(ids)
+    {
         h.update(id.as_bytes());
         h.update(b"\0");
     }
@@ -114,9 +117,13 @@ fn squash(shared: &RunShared<'_>, ids: &[String]) -> Result<String> {
     let refs: Vec<&std::path::Path> = dirs.iter().map(PathBuf::as_path).collect();
     udos_layer::squash::squash(&refs, tmp.path()).context("squashing step layers")?;
     // Whiteouts of paths the lower layers do not have would show as broken entries.
-    let below = [shared.prep.base.tree.clone(), state.layer_dir(&shared.workspace)];
+    let below = [
+        shared.prep.base.tree.clone(),
+        state.layer_dir(&shared.workspace),
+    ];
     let below: Vec<&std::path::Path> = below.iter().map(PathBuf::as_path).collect();
-    udos_layer::squash::prune_whiteouts(tmp.path(), &below).context("pruning the squashed layer")?;
+    udos_layer::squash::prune_whiteouts(tmp.path(), &below)
+        .context("pruning the squashed layer")?;
     // The snapshot description in each layer directory is not part of the root.
     let _ = std::fs::remove_file(tmp.path().join(crate::snapshots::LAYER_META));
     let final_dir = state.layer_dir(&id);
@@ -185,7 +192,12 @@ fn step_run(step: &ResolvedStep, out: &StepVmOutcome) -> StepRun {
 }
 
 /// Runs one leg to its end.
-pub fn run_leg(shared: &RunShared<'_>, ticket: LegTicket, cancel: &AtomicBool, queue: &Queue) -> LegOutput {
+pub fn run_leg(
+    shared: &RunShared<'_>,
+    ticket: LegTicket,
+    cancel: &AtomicBool,
+    queue: &Queue,
+) -> LegOutput {
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(ticket.timeout_minutes * 60.0);
     let leg_index = ticket.id;
@@ -348,7 +360,12 @@ fn print_step(ticket: &LegTicket, s: &StepSummary, masks: &[String]) {
         .error
         .as_deref()
         .or(s.note.as_deref())
-        .map(|e| format!(" ({})", udos_core::text::sanitize_for_terminal(&mask(e, masks))))
+        .map(|e| {
+            format!(
+                " ({})",
+                udos_core::text::sanitize_for_terminal(&mask(e, masks))
+            )
+        })
         .unwrap_or_default();
     eprintln!(
         "udos: {} step {} {:?}: {}{detail}",

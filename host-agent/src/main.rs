@@ -449,7 +449,9 @@ fn run(state: &StateDir, a: RunArgs) -> Result<ExitCode, SetupFailed> {
                 eprintln!("udos: not triggered: {r}");
             }
             if a.json {
-                print_json(&serde_json::json!({ "status": "skipped", "jobs": [], "notices": reasons }));
+                print_json(
+                    &serde_json::json!({ "status": "skipped", "jobs": [], "notices": reasons }),
+                );
             }
             return Ok(ExitCode::SUCCESS);
         }
@@ -466,7 +468,10 @@ fn run(state: &StateDir, a: RunArgs) -> Result<ExitCode, SetupFailed> {
         return Ok(ExitCode::SUCCESS);
     }
     if a.dryrun {
-        print!("{}", plan::dry_run(&set, &req.selection).map_err(SetupFailed)?);
+        print!(
+            "{}",
+            plan::dry_run(&set, &req.selection).map_err(SetupFailed)?
+        );
         return Ok(ExitCode::SUCCESS);
     }
     let settings = runner::RunSettings {

@@ -81,7 +81,10 @@ pub fn workflow_files(path: &Path) -> Result<Vec<PathBuf>> {
     } else if path.is_file() {
         Ok(vec![path.to_path_buf()])
     } else {
-        bail!("no workflow at {} (give a file or a directory of workflows with -W)", path.display())
+        bail!(
+            "no workflow at {} (give a file or a directory of workflows with -W)",
+            path.display()
+        )
     }
 }
 
@@ -110,15 +113,20 @@ fn load_references(set: &mut WorkflowSet, root: &Path) -> Result<()> {
                     }
                     let path = root.join(&key);
                     if path.is_file() {
-                        let callee = load_workflow(&path, root)
-                            .with_context(|| format!("the reusable workflow `{}` of job `{}`", call.uses, job.id))?;
+                        let callee = load_workflow(&path, root).with_context(|| {
+                            format!("the reusable workflow `{}` of job `{}`", call.uses, job.id)
+                        })?;
                         todo.push(callee.clone());
                         set.called.insert(key, callee);
                     }
                 }
                 JobKind::Steps(steps) => {
                     for step in &steps.steps {
-                        let StepBody::Uses { uses: StepUses::Local(p), .. } = &step.body else {
+                        let StepBody::Uses {
+                            uses: StepUses::Local(p),
+                            ..
+                        } = &step.body
+                        else {
                             continue;
                         };
                         let key = local_key(p);
@@ -149,7 +157,10 @@ fn load_references(set: &mut WorkflowSet, root: &Path) -> Result<()> {
 fn default_event(set: &WorkflowSet) -> Result<String> {
     let mut names: Vec<String> = Vec::new();
     for wf in &set.top {
-        for n in run::triggers(wf).map_err(|e| anyhow::anyhow!("{e}"))?.event_names() {
+        for n in run::triggers(wf)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .event_names()
+        {
             if !names.iter().any(|x| x == n) {
                 names.push(n.to_string());
             }
@@ -163,7 +174,9 @@ fn default_event(set: &WorkflowSet) -> Result<String> {
 
 /// `--jobs` by default: as many VMs as the cores and memory hold (at least one).
 pub fn default_parallel(memory_mib: u64) -> usize {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let avail_mib = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
@@ -244,7 +257,12 @@ pub fn plan(args: &PlanArgs) -> Result<(Planned, WorkflowSet)> {
                 .top
                 .iter()
                 .filter_map(|w| run::triggers(w).ok())
-                .flat_map(|t| t.event_names().into_iter().map(str::to_string).collect::<Vec<_>>())
+                .flat_map(|t| {
+                    t.event_names()
+                        .into_iter()
+                        .map(str::to_string)
+                        .collect::<Vec<_>>()
+                })
                 .collect();
             bail!(
                 "no workflow in {} runs on `{event}` (they run on: {}); name the event: udos run EVENT",
@@ -278,7 +296,11 @@ pub fn plan(args: &PlanArgs) -> Result<(Planned, WorkflowSet)> {
     let workflow_paths = selection
         .workflows
         .iter()
-        .map(|(i, _)| files[*i].canonicalize().unwrap_or_else(|_| files[*i].clone()))
+        .map(|(i, _)| {
+            files[*i]
+                .canonicalize()
+                .unwrap_or_else(|_| files[*i].clone())
+        })
         .collect();
     let request = RunRequest {
         workflow_paths,

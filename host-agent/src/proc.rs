@@ -21,7 +21,10 @@ pub fn run_bounded(expr: &duct::Expression, limit: Duration, what: &str) -> Resu
         }
         if started.elapsed() > limit {
             let _ = handle.kill();
-            bail!("{what} did not finish within {} s and was killed", limit.as_secs());
+            bail!(
+                "{what} did not finish within {} s and was killed",
+                limit.as_secs()
+            );
         }
         std::thread::sleep(Duration::from_millis(10).min(limit / 10 + Duration::from_millis(1)));
     }
@@ -40,9 +43,13 @@ mod tests {
     #[test]
     fn a_program_past_its_bound_is_killed_and_named() {
         let t = Instant::now();
-        let err = run_bounded(&duct::cmd!("sleep", "30"), Duration::from_millis(300), "sleep")
-            .unwrap_err()
-            .to_string();
+        let err = run_bounded(
+            &duct::cmd!("sleep", "30"),
+            Duration::from_millis(300),
+            "sleep",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("sleep did not finish within"), "{err}");
         assert!(t.elapsed() < Duration::from_secs(10));
         assert_eq!(

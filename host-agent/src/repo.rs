@@ -30,12 +30,8 @@ pub struct RepoInfo {
 
 fn git(root: &Path, args: &[&str]) -> Option<String> {
     let expr = duct::cmd("git", args).dir(root).unchecked();
-    let out = crate::proc::run_bounded(
-        &expr.stdout_capture().stderr_null(),
-        GIT_LIMIT,
-        "git",
-    )
-    .ok()?;
+    let out =
+        crate::proc::run_bounded(&expr.stdout_capture().stderr_null(), GIT_LIMIT, "git").ok()?;
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
@@ -75,7 +71,13 @@ pub fn parse_remote(url: &str) -> Option<(String, String)> {
         let rest = rest.rsplit_once('@').map(|(_, r)| r).unwrap_or(rest);
         rest.split_once('/')?
     } else if let Some((userhost, path)) = url.split_once(':') {
-        (userhost.rsplit_once('@').map(|(_, h)| h).unwrap_or(userhost), path)
+        (
+            userhost
+                .rsplit_once('@')
+                .map(|(_, h)| h)
+                .unwrap_or(userhost),
+            path,
+        )
     } else {
         return None;
     };
@@ -93,11 +95,25 @@ pub fn parse_remote(url: &str) -> Option<(String, String)> {
 /// `None` when git cannot tell.
 pub fn changed_paths(root: &Path, payload: &Value, sha: &str) -> Option<Vec<String>> {
     let get = |k: &str| payload.get(k).and_then(Value::as_str).map(str::to_string);
-    let known = |c: &str| !c.is_empty() && !c.chars().all(|ch| ch == '0') && git(root, &["cat-file", "-e", &format!("{c}^{{commit}}")]).is_some();
+    let known = |c: &str| {
+        !c.is_empty()
+            && !c.chars().all(|ch| ch == '0')
+            && git(root, &["cat-file", "-e", &format!("{c}^{{commit}}")]).is_some()
+    };
     let out = match (get("before"), get("after")) {
         (Some(b), Some(a)) if known(&b) && known(&a) => git(root, &["diff", "--name-only", &b, &a]),
         _ if sha.is_empty() => None,
-        _ => git(root, &["diff-tree", "--no-commit-id", "--name-only", "-r", "--root", sha]),
+        _ => git(
+            root,
+            &[
+                "diff-tree",
+                "--no-commit-id",
+                "--name-only",
+                "-r",
+                "--root",
+                sha,
+            ],
+        ),
     }?;
     Some(out.lines().map(str::to_string).collect())
 }
@@ -190,10 +206,20 @@ pub fn run_facts(info: &RepoInfo, event: &str, payload: &Value, run_id: i64) -> 
     RunFacts {
         event_name: event.to_string(),
         event: payload.clone(),
-        sha: get(&["after"]).filter(|_| event == "push").unwrap_or_else(|| info.sha.clone()),
+        sha: get(&["after"])
+            .filter(|_| event == "push")
+            .unwrap_or_else(|| info.sha.clone()),
         git_ref,
-        head_ref: if pr { get(&["pull_request", "head", "ref"]).unwrap_or_default() } else { String::new() },
-        base_ref: if pr { get(&["pull_request", "base", "ref"]).unwrap_or_default() } else { String::new() },
+        head_ref: if pr {
+            get(&["pull_request", "head", "ref"]).unwrap_or_default()
+        } else {
+            String::new()
+        },
+        base_ref: if pr {
+            get(&["pull_request", "base", "ref"]).unwrap_or_default()
+        } else {
+            String::new()
+        },
         repository: info.repository.clone(),
         actor: get(&["sender", "login"]).unwrap_or_else(|| info.actor.clone()),
         server_url: info.server_url.clone(),
@@ -205,7 +231,11 @@ pub fn run_facts(info: &RepoInfo, event: &str, payload: &Value, run_id: i64) -> 
 
 /// What the trigger filters look at.
 pub fn event_facts(facts: &RunFacts, changed: Option<Vec<String>>) -> EventFacts {
-    let activity = facts.event.get("action").and_then(Value::as_str).map(str::to_string);
+    let activity = facts
+        .event
+        .get("action")
+        .and_then(Value::as_str)
+        .map(str::to_string);
     EventFacts {
         name: facts.event_name.clone(),
         git_ref: (!facts.git_ref.is_empty()).then(|| facts.git_ref.clone()),
@@ -222,10 +252,26 @@ mod tests {
     #[test]
     fn remotes_name_the_server_and_repository() {
         for (url, server, repo) in [
-            ("git@github.com:octo/hello.git", "https://github.com", "octo/hello"),
-            ("https://github.com/octo/hello", "https://github.com", "octo/hello"),
-            ("https://user:tok@ghe.example:8443/org/proj.git/", "https://ghe.example", "org/proj"),
-            ("ssh://git@gitlab.example/group/sub/proj", "https://gitlab.example", "sub/proj"),
+            (
+                "git@github.com:octo/hello.git",
+                "https://github.com",
+                "octo/hello",
+            ),
+            (
+                "https://github.com/octo/hello",
+                "https://github.com",
+                "octo/hello",
+            ),
+            (
+                "https://user:tok@ghe.example:8443/org/proj.git/",
+                "https://ghe.example",
+                "org/proj",
+            ),
+            (
+                "ssh://git@gitlab.example/group/sub/proj",
+                "https://gitlab.example",
+                "sub/proj",
+            ),
         ] {
             assert_eq!(
                 parse_remote(url),
@@ -266,7 +312,10 @@ mod tests {
         assert_eq!(info.sha.len(), 40);
         assert_eq!(info.repository, "octo/hello");
         let payload = default_payload("push", &info, &IndexMap::new());
-        assert_eq!(changed_paths(root, &payload, &info.sha), Some(vec!["b".to_string()]));
+        assert_eq!(
+            changed_paths(root, &payload, &info.sha),
+            Some(vec!["b".to_string()])
+        );
         let facts = run_facts(&info, "push", &payload, 3);
         assert_eq!(facts.git_ref, "refs/heads/trunk");
         assert_eq!(facts.ref_name(), "trunk");

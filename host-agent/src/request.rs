@@ -23,7 +23,8 @@ pub fn read_dotenv(path: &Path, flag: &str) -> Result<IndexMap<String, String>> 
     let iter = dotenvy::from_path_iter(path)
         .with_context(|| format!("{flag} {}: cannot read it", path.display()))?;
     for item in iter {
-        let (k, v) = item.with_context(|| format!("{flag} {}: not a dotenv file", path.display()))?;
+        let (k, v) =
+            item.with_context(|| format!("{flag} {}: not a dotenv file", path.display()))?;
         out.insert(k, v);
     }
     Ok(out)
@@ -47,7 +48,9 @@ pub fn secrets(
             Some((n, v)) => (n.to_string(), v.to_string()),
             None => {
                 let v = env(flag).with_context(|| {
-                    format!("--secret {flag}: no value given and ${flag} is not set in the environment")
+                    format!(
+                        "--secret {flag}: no value given and ${flag} is not set in the environment"
+                    )
                 })?;
                 (flag.clone(), v)
             }
@@ -124,10 +127,13 @@ pub fn matrix(flags: &[String]) -> Result<Vec<(String, String)>> {
 pub fn event_payload(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("-e {}: cannot read the event payload", path.display()))?;
-    let v = Value::from_json_str(&text)
-        .with_context(|| format!("-e {}: not JSON", path.display()))?;
+    let v =
+        Value::from_json_str(&text).with_context(|| format!("-e {}: not JSON", path.display()))?;
     if v.as_object().is_none() {
-        bail!("-e {}: the event payload must be a JSON object", path.display());
+        bail!(
+            "-e {}: the event payload must be a JSON object",
+            path.display()
+        );
     }
     Ok(v)
 }
@@ -211,28 +217,34 @@ mod tests {
         let f = dir.path().join("s.env");
         std::fs::write(&f, "A=from-file\nB=\"multi\nline\"\n# comment\n").unwrap();
         let env = |k: &str| (k == "FROM_ENV").then(|| "env-value".to_string());
-        let s = secrets(
-            &["A=flag".into(), "FROM_ENV".into()],
-            Some(&f),
-            &env,
-        )
-        .unwrap();
+        let s = secrets(&["A=flag".into(), "FROM_ENV".into()], Some(&f), &env).unwrap();
         assert_eq!(s.get("A"), Some(&Value::str("flag")));
         assert_eq!(s.get("B"), Some(&Value::str("multi\nline")));
         assert_eq!(s.get("FROM_ENV"), Some(&Value::str("env-value")));
-        let err = secrets(&["MISSING".into()], None, &env).unwrap_err().to_string();
+        let err = secrets(&["MISSING".into()], None, &env)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("$MISSING"), "{err}");
         assert!(secrets(&["bad-name=x".into()], None, &env).is_err());
     }
 
     #[test]
     fn flags_with_a_bad_shape_say_what_they_expected() {
-        assert!(key_value("novalue", '=', "--var").unwrap_err().to_string().contains("KEY=VALUE"));
-        assert_eq!(matrix(&["os:ubuntu".into()]).unwrap(), vec![("os".into(), "ubuntu".into())]);
+        assert!(key_value("novalue", '=', "--var")
+            .unwrap_err()
+            .to_string()
+            .contains("KEY=VALUE"));
+        assert_eq!(
+            matrix(&["os:ubuntu".into()]).unwrap(),
+            vec![("os".into(), "ubuntu".into())]
+        );
         assert!(platforms(&["ubuntu-latest=nope".into()], &["default"]).is_err());
         let dir = tempfile::tempdir().unwrap();
         let e = dir.path().join("e.json");
         std::fs::write(&e, "[1]").unwrap();
-        assert!(event_payload(&e).unwrap_err().to_string().contains("object"));
+        assert!(event_payload(&e)
+            .unwrap_err()
+            .to_string()
+            .contains("object"));
     }
 }

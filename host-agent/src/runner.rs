@@ -128,7 +128,8 @@ pub fn run(
             let _ = lock(&store).finish_run(
                 run_id,
                 "error",
-                &serde_json::json!({ "run_id": run_id, "status": "error", "error": why }).to_string(),
+                &serde_json::json!({ "run_id": run_id, "status": "error", "error": why })
+                    .to_string(),
             );
             Err(e.context(format!("run {run_id} ended in an error")))
         }
@@ -174,9 +175,8 @@ fn run_begun(
     req.config.facts.run_number = run_id.to_string();
     let event_json = serde_json::to_vec_pretty(&req.config.facts.event)?;
     let event_name = req.config.facts.event_name.clone();
-    let secret_masks = udos_core::engine::leg::masks_of(
-        req.config.secrets.values().filter_map(Value::as_str),
-    );
+    let secret_masks =
+        udos_core::engine::leg::masks_of(req.config.secrets.values().filter_map(Value::as_str));
 
     let snapshotter = Snapshotter::start(prep.repo.clone())?;
     let queue = snapshotter.queue();
@@ -214,8 +214,8 @@ fn run_begun(
         st.add_input(run_id, 1, "workspace", &ws_id)?;
     }
 
-    let mut engine = Run::new(req.set, &req.selection, req.config)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut engine =
+        Run::new(req.set, &req.selection, req.config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let shared = RunShared {
         prep,
         settings,
@@ -304,7 +304,11 @@ fn run_begun(
         for e in &snapshot_errors {
             eprintln!("udos: error: {e}");
         }
-        notices.extend(snapshot_errors.iter().map(|e| format!("snapshot failed: {e}")));
+        notices.extend(
+            snapshot_errors
+                .iter()
+                .map(|e| format!("snapshot failed: {e}")),
+        );
         status = Conclusion::Failure;
     }
     let st = lock(store);

@@ -361,7 +361,7 @@ impl StepVm<'_> {
         if state.layer_erofs(id).exists() {
             return Ok(());
         }
-        let tmp = state.unpack_dir(&id)?;
+        let tmp = state.unpack_dir(id)?;
         let limits = UnpackLimits {
             max_total_bytes: self.settings.disk_bytes,
             ..UnpackLimits::default()

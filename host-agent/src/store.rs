@@ -323,7 +323,7 @@ impl Store {
                 leg,
                 j.id,
                 j.name,
-                j.matrix.as_ref().map(|m| serde_json::to_string(m)).transpose()?,
+                j.matrix.as_ref().map(serde_json::to_string).transpose()?,
                 j.status.as_str(),
                 j.conclusion.as_str(),
                 serde_json::to_string(&j.outputs)?,
@@ -477,8 +477,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("udos.db");
         let mut s = Store::open(&path).unwrap();
-        let (r1, g1) = s.begin_run("wf.yml", "build", "push", "qemu-tcg", "img").unwrap();
-        let (r2, g2) = s.begin_run("wf.yml", "build", "push", "qemu-tcg", "img").unwrap();
+        let (r1, g1) = s
+            .begin_run("wf.yml", "build", "push", "qemu-tcg", "img")
+            .unwrap();
+        let (r2, g2) = s
+            .begin_run("wf.yml", "build", "push", "qemu-tcg", "img")
+            .unwrap();
         assert_eq!((r2, g2), (r1 + 1, g1 + 1));
         s.put_layer("base1", "base", 10, 2).unwrap();
         s.put_layer("base1", "base", 99, 99).unwrap();
@@ -486,8 +490,10 @@ mod tests {
         s.set_layer_snapshot("base1", "snapB").unwrap();
         assert_eq!(s.layer_snapshot("base1").unwrap().as_deref(), Some("snapA"));
         s.add_input(r1, 0, "base", "base1").unwrap();
-        s.put_step(r1, 0, "build", &step(1, Conclusion::Success)).unwrap();
-        s.put_step(r1, 1, "test", &step(1, Conclusion::Failure)).unwrap();
+        s.put_step(r1, 0, "build", &step(1, Conclusion::Success))
+            .unwrap();
+        s.put_step(r1, 1, "test", &step(1, Conclusion::Failure))
+            .unwrap();
         let mut again = step(1, Conclusion::Success);
         again.snapshot_id = Some("full".into());
         s.put_step(r1, 0, "build", &again).unwrap();
@@ -502,8 +508,18 @@ mod tests {
         let steps = s.steps(r1).unwrap();
         assert_eq!(steps.len(), 2);
         assert_eq!(steps[0].snapshot_id.as_deref(), Some("full"));
-        assert_eq!((steps[1].leg, steps[1].job_id.as_str(), steps[1].status.as_str()), (1, "test", "failure"));
-        assert_eq!(s.inputs(r1).unwrap()[0].snapshot_id.as_deref(), Some("snapA"));
+        assert_eq!(
+            (
+                steps[1].leg,
+                steps[1].job_id.as_str(),
+                steps[1].status.as_str()
+            ),
+            (1, "test", "failure")
+        );
+        assert_eq!(
+            s.inputs(r1).unwrap()[0].snapshot_id.as_deref(),
+            Some("snapA")
+        );
     }
 
     /// A database written by the previous udos (schema 1, no user_version) opens, and
@@ -526,7 +542,10 @@ mod tests {
             .unwrap();
         }
         let s = Store::open(&path).unwrap();
-        let v: i64 = s.conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        let v: i64 = s
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
         assert_eq!(v, SCHEMA_VERSION);
         let steps = s.steps(1).unwrap();
         assert_eq!(steps.len(), 1);
@@ -545,7 +564,8 @@ mod tests {
         let path = dir.path().join("udos.db");
         {
             let c = Connection::open(&path).unwrap();
-            c.pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
+            c.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+                .unwrap();
         }
         let err = Store::open(&path).err().unwrap();
         assert!(format!("{err:#}").contains("newer"), "{err:#}");

@@ -262,7 +262,9 @@ impl WorkingTree {
                     }
                 }
             }
-            Some(GitDir::Linked { head, branch }) => self.clone_linked(&ws, head, branch.as_deref())?,
+            Some(GitDir::Linked { head, branch }) => {
+                self.clone_linked(&ws, head, branch.as_deref())?
+            }
         }
         Ok(n)
     }
@@ -276,7 +278,9 @@ impl WorkingTree {
             crate::proc::run_bounded(&expr.stdout_null().stderr_capture(), limit, "git")?;
             Ok(())
         };
-        run(duct::cmd!("git", "clone", "--quiet", "--bare", "--local", &self.root, &git_dir))?;
+        run(duct::cmd!(
+            "git", "clone", "--quiet", "--bare", "--local", &self.root, &git_dir
+        ))?;
         let g = |args: &[&str]| {
             let mut a = vec!["--git-dir".to_string(), git_dir.display().to_string()];
             a.extend(args.iter().map(|s| s.to_string()));
@@ -290,7 +294,12 @@ impl WorkingTree {
             }
             None => run(g(&["update-ref", "--no-deref", "HEAD", head]))?,
         }
-        run(g(&["--work-tree", &ws.display().to_string(), "read-tree", head]))?;
+        run(g(&[
+            "--work-tree",
+            &ws.display().to_string(),
+            "read-tree",
+            head,
+        ]))?;
         Ok(())
     }
 }

@@ -10,6 +10,8 @@
 use std::path::Path;
 use std::process::Command;
 
+use serde_json::Value;
+
 mod common;
 use common::{json, repo, restic, serial, state_dir, udos};
 

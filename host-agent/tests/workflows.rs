@@ -111,7 +111,13 @@ fn jobs_run_by_needs_with_a_matrix_outputs_and_a_local_action() {
             (".github/actions/greet/action.yml", GREET),
         ],
     );
-    let out = udos(&["run", "--hypervisor", "qemu", "--json", wf.to_str().unwrap()]);
+    let out = udos(&[
+        "run",
+        "--hypervisor",
+        "qemu",
+        "--json",
+        wf.to_str().unwrap(),
+    ]);
     let report = json(&out);
     assert_eq!(out.status.code(), Some(0), "{report:#}");
     assert_eq!(report["status"], "success");
@@ -122,16 +128,29 @@ fn jobs_run_by_needs_with_a_matrix_outputs_and_a_local_action() {
     assert_eq!(left["status"], "success");
     assert_eq!(left["outputs"]["word"], "left-42");
     let steps = left["steps"].as_array().unwrap();
-    assert_eq!(steps[1]["status"], "skipped", "skipped by its own if: {left:#}");
+    assert_eq!(
+        steps[1]["status"], "skipped",
+        "skipped by its own if: {left:#}"
+    );
     assert!(steps[1]["phases_ms"].get("vm").is_none(), "no VM for it");
     assert_eq!(steps[2]["outputs"]["greeting"], "hello left-42");
     let legs = job(&jobs, "matrix");
     let mut seen: Vec<String> = legs
         .iter()
-        .map(|l| format!("{}-{}", l["matrix"]["os"].as_str().unwrap(), l["matrix"]["v"]))
+        .map(|l| {
+            format!(
+                "{}-{}",
+                l["matrix"]["os"].as_str().unwrap(),
+                l["matrix"]["v"]
+            )
+        })
         .collect();
     seen.sort();
-    assert_eq!(seen, ["debian-1", "fedora-2", "ubuntu-1"], "exclude and include");
+    assert_eq!(
+        seen,
+        ["debian-1", "fedora-2", "ubuntu-1"],
+        "exclude and include"
+    );
     assert!(legs.iter().all(|l| l["status"] == "success"));
     assert_eq!(job(&jobs, "join")[0]["status"], "success");
     let cleanup = job(&jobs, "cleanup")[0];
@@ -141,10 +160,24 @@ fn jobs_run_by_needs_with_a_matrix_outputs_and_a_local_action() {
     let run = report["run_id"].as_i64().unwrap().to_string();
     let t = tempfile::tempdir().unwrap();
     let target = t.path().join("left-1");
-    let r = udos(&["restore", &run, "1", "--job", "left", "--target", target.to_str().unwrap()]);
+    let r = udos(&[
+        "restore",
+        &run,
+        "1",
+        "--job",
+        "left",
+        "--target",
+        target.to_str().unwrap(),
+    ]);
     assert!(r.status.success());
     assert!(target.join("workspace/from-left.txt").is_file());
-    let r = udos(&["restore", &run, "1", "--target", t.path().join("x").to_str().unwrap()]);
+    let r = udos(&[
+        "restore",
+        &run,
+        "1",
+        "--target",
+        t.path().join("x").to_str().unwrap(),
+    ]);
     assert_ne!(r.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&r.stderr).contains("--job"));
 }
@@ -236,7 +269,7 @@ fn workflow_dispatch_with_inputs_a_payload_and_a_reusable_workflow() {
     assert_eq!(job(&jobs, "use")[0]["status"], "success");
 }
 
-const SECRETS: &str = r#"
+const SECRETS: &str = r###"
 on: push
 jobs:
   s:
@@ -255,17 +288,21 @@ jobs:
           echo "mv=runtime-mask-4321" >> "$GITHUB_OUTPUT"
           echo "## summary" >> "$GITHUB_STEP_SUMMARY"
       - run: echo "again ${{ steps.a.outputs.mv }} $TOKEN"
-"#;
+"###;
 
 /// Files under `dir` (recursively, not following links) whose bytes contain `needle`.
 fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
     let mut hits = Vec::new();
     let mut todo = vec![dir.to_path_buf()];
     while let Some(d) = todo.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in entries.flatten() {
             let p = e.path();
-            let Ok(md) = p.symlink_metadata() else { continue };
+            let Ok(md) = p.symlink_metadata() else {
+                continue;
+            };
             if md.is_dir() {
                 todo.push(p);
             } else if md.is_file() {
@@ -287,7 +324,11 @@ fn secrets_are_masked_and_never_stored() {
     let secret = "udos-sekrit-9f31c2";
     let multi_line = "second-sekrit-line-7a";
     let secret_file = dir.path().join("secrets.env");
-    std::fs::write(&secret_file, format!("MULTI=\"first-line\n{multi_line}\"\n")).unwrap();
+    std::fs::write(
+        &secret_file,
+        format!("MULTI=\"first-line\n{multi_line}\"\n"),
+    )
+    .unwrap();
     let out = udos(&[
         "run",
         "--hypervisor",
@@ -305,10 +346,16 @@ fn secrets_are_masked_and_never_stored() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     for (what, text) in [("report", &stdout), ("console", &stderr)] {
         assert!(!text.contains(secret), "the secret is in the {what}");
-        assert!(!text.contains(multi_line), "a multi-line secret's line is in the {what}");
+        assert!(
+            !text.contains(multi_line),
+            "a multi-line secret's line is in the {what}"
+        );
     }
     assert!(stderr.contains("token is ***"), "masked on the console");
-    assert!(!stderr.contains("runtime-mask-4321 printed"), "add-mask masks what follows");
+    assert!(
+        !stderr.contains("runtime-mask-4321 printed"),
+        "add-mask masks what follows"
+    );
     let steps = report["jobs"][0]["steps"].as_array().unwrap();
     assert_eq!(steps[0]["outputs"]["mv"], "***");
     assert!(steps[0]["summary"].as_str().unwrap().contains("## summary"));
@@ -349,15 +396,27 @@ jobs:
 fn a_job_past_its_timeout_is_stopped_and_its_always_steps_run() {
     let _g = serial();
     let (_dir, wf) = repo(TIMEOUT, &[]);
-    let out = udos(&["run", "--hypervisor", "qemu", "--json", wf.to_str().unwrap()]);
+    let out = udos(&[
+        "run",
+        "--hypervisor",
+        "qemu",
+        "--json",
+        wf.to_str().unwrap(),
+    ]);
     let report = json(&out);
     assert_eq!(out.status.code(), Some(1), "{report:#}");
     let slow = &report["jobs"][0];
     assert_eq!(slow["status"], "cancelled", "{slow:#}");
-    assert!(slow["error"].as_str().unwrap().contains("timed out"), "{slow:#}");
+    assert!(
+        slow["error"].as_str().unwrap().contains("timed out"),
+        "{slow:#}"
+    );
     let steps = slow["steps"].as_array().unwrap();
     assert_ne!(steps[0]["status"], "success");
-    assert_eq!(steps[1]["status"], "success", "always() runs after the timeout");
+    assert_eq!(
+        steps[1]["status"], "success",
+        "always() runs after the timeout"
+    );
 }
 
 #[test]

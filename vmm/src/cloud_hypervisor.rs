@@ -531,6 +531,28 @@ impl Hypervisor for CloudHypervisor {
     }
 }
 
+/// cloud-hypervisor writes the console file itself: rewrite it through the filter
+/// once the VM is gone (atomically; on error the file is removed rather than kept
+/// unfiltered).
+fn filter_file(path: &std::path::Path, filter: &crate::LineFilter) {
+    let rewrite = || -> std::io::Result<()> {
+        let bytes = std::fs::read(path)?;
+        let text = String::from_utf8_lossy(&bytes);
+        let mut out = String::with_capacity(text.len());
+        for line in text.lines() {
+            out.push_str(&filter(line));
+            out.push('\n');
+        }
+        let tmp = path.with_extension("filtered");
+        std::fs::write(&tmp, out)?;
+        std::fs::rename(&tmp, path)
+    };
+    if let Err(e) = rewrite() {
+        tracing::warn!("filtering {}: {e}; removing it", path.display());
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -562,27 +584,5 @@ mod tests {
         assert_eq!(c["serial"]["file"], "/rt/console.log");
         assert_eq!(c["console"]["mode"], "Off");
         assert_eq!(c["rng"]["src"], "/dev/urandom");
-    }
-}
-
-/// cloud-hypervisor writes the console file itself: rewrite it through the filter
-/// once the VM is gone (atomically; on error the file is removed rather than kept
-/// unfiltered).
-fn filter_file(path: &std::path::Path, filter: &crate::LineFilter) {
-    let rewrite = || -> std::io::Result<()> {
-        let bytes = std::fs::read(path)?;
-        let text = String::from_utf8_lossy(&bytes);
-        let mut out = String::with_capacity(text.len());
-        for line in text.lines() {
-            out.push_str(&filter(line));
-            out.push('\n');
-        }
-        let tmp = path.with_extension("filtered");
-        std::fs::write(&tmp, out)?;
-        std::fs::rename(&tmp, path)
-    };
-    if let Err(e) = rewrite() {
-        tracing::warn!("filtering {}: {e}; removing it", path.display());
-        let _ = std::fs::remove_file(path);
     }
 }

@@ -50,7 +50,10 @@ impl Pump {
                     }
                     if let (Some(f), Some(l)) = (filter.as_ref(), filtered_log.as_mut()) {
                         let kept = f(&String::from_utf8_lossy(line));
-                        if l.write_all(kept.as_bytes()).and_then(|()| l.write_all(b"\n")).is_err() {
+                        if l.write_all(kept.as_bytes())
+                            .and_then(|()| l.write_all(b"\n"))
+                            .is_err()
+                        {
                             filtered_log = None;
                         }
                     }
@@ -261,8 +264,14 @@ mod tests {
         let log = dir.path().join("console.log");
         let input: &[u8] = b"token=hunter2\r\nplain\nhunter2 again";
         let filter: LineFilter = Arc::new(|l: &str| l.replace("hunter2", "***"));
-        let pump = Pump::start("t", input, Some(File::create(&log).unwrap()), None, Some(filter))
-            .unwrap();
+        let pump = Pump::start(
+            "t",
+            input,
+            Some(File::create(&log).unwrap()),
+            None,
+            Some(filter),
+        )
+        .unwrap();
         pump.finish(Duration::from_secs(5));
         assert_eq!(
             std::fs::read_to_string(&log).unwrap(),

@@ -168,7 +168,7 @@ impl Hypervisor for Qemu {
             spec.console.take(),
             spec.log_filter.clone(),
         )
-            .map_err(|e| io_err("starting the console reader for", e))?;
+        .map_err(|e| io_err("starting the console reader for", e))?;
         let watch = StderrWatch::start(stderr, stderr_file)
             .map_err(|e| io_err("starting the stderr reader for", e))?;
 

@@ -101,4 +101,3 @@ pub fn restic(args: &[&str]) -> Output {
         .output()
         .unwrap()
 }
-

@@ -48,7 +48,7 @@ pub fn success_record() -> StepRecord {
         act_exit_code: Some(0),
         steps: vec![ActStep {
             id: "udos-step".into(),
-            result: "success".into(),
+            result: udos_layer::ActResult::Success,
             ..ActStep::default()
         }],
         timings_ms: Default::default(),

@@ -79,7 +79,10 @@ jobs:
     assert_eq!(s1.env["FROM_FILE"], "file");
     assert_eq!(s1.env["GITHUB_WORKSPACE"], "/workspace");
     assert_eq!(s1.env["GITHUB_REF_NAME"], "main");
-    let ResolvedBody::Run { working_directory, .. } = &s1.body else {
+    let ResolvedBody::Run {
+        working_directory, ..
+    } = &s1.body
+    else {
         panic!()
     };
     assert_eq!(working_directory, "/workspace/sub");
@@ -95,7 +98,11 @@ jobs:
     assert_eq!(s2.env["A"], "1", "$GITHUB_ENV carries over");
     assert_eq!(s2.env["STEP"], "1");
     assert_eq!(s2.env["OVERRIDDEN"], "step");
-    assert!(s2.env["PATH"].starts_with("/opt/b/bin:/opt/a/bin:"), "{}", s2.env["PATH"]);
+    assert!(
+        s2.env["PATH"].starts_with("/opt/b/bin:/opt/a/bin:"),
+        "{}",
+        s2.env["PATH"]
+    );
     let ResolvedBody::Run { script, .. } = &s2.body else {
         panic!()
     };
@@ -132,7 +139,11 @@ jobs:
     let Next::Finished(r) = leg.next(None) else {
         panic!()
     };
-    assert_eq!(r.outcome, Conclusion::Success, "a skipped step does not fail the job");
+    assert_eq!(
+        r.outcome,
+        Conclusion::Success,
+        "a skipped step does not fail the job"
+    );
     assert_eq!(r.outputs.get("o"), Some(&Value::str("skipped/skipped")));
 }
 
@@ -161,7 +172,10 @@ jobs:
     ));
     let soft = run_step(&mut leg);
     let sum = leg.record(&soft, failed());
-    assert_eq!((sum.outcome, sum.conclusion), (Conclusion::Failure, Conclusion::Success));
+    assert_eq!(
+        (sum.outcome, sum.conclusion),
+        (Conclusion::Failure, Conclusion::Success)
+    );
     let after = run_step(&mut leg);
     leg.record(&after, ok());
     let hard = run_step(&mut leg);
@@ -205,14 +219,21 @@ jobs:
     let s = run_step(&mut leg);
     let files = crate::engine::synth::step_files(&s);
     for needle in ["s3cr3t", "line-one", "line-two"] {
-        assert!(!files.workflow_yaml.contains(needle), "{needle} leaked:\n{}", files.workflow_yaml);
+        assert!(
+            !files.workflow_yaml.contains(needle),
+            "{needle} leaked:\n{}",
+            files.workflow_yaml
+        );
         assert!(!files.actrc.contains(needle));
     }
     assert!(files.workflow_yaml.contains("${{ secrets.UDOS_SECRET_0 }}"));
     assert!(s.secrets.values().any(|v| v == "s3cr3t"));
     assert!(s.secrets.values().any(|v| v == "s3cr3t-x"));
     assert!(s.secrets.values().any(|v| v == "line-one\nline-two"));
-    assert!(s.masks.contains(&"line-one".to_string()), "each line of a multi-line secret is masked");
+    assert!(
+        s.masks.contains(&"line-one".to_string()),
+        "each line of a multi-line secret is masked"
+    );
     // The env value from the workflow is a reference too.
     assert!(s.env["TOKEN"].starts_with("${{ secrets.UDOS_SECRET_"));
     // An output holding a secret is dropped from the job's outputs.
@@ -230,7 +251,9 @@ jobs:
     // A later step that inlines that output gets it as a reference as well, and what
     // add-mask registered is now a mask.
     let s2 = run_step(&mut leg);
-    assert!(!crate::engine::synth::step_files(&s2).workflow_yaml.contains("s3cr3t"));
+    assert!(!crate::engine::synth::step_files(&s2)
+        .workflow_yaml
+        .contains("s3cr3t"));
     assert!(leg.masks().contains(&"masked-later".to_string()));
     leg.record(&s2, ok());
     let Next::Finished(r) = leg.next(None) else {
@@ -319,7 +342,11 @@ fn an_expression_error_fails_its_step_with_the_reason() {
         panic!()
     };
     assert_eq!(s.outcome, Conclusion::Failure);
-    assert!(s.error.as_deref().unwrap().contains("run:"), "{:?}", s.error);
+    assert!(
+        s.error.as_deref().unwrap().contains("run:"),
+        "{:?}",
+        s.error
+    );
     let _ = run_step(&mut leg);
 }
 

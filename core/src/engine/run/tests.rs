@@ -119,7 +119,10 @@ fn independent_jobs_start_together_within_the_limit_and_needs_wait() {
     // needs.* reaches the dependent job's contexts.
     let needs = join[0].contexts.get("needs").unwrap();
     assert_eq!(
-        needs.get("a").and_then(|a| a.get("outputs")).and_then(|o| o.get("v")),
+        needs
+            .get("a")
+            .and_then(|a| a.get("outputs"))
+            .and_then(|o| o.get("v")),
         Some(&Value::str("42"))
     );
     assert_eq!(
@@ -250,7 +253,12 @@ jobs:
         4,
     );
     let p = started(&run.poll());
-    finish(&mut run, p[0].id, Conclusion::Success, &[("list", r#"["arm", "x86"]"#)]);
+    finish(
+        &mut run,
+        p[0].id,
+        Conclusion::Success,
+        &[("list", r#"["arm", "x86"]"#)],
+    );
     let legs = started(&run.poll());
     assert_eq!(names(&legs), ["build arm", "build x86"]);
     let strategy = legs[1].contexts.get("strategy").unwrap();
@@ -308,7 +316,11 @@ fn a_job_if_error_fails_the_job_with_the_reason() {
     assert!(started(&run.poll()).is_empty());
     let legs = run.legs();
     assert_eq!(legs[0].outcome, Some(Conclusion::Failure));
-    assert!(legs[0].error.as_deref().unwrap().contains("nosuchcontext"), "{:?}", legs[0].error);
+    assert!(
+        legs[0].error.as_deref().unwrap().contains("nosuchcontext"),
+        "{:?}",
+        legs[0].error
+    );
     assert_eq!(run.conclusion(), Conclusion::Failure);
 }
 
@@ -390,7 +402,10 @@ fn a_reusable_workflow_gets_typed_inputs_and_gives_outputs() {
     assert_eq!(inputs.get("label"), Some(&Value::str("hello")));
     assert_eq!(inputs.get("flag"), Some(&Value::Bool(true)));
     assert_eq!(
-        inner[0].contexts.get("secrets").and_then(|s| s.get("TOKEN")),
+        inner[0]
+            .contexts
+            .get("secrets")
+            .and_then(|s| s.get("TOKEN")),
         Some(&Value::str("t0k")),
         "secrets: inherit"
     );
@@ -406,7 +421,11 @@ fn a_reusable_workflow_gets_typed_inputs_and_gives_outputs() {
             .and_then(|o| o.get("doubled")),
         Some(&Value::str("6"))
     );
-    let call = run.legs().into_iter().find(|l| l.report_id == "call").unwrap();
+    let call = run
+        .legs()
+        .into_iter()
+        .find(|l| l.report_id == "call")
+        .unwrap();
     assert!(call.is_call);
     assert_eq!(call.outcome, Some(Conclusion::Success));
 }
@@ -423,9 +442,17 @@ fn a_reusable_workflow_with_bad_inputs_fails_the_caller() {
     let pre = started(&run.poll());
     finish(&mut run, pre[0].id, Conclusion::Success, &[]);
     assert!(started(&run.poll()).is_empty());
-    let call = run.legs().into_iter().find(|l| l.report_id == "call").unwrap();
+    let call = run
+        .legs()
+        .into_iter()
+        .find(|l| l.report_id == "call")
+        .unwrap();
     assert_eq!(call.outcome, Some(Conclusion::Failure));
-    assert!(call.error.as_deref().unwrap().contains("count"), "{:?}", call.error);
+    assert!(
+        call.error.as_deref().unwrap().contains("count"),
+        "{:?}",
+        call.error
+    );
     assert_eq!(outcome_of(&run, "after"), [Some(Conclusion::Skipped)]);
 }
 
@@ -444,7 +471,10 @@ jobs:
     let sel = select(&s, &[true], &[]).unwrap();
     let mut c = cfg(1);
     c.facts.event_name = "workflow_dispatch".into();
-    let err = Run::new(s.clone(), &sel, c.clone()).err().unwrap().to_string();
+    let err = Run::new(s.clone(), &sel, c.clone())
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("level"), "{err}");
     c.inputs.insert("level".into(), Value::str("high"));
     c.inputs.insert("dry".into(), Value::str("true"));
