@@ -385,11 +385,10 @@ fn short(s: &str) -> &str {
 fn print_run(r: &udos_host_agent::report::RunReport) {
     println!();
     println!(
-        "run {} (generation {}) on {}: {} `{}`: {}  [{:.1}s]",
+        "run {} (generation {}) on {}, event {}: {}  [{:.1}s]",
         r.run_id,
         r.generation,
         r.hypervisor,
-        r.workflows.len(),
         r.event,
         r.status,
         r.wall_ms as f64 / 1000.0

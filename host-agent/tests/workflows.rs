@@ -320,10 +320,12 @@ fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
 #[test]
 fn secrets_are_masked_and_never_stored() {
     let _g = serial();
-    let (dir, wf) = repo(SECRETS, &[]);
+    let (_dir, wf) = repo(SECRETS, &[]);
     let secret = "udos-sekrit-9f31c2";
     let multi_line = "second-sekrit-line-7a";
-    let secret_file = dir.path().join("secrets.env");
+    // Outside the repository: the workspace is the working tree.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let secret_file = elsewhere.path().join("secrets.env");
     std::fs::write(
         &secret_file,
         format!("MULTI=\"first-line\n{multi_line}\"\n"),
