@@ -85,6 +85,22 @@ pub enum Invalid {
     /// A spec has no usable content hash.
     #[error("spec `{0}` has no content hash (hex, 16-128 digits)")]
     Hash(String),
+    /// A service asks for more than [`MAX_REPLICAS`] replicas.
+    #[error("spec `{id}` asks for {replicas} replicas; at most {MAX_REPLICAS} are allowed")]
+    TooManyReplicas {
+        /// Spec id.
+        id: String,
+        /// What it asked for.
+        replicas: u32,
+    },
+    /// The publication asks for more than [`MAX_INSTANCES`] instances in all.
+    #[error(
+        "the publication asks for {total} instances in all; at most {MAX_INSTANCES} are allowed"
+    )]
+    TooManyInstances {
+        /// Instances asked for, summed over every spec.
+        total: u64,
+    },
     /// A field is missing or empty.
     #[error("spec `{id}`: {what}")]
     Incomplete {
@@ -95,11 +111,45 @@ pub enum Invalid {
     },
 }
 
+/// Most replicas one service may ask for. Each replica is an instance the master
+/// places and lists in its status and a worker boots as a VM: a thousand VMs of one
+/// service is far beyond any fleet udos serves, and the bound keeps one spec from
+/// making the master allocate without limit.
+pub const MAX_REPLICAS: u32 = 1_000;
+
+/// Most instances (replicas summed over every spec) of one publication. The
+/// scheduler's time and memory and the status report grow linearly with it; 100,000 is
+/// ten times the scheduling benchmark (10,000 specs on 1,000 workers, tens of ms).
+pub const MAX_INSTANCES: u64 = 100_000;
+
 fn is_hex(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// Check a publication: commit id, complete specs, unique ids, hashes present.
+/// Check that a publication is small enough to schedule: no service above
+/// [`MAX_REPLICAS`], no more than [`MAX_INSTANCES`] instances in all. Cheap (no
+/// allocation), so it can guard anything that expands specs into instances.
+pub fn check_size(specs: &[DesiredSpec]) -> Result<(), Invalid> {
+    let mut total: u64 = 0;
+    for s in specs {
+        if let SpecKind::Service { replicas, .. } = &s.kind {
+            if *replicas > MAX_REPLICAS {
+                return Err(Invalid::TooManyReplicas {
+                    id: s.id.clone(),
+                    replicas: *replicas,
+                });
+            }
+        }
+        total = total.saturating_add(u64::from(s.instances()));
+    }
+    if total > MAX_INSTANCES {
+        return Err(Invalid::TooManyInstances { total });
+    }
+    Ok(())
+}
+
+/// Check a publication: commit id, complete specs, unique ids, hashes present, and
+/// its size ([`check_size`]).
 /// (Whether selectors can be satisfied depends on the workers: the scheduler reports
 /// that, it does not make a publication invalid.)
 pub fn validate(commit: &str, specs: &[DesiredSpec]) -> Result<(), Invalid> {
@@ -146,7 +196,7 @@ pub fn validate(commit: &str, specs: &[DesiredSpec]) -> Result<(), Invalid> {
             }
         }
     }
-    Ok(())
+    check_size(specs)
 }
 
 /// Canonical JSON of the specs: sorted by id, object keys sorted (serde_json's maps
@@ -242,5 +292,44 @@ mod tests {
             validate(COMMIT, &[svc("bad id")]),
             Err(Invalid::Id("bad id".into()))
         );
+    }
+
+    fn replicas(id: &str, n: u32) -> DesiredSpec {
+        let mut s = svc(id);
+        s.kind = SpecKind::Service {
+            image: "i".into(),
+            replicas: n,
+        };
+        s
+    }
+
+    #[test]
+    fn replicas_and_instances_are_bounded() {
+        assert!(validate(COMMIT, &[replicas("a", MAX_REPLICAS)]).is_ok());
+        assert_eq!(
+            validate(COMMIT, &[replicas("a", u32::MAX)]),
+            Err(Invalid::TooManyReplicas {
+                id: "a".into(),
+                replicas: u32::MAX
+            })
+        );
+        let msg = validate(COMMIT, &[replicas("a", MAX_REPLICAS + 1)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("1001") && msg.contains("at most 1000"),
+            "{msg}"
+        );
+        // Each spec within its bound, the publication above the total.
+        let per = u64::from(MAX_REPLICAS);
+        let n = MAX_INSTANCES / per + 1;
+        let many: Vec<_> = (0..n)
+            .map(|i| replicas(&format!("s{i}"), MAX_REPLICAS))
+            .collect();
+        assert_eq!(
+            validate(COMMIT, &many),
+            Err(Invalid::TooManyInstances { total: n * per })
+        );
+        assert!(validate(COMMIT, &many[..(n - 1) as usize]).is_ok());
     }
 }

@@ -233,6 +233,11 @@ pub struct StatusReport {
     pub unschedulable: Vec<Unschedulable>,
     /// Why the cluster is not converged, one sentence each.
     pub drift: Vec<String>,
+    /// Why the active generation cannot be scheduled, when it cannot (a database an
+    /// older master wrote): nothing is placed and workers keep what they run until a
+    /// valid desired state is published. Also the first line of `drift`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 impl StatusReport {

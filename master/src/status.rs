@@ -53,12 +53,15 @@ fn kind_name(kind: &SpecKind) -> &'static str {
 }
 
 /// Compute the status report. `workers` in any order; the report lists them by id.
+/// `problem`: why the active generation cannot be scheduled, if it cannot; its specs
+/// are then listed without instances (they may be far too many to list).
 pub fn compute_status(
     active: Option<&GenerationRecord>,
     placement: &Placement,
     workers: &[WorkerState],
     now_ms: u64,
     lease_ms: u64,
+    problem: Option<&str>,
 ) -> StatusReport {
     let mut workers: Vec<&WorkerState> = workers.iter().collect();
     workers.sort_by(|a, b| a.id.cmp(&b.id));
@@ -113,6 +116,16 @@ pub fn compute_status(
     let mut unsched_lines: BTreeMap<(String, String), Vec<u32>> = BTreeMap::new();
     for spec in active.map(|g| g.specs.as_slice()).unwrap_or(&[]) {
         let mut instances = Vec::new();
+        if problem.is_some() {
+            desired += u64::from(spec.instances());
+            specs.push(SpecStatus {
+                id: spec.id.clone(),
+                hash: spec.hash.clone(),
+                kind: kind_name(&spec.kind).to_string(),
+                instances,
+            });
+            continue;
+        }
         for replica in 0..spec.instances() {
             desired += 1;
             let name = format!("{}@{replica}", spec.id);
@@ -277,7 +290,8 @@ pub fn compute_status(
         }
     }
 
-    let mut drift = drift_workers;
+    let mut drift: Vec<String> = problem.map(str::to_string).into_iter().collect();
+    drift.extend(drift_workers);
     drift.extend(drift_instances);
     drift.extend(drift_extra);
     drift.extend(drift_unsched);
@@ -298,6 +312,7 @@ pub fn compute_status(
         specs,
         unschedulable: placement.unschedulable.clone(),
         drift,
+        problem: problem.map(str::to_string),
     }
 }
 
@@ -404,7 +419,7 @@ mod tests {
             worker("w3", now - 240_000, Some((2, vec![]))),
             worker("w4", now, Some((2, vec![]))),
         ];
-        let r = compute_status(Some(&gen), &placement, &workers, now, 30_000);
+        let r = compute_status(Some(&gen), &placement, &workers, now, 30_000, None);
         assert_eq!((r.converged_instances, r.desired_instances), (1, 4));
         assert!((r.convergence - 0.25).abs() < 1e-9);
         assert_eq!(
@@ -456,7 +471,7 @@ mod tests {
                 5,
                 Some((1, vec![("ci", 0, H1, ci), ("web", 0, H1, web)])),
             );
-            compute_status(Some(&gen), &placement, &[w], 5, 30_000)
+            compute_status(Some(&gen), &placement, &[w], 5, 30_000, None)
         };
         let r = status(InstanceState::Running, InstanceState::Running);
         assert_eq!((r.converged_instances, r.desired_instances), (1, 2));
@@ -476,6 +491,40 @@ mod tests {
     }
 
     #[test]
+    fn an_unschedulable_generation_lists_no_instances() {
+        let gen = GenerationRecord {
+            number: 2,
+            commit: "c".repeat(40),
+            intent_hash: "i".repeat(64),
+            specs: vec![svc("web", H1, u32::MAX), svc("db", H1, 1)],
+            signature: None,
+            published_at_ms: 0,
+            publisher: "old master".into(),
+        };
+        let why = "generation 2 cannot be scheduled: too many replicas";
+        let w = worker(
+            "w1",
+            5,
+            Some((1, vec![("web", 0, H1, InstanceState::Running)])),
+        );
+        let r = compute_status(
+            Some(&gen),
+            &Placement::default(),
+            &[w],
+            5,
+            30_000,
+            Some(why),
+        );
+        assert_eq!(r.problem.as_deref(), Some(why));
+        assert_eq!(r.drift[0], why);
+        assert_eq!(r.desired_instances, u64::from(u32::MAX) + 1);
+        assert_eq!(r.converged_instances, 0);
+        assert_eq!(r.convergence, 0.0);
+        assert_eq!(r.specs.len(), 2);
+        assert!(r.specs.iter().all(|s| s.instances.is_empty()));
+    }
+
+    #[test]
     fn nothing_published_is_converged() {
         let r = compute_status(
             None,
@@ -483,6 +532,7 @@ mod tests {
             &[worker("w1", 10, None)],
             10,
             30_000,
+            None,
         );
         assert_eq!(r.generation, 0);
         assert_eq!(r.convergence, 1.0);

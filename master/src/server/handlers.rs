@@ -284,6 +284,7 @@ pub(crate) async fn publish(
         crate::signing::verify_intent(key, &intent_hash, sig)
             .map_err(|e| ApiError::bad_request(format!("invalid publication: {e}")))?;
     }
+    let req = schedulable(&m, req).await?;
     let publisher = publisher_name(&headers);
     let _guard = m.publish_lock.lock().await;
     let at_ms = now_ms();
@@ -353,6 +354,30 @@ pub(crate) async fn publish(
             Vec::new()
         },
     }))
+}
+
+/// Schedule a publication on the live workers before anything is stored, so that
+/// one that cannot be scheduled is refused instead of being stored as a generation
+/// the master cannot place (validation bounds its size; this also turns a scheduler
+/// failure into a refusal).
+async fn schedulable(m: &Master, req: PublishRequest) -> ApiResult<PublishRequest> {
+    let inventory = super::state::inventory(&m.snapshot.load().live);
+    let checked = tokio::task::spawn_blocking(move || {
+        let placed = udos_core::schedule::try_schedule(&req.specs, &inventory).map(drop);
+        (req, placed)
+    })
+    .await;
+    match checked {
+        Ok((req, Ok(()))) => Ok(req),
+        Ok((_, Err(e))) => Err(ApiError::bad_request(format!("invalid publication: {e}"))),
+        Err(e) => {
+            tracing::error!("scheduling a publication failed: {e}");
+            Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("scheduling this publication failed ({e}); nothing was stored"),
+            ))
+        }
+    }
 }
 
 pub(crate) async fn enroll(
@@ -445,6 +470,7 @@ pub(crate) async fn assignment(
         let v = m.bump();
         snap = m.wait_for_version(v, JOIN_WAIT).await;
     }
+    unplaceable(&snap)?;
     // Held at most half a lease, so a worker that died during a long poll is noticed
     // within 1.5 leases; the worker simply polls again.
     let wait = q
@@ -481,7 +507,18 @@ pub(crate) async fn assignment(
             }
         }
     }
+    unplaceable(&snap)?;
     Ok(json_response(snap.body(&entry.id, m.lease_ms)))
+}
+
+/// 503 while the active generation cannot be scheduled: a worker takes that as the
+/// master being away and keeps running its last verified assignment, where an empty
+/// answer would make it stop everything.
+fn unplaceable(snap: &super::state::Snapshot) -> ApiResult<()> {
+    match &snap.problem {
+        Some(p) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, p.clone())),
+        None => Ok(()),
+    }
 }
 
 pub(crate) async fn heartbeat(
@@ -545,6 +582,7 @@ pub(crate) async fn current_status(m: &Arc<Master>) -> StatusReport {
             &workers,
             now,
             m.lease_ms,
+            snap.problem.as_deref(),
         )
     })
     .await

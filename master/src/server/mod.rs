@@ -246,6 +246,10 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
     let (snap_tx, _) = watch::channel(1);
     let mut first = first;
     first.epoch = 1;
+    if let Some(problem) = &first.problem {
+        // The master serves on: status explains, workers keep what they run.
+        tracing::error!("{problem}");
+    }
     let master = Arc::new(Master {
         store: Arc::new(Mutex::new(Box::new(store) as Box<dyn Store>)),
         publisher_hash: hash_token(&publisher),

@@ -15,8 +15,9 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use ed25519_dalek::VerifyingKey;
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
+use udos_core::desired;
 use udos_core::desired::{DesiredSpec, Resources};
-use udos_core::schedule::{schedule, Placement, WorkerInventory};
+use udos_core::schedule::{try_schedule, Placement, WorkerInventory};
 use udos_core::wire::{Heartbeat, InstanceState};
 
 use crate::status::WorkerState;
@@ -151,6 +152,9 @@ pub(crate) struct Snapshot {
     /// `{"generation":..,"commit":..,"intent_hash":..[,"signature":..],"assignments":`
     pub prefix: String,
     pub assigned_total: usize,
+    /// Why the active generation cannot be scheduled (one an older master stored):
+    /// nothing is placed, workers are answered 503 and keep what they run.
+    pub problem: Option<String>,
 }
 
 const EMPTY: &str = "[]";
@@ -218,6 +222,30 @@ struct Head<'a> {
     signature: Option<&'a str>,
 }
 
+/// What the scheduler needs to know of these workers.
+pub(crate) fn inventory(live: &[Arc<WorkerEntry>]) -> Vec<WorkerInventory> {
+    live.iter()
+        .map(|e| WorkerInventory {
+            id: e.id.clone(),
+            labels: e.labels.clone(),
+            capacity: e.capacity,
+        })
+        .collect()
+}
+
+/// Place a stored generation, checking it first as a publication would be: a database
+/// written by an older master may hold one that is invalid or too large to expand.
+fn place(g: &GenerationRecord, inventory: &[WorkerInventory]) -> Result<Placement, String> {
+    desired::validate(&g.commit, &g.specs)
+        .and_then(|()| try_schedule(&g.specs, inventory))
+        .map_err(|e| {
+            format!(
+                "generation {} cannot be scheduled: {e}; workers keep what they run until a valid desired state is published",
+                g.number
+            )
+        })
+}
+
 /// Compute a snapshot (pure scheduling + serialization; run off the async threads).
 pub(crate) fn build_snapshot(
     version: u64,
@@ -233,19 +261,12 @@ pub(crate) fn build_snapshot(
         .cloned()
         .collect();
     live.sort_by(|a, b| a.id.cmp(&b.id));
-    let inventory: Vec<WorkerInventory> = live
-        .iter()
-        .map(|e| WorkerInventory {
-            id: e.id.clone(),
-            labels: e.labels.clone(),
-            capacity: e.capacity,
-        })
-        .collect();
+    let inventory = inventory(&live);
     let specs: &[DesiredSpec] = generation.as_ref().map_or(&[], |g| g.specs.as_slice());
-    let placement = if generation.is_some() {
-        schedule(specs, &inventory)
-    } else {
-        Placement::default()
+    let (placement, problem) = match generation.as_deref().map(|g| place(g, &inventory)) {
+        None => (Placement::default(), None),
+        Some(Ok(p)) => (p, None),
+        Some(Err(why)) => (Placement::default(), Some(why)),
     };
     let by_id: HashMap<&str, &DesiredSpec> = specs.iter().map(|s| (s.id.as_str(), s)).collect();
     let mut views = HashMap::with_capacity(placement.by_worker.len());
@@ -297,6 +318,7 @@ pub(crate) fn build_snapshot(
         views,
         prefix,
         assigned_total,
+        problem,
     }
 }
 
@@ -406,6 +428,9 @@ impl Master {
                     );
                 }
             }
+        }
+        if snap.problem.is_some() && snap.problem != old.problem {
+            tracing::error!("{}", snap.problem.as_deref().unwrap_or_default());
         }
         let epoch = snap.epoch;
         self.snapshot.store(Arc::new(snap));
