@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -32,6 +32,11 @@ use crate::time::{now_ms, rfc3339};
 use crate::token::{generate_token, hash_token};
 
 type Shared = State<Arc<Master>>;
+
+/// Largest accepted publication body.
+pub(crate) const MAX_PUBLICATION_BYTES: usize = 64 << 20;
+/// Largest accepted body of the other endpoints (enrollments, heartbeats).
+pub(crate) const MAX_BODY_BYTES: usize = 2 << 20;
 
 /// How long an assignment request waits for the placement to include a worker that
 /// just enrolled or came back.
@@ -201,6 +206,32 @@ fn other_worker(m: &Master, caller: &WorkerEntry, worker: &str) -> ApiError {
     }
 }
 
+/// Read a request body of at most `limit` bytes. Called only once the caller is
+/// authenticated: an unknown client never makes the master buffer anything.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> ApiResult<Bytes> {
+    use http_body_util::BodyExt as _;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is larger than {limit} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "cannot read the request body: {e}"
+        ))),
+    }
+}
+
 fn parse_json<T: DeserializeOwned>(body: &Bytes, what: &str) -> ApiResult<T> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("{what}: malformed JSON body: {e}")))
@@ -259,11 +290,13 @@ pub(crate) async fn publish(
     State(m): Shared,
     ConnectInfo(Peer(remote)): ConnectInfo<Peer>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> ApiResult<Json<PublishResponse>> {
     m.counters.publish.fetch_add(1, Ordering::Relaxed);
     require_publisher(&m, &headers, "publish")?;
+    let body = read_body(&headers, body, MAX_PUBLICATION_BYTES).await?;
     let req: PublishRequest = parse_json(&body, "publication")?;
+    drop(body);
     desired::validate(&req.commit, &req.specs)
         .map_err(|e| ApiError::bad_request(format!("invalid publication: {e}")))?;
     let intent_hash = desired::intent_hash(&req.commit, &req.specs);
@@ -383,7 +416,7 @@ async fn schedulable(m: &Master, req: PublishRequest) -> ApiResult<PublishReques
 pub(crate) async fn enroll(
     State(m): Shared,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> ApiResult<Json<EnrollResponse>> {
     m.counters.enroll.fetch_add(1, Ordering::Relaxed);
     match authenticate(&m, &headers)? {
@@ -395,6 +428,7 @@ pub(crate) async fn enroll(
             )))
         }
     }
+    let body = read_body(&headers, body, MAX_BODY_BYTES).await?;
     let req: EnrollRequest = parse_json(&body, "enrollment")?;
     if !valid_worker_id(&req.worker_id) {
         return Err(ApiError::bad_request(format!(
@@ -524,7 +558,7 @@ fn unplaceable(snap: &super::state::Snapshot) -> ApiResult<()> {
 pub(crate) async fn heartbeat(
     State(m): Shared,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> ApiResult<Json<HeartbeatResponse>> {
     m.counters.heartbeat.fetch_add(1, Ordering::Relaxed);
     let caller = authenticate(&m, &headers)?;
@@ -534,6 +568,7 @@ pub(crate) async fn heartbeat(
             caller.role()
         )));
     };
+    let body = read_body(&headers, body, MAX_BODY_BYTES).await?;
     let hb: Heartbeat = parse_json(&body, "heartbeat")?;
     if hb.worker_id != entry.id {
         return Err(other_worker(&m, &entry, &hb.worker_id));

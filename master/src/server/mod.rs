@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use arc_swap::{ArcSwap, ArcSwapOption};
-use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
 use tokio::net::TcpListener;
@@ -31,9 +30,6 @@ use state::{build_snapshot, AuthTable, Counters, Master, WorkerEntry};
 
 /// Default lease: a worker not seen for this long is not live.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
-
-/// Largest accepted publication body.
-const MAX_PUBLICATION_BYTES: usize = 64 << 20;
 
 /// How to run the master.
 #[derive(Debug, Clone)]
@@ -157,10 +153,7 @@ fn router(master: Arc<Master>) -> Router {
     Router::new()
         .route("/healthz", get(handlers::healthz))
         .route("/metrics", get(handlers::metrics))
-        .route(
-            "/v1/publish",
-            post(handlers::publish).layer(DefaultBodyLimit::max(MAX_PUBLICATION_BYTES)),
-        )
+        .route("/v1/publish", post(handlers::publish))
         .route("/v1/enroll", post(handlers::enroll))
         .route("/v1/assignment", get(handlers::assignment))
         .route("/v1/heartbeat", post(handlers::heartbeat))
