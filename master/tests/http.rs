@@ -104,3 +104,68 @@ fn bodies_are_read_only_from_authenticated_callers() {
         announce_body(addr, "/v1/heartbeat", Some(&w1.token), (2 << 20) + 1).unwrap();
     assert_eq!(status, 413, "{body}");
 }
+
+/// Whether the master closed the connection (EOF or reset) within [`ANSWER`],
+/// reading and dropping whatever it answered first.
+fn closed_by_master(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(ANSWER)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn idle_slow_and_stalled_connections_are_closed() {
+    let mut env = Env::new();
+    env.config.limits.header_read_timeout = Duration::from_millis(500);
+    env.config.limits.body_read_timeout = Duration::from_millis(500);
+    let server = env.start();
+    let addr = server.local_addr();
+
+    // Connected, never a byte.
+    let mut idle = TcpStream::connect(addr).unwrap();
+    assert!(
+        closed_by_master(&mut idle),
+        "an idle connection stayed open"
+    );
+
+    // Half a request head, then nothing.
+    let mut slow = TcpStream::connect(addr).unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: m").unwrap();
+    assert!(
+        closed_by_master(&mut slow),
+        "a stalled request head stayed open"
+    );
+
+    // A served request, then an idle keep-alive connection.
+    let mut kept = TcpStream::connect(addr).unwrap();
+    kept.set_read_timeout(Some(ANSWER)).unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: m\r\n\r\n")
+        .unwrap();
+    let (status, body) = read_response(&mut kept).unwrap();
+    assert_eq!((status, body.as_str()), (200, "ok"));
+    assert!(
+        closed_by_master(&mut kept),
+        "an idle keep-alive connection stayed open"
+    );
+
+    // An authenticated publication whose body stalls: 408, then closed.
+    let mut stalled = TcpStream::connect(addr).unwrap();
+    stalled.set_read_timeout(Some(ANSWER)).unwrap();
+    let head = format!(
+        "POST /v1/publish HTTP/1.1\r\nHost: m\r\nAuthorization: Bearer {PUBLISHER}\r\nContent-Length: 100\r\n\r\n{{\"commit\""
+    );
+    stalled.write_all(head.as_bytes()).unwrap();
+    let (status, body) = read_response(&mut stalled).expect("no answer to a stalled body");
+    assert_eq!(status, 408, "{body}");
+    assert!(closed_by_master(&mut stalled));
+
+    // The master still serves.
+    publisher(&server).healthz().unwrap();
+}

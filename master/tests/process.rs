@@ -4,6 +4,7 @@
 mod common;
 
 use std::io::{BufRead as _, BufReader, Read as _};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -50,12 +51,15 @@ fn master_child_process() {
         rustix::process::Resource::Nofile,
         env_u64("UDOS_TEST_RLIMIT_NOFILE"),
     );
-    let config = ServeConfig::new(
+    let mut config = ServeConfig::new(
         "127.0.0.1:0".parse().unwrap(),
         dir.join("master.db"),
         dir.join("publisher.token"),
         dir.join("enroll.token"),
     );
+    if let Some(ms) = env_u64("UDOS_TEST_HEADER_TIMEOUT_MS") {
+        config.limits.header_read_timeout = Duration::from_millis(ms);
+    }
     let server = udos_master::spawn(config, 2).expect("starting the master");
     println!("{URL_LINE}{}", server.url());
     let _ = std::io::stdin().read_to_end(&mut Vec::new());
@@ -238,5 +242,35 @@ fn a_stored_generation_that_cannot_be_scheduled_does_not_stop_the_master() {
     assert_eq!(st.problem, None);
     let a = w.assignment("w1", 0, None).unwrap();
     assert_eq!((a.generation, a.assignments.len()), (3, 2));
+    assert_eq!(m.exited(), None);
+}
+
+#[test]
+fn idle_connections_cannot_starve_the_master() {
+    let env = Env::new();
+    // 128 descriptors: the master serves at most 64 connections (the rest of its
+    // descriptors are its own), and closes idle ones after half a second.
+    let vars = [
+        ("UDOS_TEST_RLIMIT_NOFILE", "128".to_string()),
+        ("UDOS_TEST_HEADER_TIMEOUT_MS", "500".to_string()),
+    ];
+    let mut m = MasterProcess::start(env.dir.path(), &vars).unwrap();
+    let addr: SocketAddr = m.url.trim_start_matches("http://").parse().unwrap();
+    let mut idle: Vec<TcpStream> = (0..150)
+        .map(|_| TcpStream::connect(addr).unwrap())
+        .collect();
+    // A real request gets through: the idle connections ahead of it are closed in turn.
+    let st = m.publisher().status();
+    assert!(st.is_ok(), "{st:?} (master process: {:?})", m.exited());
+    for (i, s) in idle.iter_mut().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = [0u8; 64];
+        let closed = match s.read(&mut buf) {
+            Ok(0) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        };
+        assert!(closed, "idle connection {i} was not closed");
+    }
     assert_eq!(m.exited(), None);
 }

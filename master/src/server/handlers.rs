@@ -206,9 +206,10 @@ fn other_worker(m: &Master, caller: &WorkerEntry, worker: &str) -> ApiError {
     }
 }
 
-/// Read a request body of at most `limit` bytes. Called only once the caller is
-/// authenticated: an unknown client never makes the master buffer anything.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> ApiResult<Bytes> {
+/// Read a request body of at most `limit` bytes within the body timeout. Called only
+/// once the caller is authenticated: an unknown client never makes the master buffer
+/// anything.
+async fn read_body(m: &Master, headers: &HeaderMap, body: Body, limit: usize) -> ApiResult<Bytes> {
     use http_body_util::BodyExt as _;
     let too_large = || {
         ApiError::new(
@@ -223,12 +224,20 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> ApiResult<B
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(ApiError::bad_request(format!(
+    let collect = http_body_util::Limited::new(body, limit).collect();
+    match tokio::time::timeout(m.body_read_timeout, collect).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(e)) => Err(ApiError::bad_request(format!(
             "cannot read the request body: {e}"
         ))),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the body did not arrive within {} s",
+                m.body_read_timeout.as_secs_f64()
+            ),
+        )),
     }
 }
 
@@ -294,7 +303,7 @@ pub(crate) async fn publish(
 ) -> ApiResult<Json<PublishResponse>> {
     m.counters.publish.fetch_add(1, Ordering::Relaxed);
     require_publisher(&m, &headers, "publish")?;
-    let body = read_body(&headers, body, MAX_PUBLICATION_BYTES).await?;
+    let body = read_body(&m, &headers, body, MAX_PUBLICATION_BYTES).await?;
     let req: PublishRequest = parse_json(&body, "publication")?;
     drop(body);
     desired::validate(&req.commit, &req.specs)
@@ -428,7 +437,7 @@ pub(crate) async fn enroll(
             )))
         }
     }
-    let body = read_body(&headers, body, MAX_BODY_BYTES).await?;
+    let body = read_body(&m, &headers, body, MAX_BODY_BYTES).await?;
     let req: EnrollRequest = parse_json(&body, "enrollment")?;
     if !valid_worker_id(&req.worker_id) {
         return Err(ApiError::bad_request(format!(
@@ -568,7 +577,7 @@ pub(crate) async fn heartbeat(
             caller.role()
         )));
     };
-    let body = read_body(&headers, body, MAX_BODY_BYTES).await?;
+    let body = read_body(&m, &headers, body, MAX_BODY_BYTES).await?;
     let hb: Heartbeat = parse_json(&body, "heartbeat")?;
     if hb.worker_id != entry.id {
         return Err(other_worker(&m, &entry, &hb.worker_id));

@@ -4,9 +4,12 @@
 //! [`RunningServer`] that knows its address; [`spawn`] does the same on a thread of
 //! its own with its own runtime, for blocking callers and tests.
 
+mod conn;
 mod handlers;
 mod state;
 pub mod tls;
+
+pub use conn::Limits;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -52,6 +55,8 @@ pub struct ServeConfig {
     /// A worker not seen (heartbeat or assignment request) for this long is not live
     /// and its instances move. An open long poll counts as being seen.
     pub lease: Duration,
+    /// Connection limit and timeouts.
+    pub limits: Limits,
 }
 
 impl ServeConfig {
@@ -71,6 +76,7 @@ impl ServeConfig {
             tls_key: None,
             intent_pubkey: None,
             lease: DEFAULT_LEASE,
+            limits: Limits::default(),
         }
     }
 }
@@ -170,22 +176,6 @@ fn router(master: Arc<Master>) -> Router {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Peer(pub SocketAddr);
 
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tls::TlsListener>>
-    for Peer
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, tls::TlsListener>) -> Self {
-        Peer(*stream.remote_addr())
-    }
-}
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tls::PlainListener>>
-    for Peer
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, tls::PlainListener>) -> Self {
-        Peer(*stream.remote_addr())
-    }
-}
-
 /// Bind and start serving on the current tokio runtime.
 pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
     let publisher = read_token_file(&config.publisher_token_file)?;
@@ -260,6 +250,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         shutdown: stop_rx.clone(),
         counters: Counters::default(),
         detail_cache: Mutex::new(None),
+        body_read_timeout: config.limits.body_read_timeout,
     });
     tracing::info!(
         workers = workers.len(),
@@ -272,30 +263,27 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = tcp.local_addr()?;
-    let app = router(master.clone()).into_make_service_with_connect_info::<Peer>();
-    let mut stop = stop_rx.clone();
-    let graceful = async move {
-        let _ = stop.wait_for(|s| *s).await;
-    };
+    let mut limits = config.limits;
+    if limits.max_connections == 0 {
+        anyhow::bail!("the connection limit must be at least 1");
+    }
+    limits.max_connections = conn::fit_to_open_files(limits.max_connections);
+    if limits.max_connections < config.limits.max_connections {
+        tracing::warn!(
+            "serving at most {} connections (the open-file limit is too low for {})",
+            limits.max_connections,
+            config.limits.max_connections
+        );
+    }
     let is_tls = tls.is_some();
-    let server = match tls {
-        Some(cfg) => {
-            let listener = tls::TlsListener::new(tcp, cfg)?;
-            tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(graceful)
-                    .await
-            })
-        }
-        None => {
-            let listener = tls::PlainListener(tcp);
-            tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(graceful)
-                    .await
-            })
-        }
-    };
+    let acceptor = tls.map(|cfg| tokio_rustls::TlsAcceptor::from(Arc::new(cfg)));
+    let server = tokio::spawn(conn::serve(
+        tcp,
+        acceptor,
+        router(master.clone()),
+        limits,
+        stop_rx.clone(),
+    ));
     let tasks = vec![
         tokio::spawn(scheduler_loop(master.clone(), stop_rx.clone())),
         tokio::spawn(lease_loop(master.clone(), stop_rx)),

@@ -367,6 +367,8 @@ pub(crate) struct Master {
     pub counters: Counters,
     /// Serialized `GenerationDetail` of the active generation: (number, signature, body).
     pub detail_cache: Mutex<Option<(u64, Option<String>, axum::body::Bytes)>>,
+    /// How long a request body may take to arrive.
+    pub body_read_timeout: Duration,
 }
 
 /// Request counters for /metrics.
