@@ -101,6 +101,16 @@ pub enum Invalid {
         /// Instances asked for, summed over every spec.
         total: u64,
     },
+    /// A workflow path that could name a file outside the repository.
+    #[error("spec `{id}`: workflow path `{path}` {why}; it must be relative to the repository root, like `.github/workflows/ci.yml`")]
+    WorkflowPath {
+        /// Spec id.
+        id: String,
+        /// The path as published.
+        path: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
     /// A field is missing or empty.
     #[error("spec `{id}`: {what}")]
     Incomplete {
@@ -124,6 +134,30 @@ pub const MAX_INSTANCES: u64 = 100_000;
 
 fn is_hex(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Why a workflow path is refused, if it is. It is joined to the worker's checkout,
+/// so it must stay inside: relative (no leading `/`), normalised (no empty, `.` or
+/// `..` components) and without NUL. Workers check it again before running.
+pub fn check_workflow_path(path: &str) -> Result<(), &'static str> {
+    if path.is_empty() {
+        return Err("is empty");
+    }
+    if path.starts_with('/') {
+        return Err("is absolute");
+    }
+    if path.contains('\0') {
+        return Err("contains NUL");
+    }
+    for part in path.split('/') {
+        match part {
+            "" => return Err("has an empty component"),
+            "." => return Err("has a `.` component"),
+            ".." => return Err("has a `..` component"),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Check that a publication is small enough to schedule: no service above
@@ -193,6 +227,11 @@ pub fn validate(commit: &str, specs: &[DesiredSpec]) -> Result<(), Invalid> {
                 if workflow.is_empty() {
                     return Err(incomplete("a workflow run needs a `workflow` path"));
                 }
+                check_workflow_path(workflow).map_err(|why| Invalid::WorkflowPath {
+                    id: s.id.clone(),
+                    path: workflow.clone(),
+                    why,
+                })?;
             }
         }
     }
@@ -292,6 +331,47 @@ mod tests {
             validate(COMMIT, &[svc("bad id")]),
             Err(Invalid::Id("bad id".into()))
         );
+    }
+
+    fn run(id: &str, workflow: &str) -> DesiredSpec {
+        let mut s = svc(id);
+        s.kind = SpecKind::WorkflowRun {
+            workflow: workflow.into(),
+            job: None,
+        };
+        s
+    }
+
+    #[test]
+    fn workflow_paths_stay_in_the_repository() {
+        for ok in [
+            ".github/workflows/ci.yml",
+            "ci.yml",
+            "a/..b/c..",
+            "w/.x.yml",
+        ] {
+            assert_eq!(validate(COMMIT, &[run("r", ok)]), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("/etc/passwd", "is absolute"),
+            ("../other/ci.yml", "has a `..` component"),
+            (".github/../../x.yml", "has a `..` component"),
+            ("a/..", "has a `..` component"),
+            ("./ci.yml", "has a `.` component"),
+            ("a//ci.yml", "has an empty component"),
+            ("a/", "has an empty component"),
+            ("a\0b", "contains NUL"),
+        ] {
+            assert_eq!(
+                validate(COMMIT, &[run("r", bad)]),
+                Err(Invalid::WorkflowPath {
+                    id: "r".into(),
+                    path: bad.into(),
+                    why
+                }),
+                "{bad}"
+            );
+        }
     }
 
     fn replicas(id: &str, n: u32) -> DesiredSpec {

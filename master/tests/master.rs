@@ -110,6 +110,19 @@ fn rejected_publication_changes_nothing() {
         matches!(&e, ClientError::Rejected(m) if m.contains("no content hash")),
         "{e}"
     );
+    // Workflow paths are joined to the worker's checkout: they must stay inside it.
+    for path in ["/etc/passwd", "../../etc/passwd", ".github/../../x.yml"] {
+        let mut escaping = run("ci", 1);
+        escaping.kind = udos_core::desired::SpecKind::WorkflowRun {
+            workflow: path.into(),
+            job: None,
+        };
+        let e = bad(commit(2), vec![escaping]);
+        assert!(
+            matches!(&e, ClientError::Rejected(m) if m.contains("relative to the repository")),
+            "{path}: {e}"
+        );
+    }
     let e = bad("not-a-commit".into(), vec![service("a", 1, 1)]);
     assert!(
         matches!(&e, ClientError::Rejected(m) if m.contains("not-a-commit")),
