@@ -8,6 +8,7 @@
 //! - [`schedule`]: placing spec instances on workers, deterministically.
 //! - [`reconcile`]: a worker's decision per instance: noop, replace, create, stop.
 //! - [`wire`]: the master's API messages.
+//! - [`text`]: outside text made safe to print on a terminal.
 //!
 //! The data path: workflow text → [`workflow::Workflow`] → per step a
 //! [`condition::Decision`] and [`synth::StepFiles`] → (host agent) VM → sealed layer.
@@ -18,6 +19,7 @@ pub mod desired;
 pub mod reconcile;
 pub mod schedule;
 pub mod synth;
+pub mod text;
 pub mod value;
 pub mod wire;
 pub mod workflow;

@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use udos_core::desired::Resources;
+use udos_core::text::sanitize_for_terminal as t;
 use udos_core::wire::PublishRequest;
 use udos_master::api::{InstanceHealth, StatusReport};
 use udos_master::{Client, ClientError, ServeConfig};
@@ -455,14 +456,16 @@ pub fn publish(state: &StateDir, a: PublishArgs) -> ExitCode {
                     } else {
                         "already published: active again"
                     },
-                    short(&a.commit)
+                    t(short(&a.commit))
                 );
-                println!("intent {}", resp.intent_hash);
+                println!("intent {}", t(&resp.intent_hash));
             }
             for u in &resp.unschedulable {
                 eprintln!(
                     "udos: warning: {}@{} cannot be placed: {}",
-                    u.spec, u.replica, u.reason
+                    t(&u.spec),
+                    u.replica,
+                    t(&u.reason)
                 );
             }
             ExitCode::SUCCESS
@@ -511,9 +514,9 @@ pub fn render_status(r: &StatusReport) -> String {
             o,
             "generation {}  commit {}  intent {}  published {}",
             r.generation,
-            short(r.commit.as_deref().unwrap_or("-")),
-            short(r.intent_hash.as_deref().unwrap_or("-")),
-            r.published_at.as_deref().unwrap_or("-")
+            t(short(r.commit.as_deref().unwrap_or("-"))),
+            t(short(r.intent_hash.as_deref().unwrap_or("-"))),
+            t(r.published_at.as_deref().unwrap_or("-"))
         );
     }
     let _ = writeln!(
@@ -534,7 +537,7 @@ pub fn render_status(r: &StatusReport) -> String {
         let labels = w
             .labels
             .iter()
-            .map(|(k, v)| format!("{k}={v}"))
+            .map(|(k, v)| format!("{}={}", t(k), t(v)))
             .collect::<Vec<_>>()
             .join(",");
         let used = w.used.unwrap_or_default();
@@ -544,7 +547,7 @@ pub fn render_status(r: &StatusReport) -> String {
             .map(|i| {
                 format!(
                     "{}@{} {} {}",
-                    i.spec,
+                    t(&i.spec),
                     i.replica,
                     super::state_name(i.state),
                     human_secs(i.uptime_s)
@@ -555,7 +558,7 @@ pub fn render_status(r: &StatusReport) -> String {
         let _ = writeln!(
             o,
             "{:<16} {:<5} {:>9} {:>4}  {:<24} {:<16} {}",
-            w.id,
+            t(&w.id),
             if w.live { "yes" } else { "no" },
             w.last_seen_s_ago
                 .map(|s| format!("{} ago", human_secs(s)))
@@ -585,15 +588,15 @@ pub fn render_status(r: &StatusReport) -> String {
                 let _ = writeln!(
                     o,
                     "{:<20} {:<13} {:<13} {:>7}  {:<16} {}{}",
-                    s.id,
-                    s.kind,
-                    short(&s.hash),
+                    t(&s.id),
+                    t(&s.kind),
+                    t(short(&s.hash)),
                     i.replica,
-                    i.worker.as_deref().unwrap_or("-"),
+                    t(i.worker.as_deref().unwrap_or("-")),
                     health_name(i.state),
                     i.message
                         .as_deref()
-                        .map(|m| format!(" ({m})"))
+                        .map(|m| format!(" ({})", t(m)))
                         .unwrap_or_default()
                 );
             }
@@ -606,12 +609,12 @@ pub fn render_status(r: &StatusReport) -> String {
             if !i.snapshot_ids.is_empty() {
                 snaps.push(format!(
                     "  {}@{} on {}: {}",
-                    i.spec,
+                    t(&i.spec),
                     i.replica,
-                    w.id,
+                    t(&w.id),
                     i.snapshot_ids
                         .iter()
-                        .map(|s| short(s))
+                        .map(|s| t(short(s)))
                         .collect::<Vec<_>>()
                         .join(" ")
                 ));
@@ -629,7 +632,7 @@ pub fn render_status(r: &StatusReport) -> String {
         let _ = writeln!(o);
         let _ = writeln!(o, "drift:");
         for d in &r.drift {
-            let _ = writeln!(o, "  {d}");
+            let _ = writeln!(o, "  {}", t(d));
         }
     }
     o
@@ -675,22 +678,77 @@ pub fn diff(state: &StateDir, a: DiffArgs) -> ExitCode {
                     d.unchanged
                 );
                 for s in &d.added {
-                    println!("+ {:<24} {}", s.id, short(&s.hash));
+                    println!("+ {:<24} {}", t(&s.id), t(short(&s.hash)));
                 }
                 for s in &d.removed {
-                    println!("- {:<24} {}", s.id, short(&s.hash));
+                    println!("- {:<24} {}", t(&s.id), t(short(&s.hash)));
                 }
                 for c in &d.changed {
                     println!(
                         "~ {:<24} {} -> {}",
-                        c.id,
-                        short(&c.from_hash),
-                        short(&c.to_hash)
+                        t(&c.id),
+                        t(short(&c.from_hash)),
+                        t(short(&c.to_hash))
                     );
                 }
             }
             ExitCode::SUCCESS
         }
         Err(e) => fail_master(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A report as a hostile worker could shape it through its enrollment and
+    /// heartbeats (the master relays them): escape sequences and line breaks.
+    const HOSTILE: &str = r#"{
+        "generation": 1, "commit": "0123456789abcdef", "intent_hash": "ab",
+        "published_at": "2024-01-01T00:00:00Z",
+        "convergence": 0.0, "converged_instances": 0, "desired_instances": 1, "lease_s": 30,
+        "workers": [{
+            "id": "w1\u001b]0;owned\u0007",
+            "labels": {"zone\u001b[2J": "a\u009b31m"},
+            "capacity": {"cpu_millis": 1000, "memory_mib": 1000},
+            "live": true, "enrolled_at": "2024-01-01T00:00:00Z", "seen_generation": 1,
+            "assigned": ["web@0"],
+            "instances": [{
+                "spec": "web\u001b[1A", "replica": 0, "hash": "ab", "state": "failed",
+                "uptime_s": 3, "snapshot_ids": ["\u001b[31mdeadbeef"],
+                "message": "died\nspec web: all fine\r\u202eenil"
+            }]
+        }],
+        "specs": [{"id": "web", "hash": "ab", "kind": "service", "instances": [{
+            "replica": 0, "worker": "w1\u001b]0;owned\u0007", "state": "failed",
+            "message": "died\nspec web: all fine"
+        }]}],
+        "unschedulable": [],
+        "drift": ["worker w1\u001b[8m reports web@0 failed: died\nall converged"]
+    }"#;
+
+    #[test]
+    fn status_prints_outside_text_escaped() {
+        let report: StatusReport = serde_json::from_str(HOSTILE).unwrap();
+        let out = render_status(&report);
+        let raw: Vec<char> = out
+            .chars()
+            .filter(|c| (c.is_control() && *c != '\n') || *c == '\u{202e}')
+            .collect();
+        assert!(raw.is_empty(), "raw control characters {raw:?} in\n{out}");
+        for shown in [
+            "w1\\x1b]0;owned\\x07",
+            "zone\\x1b[2J=a\\u{9b}31m",
+            "died\\nspec web",
+        ] {
+            assert!(out.contains(shown), "{shown} missing in\n{out}");
+        }
+        // No line of the output was forged by a newline in a message.
+        assert!(
+            !out.lines()
+                .any(|l| l.starts_with("spec web: all fine") || l.starts_with("all converged")),
+            "{out}"
+        );
     }
 }
