@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use udos_core::desired::{DesiredSpec, Resources};
-use udos_core::wire::{RunningInstance, Unschedulable};
+use udos_core::wire::{RunningInstance, SignatureState, Unschedulable};
 
 /// Body of every refused request (4xx/5xx): `{"error": "..."}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,8 +31,12 @@ pub struct GenerationSummary {
     pub active: bool,
     /// Number of specs.
     pub specs: usize,
-    /// Whether it was published with a signature.
+    /// Whether its signature verifies under the master's `--intent-pubkey` (false for
+    /// a signature the master could not check: see `signature_state`).
     pub signed: bool,
+    /// What the master knows of its signature.
+    #[serde(default)]
+    pub signature_state: SignatureState,
 }
 
 /// `GET /v1/generations/{n}`.
@@ -47,6 +51,9 @@ pub struct GenerationDetail {
     /// ed25519 signature over `b"udos-intent-v1\n" + intent_hash`, hex, when signed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<String>,
+    /// What the master knows of that signature.
+    #[serde(default)]
+    pub signature_state: SignatureState,
     /// When it was first published (RFC 3339, UTC).
     pub published_at: String,
     /// Who published it.
@@ -92,6 +99,12 @@ pub struct DiffResponse {
     pub changed: Vec<SpecChange>,
     /// How many specs are identical in both.
     pub unchanged: usize,
+    /// What the master knows of A's signature (`unsigned` for generation 0).
+    #[serde(default)]
+    pub from_signature_state: SignatureState,
+    /// What the master knows of B's signature.
+    #[serde(default)]
+    pub to_signature_state: SignatureState,
 }
 
 /// One accepted publication, as `GET /v1/audit` lists it (oldest first).
@@ -217,6 +230,9 @@ pub struct StatusReport {
     /// When it was published (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub published_at: Option<String>,
+    /// What the master knows of its signature.
+    #[serde(default)]
+    pub signature_state: SignatureState,
     /// `converged_instances / desired_instances` (1.0 when nothing is desired).
     pub convergence: f64,
     /// Instances converged (see [`InstanceHealth::Converged`]).

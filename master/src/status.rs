@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use udos_core::desired::{Resources, SpecKind};
 use udos_core::schedule::Placement;
-use udos_core::wire::{Heartbeat, InstanceState, RunningInstance};
+use udos_core::wire::{Heartbeat, InstanceState, RunningInstance, SignatureState};
 
 use crate::api::{InstanceHealth, InstanceStatus, SpecStatus, StatusReport, WorkerStatus};
 use crate::store::GenerationRecord;
@@ -300,6 +300,8 @@ pub fn compute_status(
         commit: active.map(|g| g.commit.clone()),
         intent_hash: active.map(|g| g.intent_hash.clone()),
         published_at: active.map(|g| rfc3339(g.published_at_ms)),
+        // Only the server knows its intent key: it fills this in.
+        signature_state: SignatureState::Unsigned,
         convergence: if desired == 0 {
             1.0
         } else {

@@ -61,8 +61,8 @@ pub struct GenerationMeta {
     pub intent_hash: String,
     /// Number of specs.
     pub spec_count: usize,
-    /// Whether it carries a signature.
-    pub signed: bool,
+    /// Its signature (hex), if it carries one.
+    pub signature: Option<String>,
     /// First publication, unix ms.
     pub published_at_ms: u64,
     /// Who published it first.
@@ -78,6 +78,10 @@ pub struct NewPublication<'a> {
     pub specs: &'a [DesiredSpec],
     /// Optional signature (hex).
     pub signature: Option<&'a str>,
+    /// Whether the caller verified `signature` under its intent key. A verified
+    /// signature replaces the one an existing generation carries; an unverified one
+    /// is stored only where there is none.
+    pub signature_verified: bool,
     /// Who publishes.
     pub publisher: &'a str,
     /// The client's address.
@@ -314,7 +318,8 @@ impl Store for SqliteStore {
             .optional()?;
         let (generation, created) = match existing {
             Some((number, signature)) => {
-                if signature.is_none() && p.signature.is_some() {
+                let better = signature.is_none() || p.signature_verified;
+                if p.signature.is_some() && better && signature.as_deref() != p.signature {
                     tx.execute(
                         "UPDATE generations SET signature = ?1 WHERE number = ?2",
                         params![p.signature, number],
@@ -392,7 +397,7 @@ impl Store for SqliteStore {
 
     fn generations(&self) -> Result<Vec<GenerationMeta>, StoreError> {
         let mut stmt = self.conn.prepare(
-            "SELECT number, commit_id, intent_hash, spec_count, signature IS NOT NULL, published_at, publisher
+            "SELECT number, commit_id, intent_hash, spec_count, signature, published_at, publisher
              FROM generations ORDER BY number",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -401,7 +406,7 @@ impl Store for SqliteStore {
                 commit: r.get(1)?,
                 intent_hash: r.get(2)?,
                 spec_count: r.get::<_, i64>(3)? as usize,
-                signed: r.get(4)?,
+                signature: r.get(4)?,
                 published_at_ms: r.get::<_, i64>(5)? as u64,
                 publisher: r.get(6)?,
             })
@@ -549,6 +554,7 @@ mod tests {
             commit: COMMIT,
             specs,
             signature: None,
+            signature_verified: false,
             publisher: "ci",
             remote: None,
             at_ms: 1000,

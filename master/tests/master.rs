@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use udos_core::desired::Resources;
-use udos_core::wire::{EnrollRequest, Heartbeat, InstanceState, PublishRequest, RunningInstance};
+use udos_core::wire::{
+    EnrollRequest, Heartbeat, InstanceState, PublishRequest, RunningInstance, SignatureState,
+};
 use udos_master::api::InstanceHealth;
 use udos_master::signing;
 use udos_master::ClientError;
@@ -432,6 +434,14 @@ fn signed_intent_is_required_and_forwarded() {
         (ok.generation, ok.intent_hash.as_str()),
         (1, intent.as_str())
     );
+    assert_eq!(ok.signature_state, SignatureState::Verified);
+    let gens = p.generations().unwrap();
+    assert!(gens[0].signed);
+    assert_eq!(gens[0].signature_state, SignatureState::Verified);
+    assert_eq!(
+        p.status().unwrap().signature_state,
+        SignatureState::Verified
+    );
     let w = enroll(&server, "w1", &[]);
     let a = w.poll(0);
     assert_eq!(a.signature.as_deref(), Some(sig.as_str()));
@@ -448,6 +458,71 @@ fn signed_intent_is_required_and_forwarded() {
     assert_eq!(g.signature.as_deref(), Some(sig.as_str()));
     assert_eq!(udos_core::desired::intent_hash(&g.commit, &g.specs), intent);
     assert!(g.specs.contains(&a.assignments[0].spec));
+}
+
+#[test]
+fn a_signature_the_master_cannot_check_is_not_called_signed() {
+    let mut env = Env::new();
+    let key = signing::parse_signing_key(&"42".repeat(32)).unwrap();
+    let other = signing::parse_signing_key(&"43".repeat(32)).unwrap();
+    let signed_by = |k: &ed25519_dalek::SigningKey, n: u32, specs: Vec<_>| PublishRequest {
+        signature: Some(signing::sign_intent(
+            k,
+            &udos_core::desired::intent_hash(&commit(n), &specs),
+        )),
+        commit: commit(n),
+        specs,
+    };
+    // No --intent-pubkey: signatures are kept and forwarded, but not vouched for.
+    let server = env.start();
+    let p = publisher(&server);
+    let r = p.publish(&signed_by(&key, 1, vec![run("ci", 1)])).unwrap();
+    assert_eq!(r.signature_state, SignatureState::Unverified);
+    let r = p
+        .publish(&signed_by(&other, 2, vec![run("ci", 2)]))
+        .unwrap();
+    assert_eq!(r.signature_state, SignatureState::Unverified);
+    let r = publish(&p, 3, vec![run("ci", 3)]);
+    assert_eq!(r.signature_state, SignatureState::Unsigned);
+    let states = |p: &udos_master::Client| {
+        p.generations()
+            .unwrap()
+            .iter()
+            .map(|g| (g.signed, g.signature_state))
+            .collect::<Vec<_>>()
+    };
+    use SignatureState::*;
+    assert_eq!(
+        states(&p),
+        vec![(false, Unverified), (false, Unverified), (false, Unsigned)]
+    );
+    let g1 = p.generation(1).unwrap();
+    assert!(g1.signature.is_some(), "the signature is still forwarded");
+    assert_eq!(g1.signature_state, Unverified);
+    let d = p.diff(Some(1), Some(3)).unwrap();
+    assert_eq!(
+        (d.from_signature_state, d.to_signature_state),
+        (Unverified, Unsigned)
+    );
+    p.publish(&signed_by(&key, 1, vec![run("ci", 1)])).unwrap();
+    assert_eq!(p.status().unwrap().signature_state, Unverified);
+    server.shutdown().unwrap();
+
+    // The same database under a master with the key: checked against it now.
+    let key_file = env.path("intent.pub");
+    std::fs::write(&key_file, signing::public_hex(&key)).unwrap();
+    env.config.intent_pubkey = Some(key_file);
+    let server = env.start();
+    let p = publisher(&server);
+    assert_eq!(
+        states(&p),
+        vec![(true, Verified), (false, Invalid), (false, Unsigned)]
+    );
+    assert_eq!(p.status().unwrap().signature_state, Verified);
+    // Re-publishing generation 2 signed with the right key replaces its signature.
+    let r = p.publish(&signed_by(&key, 2, vec![run("ci", 2)])).unwrap();
+    assert_eq!((r.generation, r.signature_state), (2, Verified));
+    assert_eq!(states(&p)[1], (true, Verified));
 }
 
 #[test]

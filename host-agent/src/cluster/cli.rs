@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use udos_core::desired::Resources;
 use udos_core::text::sanitize_for_terminal as t;
-use udos_core::wire::PublishRequest;
+use udos_core::wire::{PublishRequest, SignatureState};
 use udos_master::api::{InstanceHealth, StatusReport};
 use udos_master::{Client, ClientError, ServeConfig};
 use udos_vmm::HypervisorChoice;
@@ -458,7 +458,16 @@ pub fn publish(state: &StateDir, a: PublishArgs) -> ExitCode {
                     },
                     t(short(&a.commit))
                 );
-                println!("intent {}", t(&resp.intent_hash));
+                println!(
+                    "intent {} ({})",
+                    t(&resp.intent_hash),
+                    resp.signature_state.describe()
+                );
+            }
+            if resp.signature_state == SignatureState::Unverified {
+                eprintln!(
+                    "udos: warning: the master has no --intent-pubkey: it stored the signature without checking it (workers with the key check it)"
+                );
             }
             for u in &resp.unschedulable {
                 eprintln!(
@@ -518,6 +527,7 @@ pub fn render_status(r: &StatusReport) -> String {
             t(short(r.intent_hash.as_deref().unwrap_or("-"))),
             t(r.published_at.as_deref().unwrap_or("-"))
         );
+        let _ = writeln!(o, "intent {}", r.signature_state.describe());
     }
     let _ = writeln!(
         o,
@@ -677,6 +687,13 @@ pub fn diff(state: &StateDir, a: DiffArgs) -> ExitCode {
                     d.changed.len(),
                     d.unchanged
                 );
+                println!(
+                    "generation {}: {}; generation {}: {}",
+                    d.from,
+                    d.from_signature_state.describe(),
+                    d.to,
+                    d.to_signature_state.describe()
+                );
                 for s in &d.added {
                     println!("+ {:<24} {}", t(&s.id), t(short(&s.hash)));
                 }
@@ -727,6 +744,26 @@ mod tests {
         "unschedulable": [],
         "drift": ["worker w1\u001b[8m reports web@0 failed: died\nall converged"]
     }"#;
+
+    #[test]
+    fn status_says_signed_only_when_the_master_verified_it() {
+        let mut report: StatusReport = serde_json::from_str(HOSTILE).unwrap();
+        for (state, says) in [
+            (SignatureState::Unverified, "intent signature NOT verified"),
+            (SignatureState::Invalid, "intent signature INVALID"),
+            (SignatureState::Unsigned, "intent unsigned"),
+            (
+                SignatureState::Verified,
+                "intent signed (verified by the master)",
+            ),
+        ] {
+            report.signature_state = state;
+            let out = render_status(&report);
+            assert!(out.contains(says), "{state:?}: {out}");
+            let claims = out.contains("signed (verified");
+            assert_eq!(claims, state == SignatureState::Verified, "{out}");
+        }
+    }
 
     #[test]
     fn status_prints_outside_text_escaped() {

@@ -18,6 +18,7 @@ use subtle::ConstantTimeEq;
 use udos_core::desired;
 use udos_core::wire::{
     EnrollRequest, EnrollResponse, Heartbeat, HeartbeatResponse, PublishRequest, PublishResponse,
+    SignatureState,
 };
 
 use super::state::{AuthTable, Master, PollGuard, WorkerEntry};
@@ -326,6 +327,8 @@ pub(crate) async fn publish(
         crate::signing::verify_intent(key, &intent_hash, sig)
             .map_err(|e| ApiError::bad_request(format!("invalid publication: {e}")))?;
     }
+    // Checked above when this master has a key; without one it is kept unverified.
+    let signature_verified = req.signature.is_some() && m.intent_key.is_some();
     let req = schedulable(&m, req).await?;
     let publisher = publisher_name(&headers);
     let _guard = m.publish_lock.lock().await;
@@ -336,13 +339,14 @@ pub(crate) async fn publish(
         signature,
     } = req;
     let remote = remote.ip().to_string();
-    let (outcome, record) = {
+    let (outcome, record): (_, GenerationRecord) = {
         let publisher = publisher.clone();
         m.with_store(move |s| {
             let outcome = s.publish(&NewPublication {
                 commit: &commit,
                 specs: &specs,
                 signature: signature.as_deref(),
+                signature_verified,
                 publisher: &publisher,
                 remote: Some(&remote),
                 at_ms,
@@ -369,6 +373,7 @@ pub(crate) async fn publish(
         })
         .await?
     };
+    let signature_state = m.signature_state(&record.intent_hash, record.signature.as_deref());
     let current = m.active.load_full();
     let changed = current.as_ref().map(|g| (g.number, g.signature.clone()))
         != Some((record.number, record.signature.clone()));
@@ -383,10 +388,12 @@ pub(crate) async fn publish(
         generation = outcome.generation,
         created = outcome.created,
         publisher = %publisher,
+        signature = signature_state.describe(),
         "published {}",
         outcome.intent_hash
     );
     Ok(Json(PublishResponse {
+        signature_state,
         generation: outcome.generation,
         intent_hash: outcome.intent_hash,
         created: outcome.created,
@@ -620,14 +627,18 @@ pub(crate) async fn current_status(m: &Arc<Master>) -> StatusReport {
         let auth = m.auth.load_full();
         let now = now_ms();
         let workers: Vec<_> = auth.by_id.values().map(|e| e.status_input(now)).collect();
-        compute_status(
+        let mut report = compute_status(
             snap.generation.as_deref(),
             &snap.placement,
             &workers,
             now,
             m.lease_ms,
             snap.problem.as_deref(),
-        )
+        );
+        if let Some(g) = snap.generation.as_deref() {
+            report.signature_state = m.signature_state(&g.intent_hash, g.signature.as_deref());
+        }
+        report
     })
     .await
     .unwrap_or_else(|e| panic!("status computation panicked: {e}"))
@@ -647,15 +658,19 @@ pub(crate) async fn generations(
     let list = m.with_store(|s| s.generations()).await?;
     Ok(Json(
         list.into_iter()
-            .map(|g| GenerationSummary {
-                generation: g.number,
-                active: Some(g.number) == active,
-                commit: g.commit,
-                intent_hash: g.intent_hash,
-                published_at: rfc3339(g.published_at_ms),
-                publisher: g.publisher,
-                specs: g.spec_count,
-                signed: g.signed,
+            .map(|g| {
+                let signature_state = m.signature_state(&g.intent_hash, g.signature.as_deref());
+                GenerationSummary {
+                    generation: g.number,
+                    active: Some(g.number) == active,
+                    commit: g.commit,
+                    intent_hash: g.intent_hash,
+                    published_at: rfc3339(g.published_at_ms),
+                    publisher: g.publisher,
+                    specs: g.spec_count,
+                    signed: signature_state == SignatureState::Verified,
+                    signature_state,
+                }
             })
             .collect(),
     ))
@@ -702,7 +717,7 @@ pub(crate) async fn generation(
                 }
             }
             let body =
-                Bytes::from(serde_json::to_vec(&detail(&active, true)).map_err(|e| {
+                Bytes::from(serde_json::to_vec(&detail(&m, &active, true)).map_err(|e| {
                     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
                 })?);
             if let Ok(mut c) = m.detail_cache.lock() {
@@ -713,15 +728,16 @@ pub(crate) async fn generation(
     }
     let g = load_generation(&m, n).await?;
     let active = m.active.load().as_ref().map(|a| a.number) == Some(g.number);
-    Ok(Json(detail(&g, active)).into_response())
+    Ok(Json(detail(&m, &g, active)).into_response())
 }
 
-fn detail(g: &GenerationRecord, active: bool) -> GenerationDetail {
+fn detail(m: &Master, g: &GenerationRecord, active: bool) -> GenerationDetail {
     GenerationDetail {
         generation: g.number,
         commit: g.commit.clone(),
         intent_hash: g.intent_hash.clone(),
         signature: g.signature.clone(),
+        signature_state: m.signature_state(&g.intent_hash, g.signature.as_deref()),
         published_at: rfc3339(g.published_at_ms),
         publisher: g.publisher.clone(),
         active,
@@ -781,6 +797,10 @@ pub(crate) async fn diff(
         removed: vec![],
         changed: vec![],
         unchanged: 0,
+        from_signature_state: a.as_ref().map_or(SignatureState::Unsigned, |g| {
+            m.signature_state(&g.intent_hash, g.signature.as_deref())
+        }),
+        to_signature_state: m.signature_state(&b.intent_hash, b.signature.as_deref()),
     };
     for (id, hash) in &b_specs {
         match a_specs.get(id) {

@@ -18,7 +18,7 @@ use tokio::sync::{watch, Notify};
 use udos_core::desired;
 use udos_core::desired::{DesiredSpec, Resources};
 use udos_core::schedule::{try_schedule, Placement, WorkerInventory};
-use udos_core::wire::{Heartbeat, InstanceState};
+use udos_core::wire::{Heartbeat, InstanceState, SignatureState};
 
 use crate::status::WorkerState;
 use crate::store::{GenerationRecord, Store, WorkerRecord};
@@ -383,6 +383,19 @@ pub(crate) struct Counters {
 }
 
 impl Master {
+    /// What this master knows of a generation's signature: only one that verifies
+    /// under its own intent key counts as signed.
+    pub fn signature_state(&self, intent_hash: &str, signature: Option<&str>) -> SignatureState {
+        match (signature, &self.intent_key) {
+            (None, _) => SignatureState::Unsigned,
+            (Some(_), None) => SignatureState::Unverified,
+            (Some(sig), Some(key)) => match crate::signing::verify_intent(key, intent_hash, sig) {
+                Ok(()) => SignatureState::Verified,
+                Err(_) => SignatureState::Invalid,
+            },
+        }
+    }
+
     /// Record a state change and wake the scheduler; returns the new version.
     pub fn bump(&self) -> u64 {
         let v = self.version.fetch_add(1, Ordering::SeqCst) + 1;
