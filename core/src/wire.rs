@@ -90,7 +90,20 @@ pub struct EnrollRequest {
     pub capacity: Resources,
 }
 
-/// Answer to enrollment.
+/// `POST /v1/workers/{id}/replace` (publisher token): give an enrolled worker id a
+/// new token, revoking the one it has (its token is lost, or its machine replaced).
+/// Omitted fields keep the worker's current labels and capacity.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplaceWorkerRequest {
+    /// New labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+    /// New capacity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<Resources>,
+}
+
+/// Answer to enrollment (and to a replacement).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnrollResponse {
     /// The worker's own bearer token for every later call.

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use udos_core::desired::Resources;
 use udos_core::wire::{
-    EnrollRequest, Heartbeat, InstanceState, PublishRequest, RunningInstance, SignatureState,
+    EnrollRequest, Heartbeat, InstanceState, PublishRequest, ReplaceWorkerRequest, RunningInstance,
+    SignatureState,
 };
 use udos_master::api::InstanceHealth;
 use udos_master::signing;
@@ -384,14 +385,80 @@ fn tokens_and_roles() {
     );
     let e = w1.client.status().unwrap_err();
     assert!(matches!(e, ClientError::Forbidden { .. }), "{e}");
+}
 
-    // Re-enrolling replaces the token: the old one stops working.
-    let again = enroll(&server, "w1", &[]);
+fn enrollment(id: &str, zone: &str) -> EnrollRequest {
+    EnrollRequest {
+        worker_id: id.into(),
+        labels: BTreeMap::from([("zone".to_string(), zone.to_string())]),
+        capacity: Resources {
+            cpu_millis: 1000,
+            memory_mib: 1000,
+        },
+    }
+}
+
+#[test]
+fn an_enrolled_worker_cannot_be_taken_over_with_the_enrollment_token() {
+    let env = Env::new();
+    let server = env.start();
+    let p = publisher(&server);
+    let w1 = enroll(&server, "w1", &[("zone", "a")]);
+    let zone = |p: &udos_master::Client| {
+        let st = p.status().unwrap();
+        let w = st.workers.iter().find(|w| w.id == "w1").unwrap();
+        w.labels["zone"].clone()
+    };
+    // The enrollment token does not get w1's place, token or labels.
+    let e = enroller(&server)
+        .enroll(&enrollment("w1", "evil"))
+        .unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    assert!(e.to_string().contains("replace-worker w1"), "{e}");
+    assert!(w1.client.assignment("w1", 0, None).is_ok());
+    assert_eq!(zone(&p), "a");
+
+    // Its own token re-enrolls it: a new token, the old one revoked.
+    let again = w1.client.enroll(&enrollment("w1", "b")).unwrap();
     assert_eq!(
         w1.client.assignment("w1", 0, None).unwrap_err().status(),
         Some(401)
     );
-    assert!(again.client.assignment("w1", 0, None).is_ok());
+    let w1b = common::client(&server, &again.token, "w1.token");
+    assert!(w1b.assignment("w1", 0, None).is_ok());
+    assert_eq!(zone(&p), "b");
+    // Another worker's token may not.
+    let w2 = enroll(&server, "w2", &[]);
+    let e = w2.client.enroll(&enrollment("w1", "evil")).unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+
+    // The publisher replaces it explicitly (a lost token, a new machine).
+    let replaced = p
+        .replace_worker("w1", &ReplaceWorkerRequest::default())
+        .unwrap();
+    assert_eq!(
+        w1b.assignment("w1", 0, None).unwrap_err().status(),
+        Some(401)
+    );
+    let w1c = common::client(&server, &replaced.token, "w1.token");
+    assert!(w1c.assignment("w1", 0, None).is_ok());
+    assert_eq!(zone(&p), "b", "labels are kept unless given");
+    let relabel = ReplaceWorkerRequest {
+        labels: Some(BTreeMap::from([("zone".to_string(), "c".to_string())])),
+        capacity: None,
+    };
+    p.replace_worker("w1", &relabel).unwrap();
+    assert_eq!(zone(&p), "c");
+    // Only the publisher, and only for enrolled ids.
+    let none = ReplaceWorkerRequest::default();
+    for who in [enroller(&server), w2.client.clone()] {
+        let e = who.replace_worker("w1", &none).unwrap_err();
+        assert_eq!(e.status(), Some(403), "{e}");
+    }
+    let e = p.replace_worker("ghost", &none).unwrap_err();
+    assert_eq!(e.status(), Some(404), "{e}");
+    // A new id still enrolls with the enrollment token.
+    enroll(&server, "w3", &[]);
 }
 
 #[test]

@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use udos_core::desired::Resources;
 use udos_core::text::sanitize_for_terminal as t;
-use udos_core::wire::{PublishRequest, SignatureState};
+use udos_core::wire::{PublishRequest, ReplaceWorkerRequest, SignatureState};
 use udos_master::api::{InstanceHealth, StatusReport};
 use udos_master::{Client, ClientError, ServeConfig};
 use udos_vmm::HypervisorChoice;
@@ -34,6 +34,33 @@ pub enum MasterCommand {
     /// Run the master: number published desired state as generations, schedule it,
     /// serve workers their assignments (until SIGINT/SIGTERM)
     Serve(ServeArgs),
+    /// Give an enrolled worker a new token and revoke the one it has (publisher
+    /// token): for a lost token or a replaced machine. The enrollment token cannot
+    /// enroll an id that is already enrolled.
+    ReplaceWorker(ReplaceWorkerArgs),
+}
+
+/// `udos master replace-worker`
+#[derive(Debug, Args)]
+pub struct ReplaceWorkerArgs {
+    #[command(flatten)]
+    pub conn: MasterConn,
+    /// The enrolled worker's id
+    #[arg(value_name = "ID")]
+    pub worker_id: String,
+    /// Write the new worker token here (mode 0600); give it to the worker as its
+    /// --token-file
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// New labels, `key=value,...` [default: keep the worker's]
+    #[arg(long, value_name = "K=V,...")]
+    pub labels: Option<String>,
+    /// New CPU capacity, thousandths [default: keep the worker's]
+    #[arg(long, value_name = "MILLIS", requires = "capacity_memory")]
+    pub capacity_cpu: Option<u64>,
+    /// New memory capacity, MiB [default: keep the worker's]
+    #[arg(long, value_name = "MIB", requires = "capacity_cpu")]
+    pub capacity_memory: Option<u64>,
 }
 
 /// `udos master serve`
@@ -224,7 +251,47 @@ fn token_or_generate(path: &Path) -> Result<()> {
 
 /// `udos master ...`
 pub fn master(state: &StateDir, cmd: MasterCommand) -> ExitCode {
-    let MasterCommand::Serve(a) = cmd;
+    match cmd {
+        MasterCommand::Serve(a) => serve(state, a),
+        MasterCommand::ReplaceWorker(a) => replace_worker(state, a),
+    }
+}
+
+/// `udos master replace-worker`
+fn replace_worker(state: &StateDir, a: ReplaceWorkerArgs) -> ExitCode {
+    let labels = match a.labels.as_deref().map(super::parse_labels).transpose() {
+        Ok(l) => l,
+        Err(e) => return fail_local(e),
+    };
+    let capacity = match (a.capacity_cpu, a.capacity_memory) {
+        (Some(cpu_millis), Some(memory_mib)) => Some(Resources {
+            cpu_millis,
+            memory_mib,
+        }),
+        _ => None,
+    };
+    let client = match publisher_client(state, &a.conn) {
+        Ok(c) => c,
+        Err(e) => return fail_local(e),
+    };
+    let req = ReplaceWorkerRequest { labels, capacity };
+    let token = match client.replace_worker(&a.worker_id, &req) {
+        Ok(r) => r.token,
+        Err(e) => return fail_master(e.into()),
+    };
+    if let Err(e) = super::write_secret(&a.out, &token) {
+        return fail_local(e.context("the previous token is revoked: run replace-worker again"));
+    }
+    println!(
+        "worker {}: new token in {}; its previous token no longer works",
+        t(&a.worker_id),
+        a.out.display()
+    );
+    ExitCode::SUCCESS
+}
+
+/// `udos master serve`
+fn serve(state: &StateDir, a: ServeArgs) -> ExitCode {
     let dir = master_dir(state);
     let publisher = a
         .publisher_token_file
@@ -744,6 +811,75 @@ mod tests {
         "unschedulable": [],
         "drift": ["worker w1\u001b[8m reports web@0 failed: died\nall converged"]
     }"#;
+
+    #[test]
+    fn replace_worker_revokes_the_old_token_and_writes_the_new_one_privately() {
+        use clap::Parser as _;
+        use std::os::unix::fs::PermissionsExt as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(subcommand)]
+            cmd: MasterCommand,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pub"), "publisher-token-x").unwrap();
+        std::fs::write(dir.path().join("enroll"), "enroll-token-y").unwrap();
+        let server = udos_master::spawn(
+            ServeConfig::new(
+                "127.0.0.1:0".parse().unwrap(),
+                dir.path().join("m.db"),
+                dir.path().join("pub"),
+                dir.path().join("enroll"),
+            ),
+            1,
+        )
+        .unwrap();
+        let url = server.url();
+        let old = Client::new(&url, None)
+            .unwrap()
+            .with_token("enroll-token-y", "enroll")
+            .enroll(&udos_core::wire::EnrollRequest {
+                worker_id: "w1".into(),
+                labels: Default::default(),
+                capacity: Resources::default(),
+            })
+            .unwrap()
+            .token;
+        let state = StateDir::resolve(Some(&dir.path().join("state"))).unwrap();
+        let out = dir.path().join("w1.token");
+        let publisher_file = dir.path().join("pub");
+        let args = [
+            "udos",
+            "replace-worker",
+            "w1",
+            "--master",
+            &url,
+            "--token-file",
+            publisher_file.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--labels",
+            "zone=b",
+        ];
+        let cli = Cli::try_parse_from(args).unwrap();
+        assert_eq!(master(&state, cli.cmd), ExitCode::SUCCESS);
+        let token = udos_master::token::read_token_file(&out).unwrap();
+        let mode = std::fs::metadata(&out).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let worker = |t: &str| {
+            Client::new(&url, None)
+                .unwrap()
+                .with_token(t, "w1.token")
+                .assignment("w1", 0, None)
+                .map(|_| ())
+                .map_err(|e| e.status())
+        };
+        assert_eq!(worker(&old), Err(Some(401)));
+        assert_eq!(worker(&token), Ok(()));
+        // An id that is not enrolled: the master refuses, exit status 1.
+        let cli = Cli::try_parse_from(args.map(|a| if a == "w1" { "ghost" } else { a })).unwrap();
+        assert_eq!(master(&state, cli.cmd), ExitCode::from(1));
+    }
 
     #[test]
     fn status_says_signed_only_when_the_master_verified_it() {

@@ -18,7 +18,7 @@ use subtle::ConstantTimeEq;
 use udos_core::desired;
 use udos_core::wire::{
     EnrollRequest, EnrollResponse, Heartbeat, HeartbeatResponse, PublishRequest, PublishResponse,
-    SignatureState,
+    ReplaceWorkerRequest, SignatureState,
 };
 
 use super::state::{AuthTable, Master, PollGuard, WorkerEntry};
@@ -429,21 +429,29 @@ async fn schedulable(m: &Master, req: PublishRequest) -> ApiResult<PublishReques
     }
 }
 
+/// Who may enroll a worker id.
+enum Enroller {
+    /// The enrollment token: only ids that are not enrolled yet.
+    New,
+    /// A worker's own token: re-enrolls that worker (new token, labels, capacity).
+    Itself(Arc<WorkerEntry>),
+}
+
 pub(crate) async fn enroll(
     State(m): Shared,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<EnrollResponse>> {
     m.counters.enroll.fetch_add(1, Ordering::Relaxed);
-    match authenticate(&m, &headers)? {
-        Caller::Enroller => {}
-        other => {
-            return Err(ApiError::forbidden(format!(
-                "enroll needs the enrollment token; this request used {}",
-                other.role()
-            )))
+    let how = match authenticate(&m, &headers)? {
+        Caller::Enroller => Enroller::New,
+        Caller::Worker(e) => Enroller::Itself(e),
+        Caller::Publisher => {
+            return Err(ApiError::forbidden(
+                "enroll needs the enrollment token (or a worker's own token); the publisher replaces a worker with POST /v1/workers/{id}/replace",
+            ))
         }
-    }
+    };
     let body = read_body(&m, &headers, body, MAX_BODY_BYTES).await?;
     let req: EnrollRequest = parse_json(&body, "enrollment")?;
     if !valid_worker_id(&req.worker_id) {
@@ -452,6 +460,65 @@ pub(crate) async fn enroll(
             req.worker_id
         )));
     }
+    if let Enroller::Itself(e) = &how {
+        if e.id != req.worker_id {
+            return Err(other_worker(&m, e, &req.worker_id));
+        }
+    }
+    let _guard = m.enroll_lock.lock().await;
+    let old = m.auth.load().by_id.get(&req.worker_id).cloned();
+    if let (Enroller::New, Some(_)) = (&how, &old) {
+        let id = &req.worker_id;
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "worker `{id}` is already enrolled: re-enroll it with its own worker token, or have the publisher replace it (`udos master replace-worker {id}`, POST /v1/workers/{id}/replace)"
+            ),
+        ));
+    }
+    let token = issue_token(&m, &req.worker_id, req.labels, req.capacity, old.as_ref()).await?;
+    tracing::info!(worker = %req.worker_id, reenrolled = old.is_some(), "enrolled");
+    Ok(Json(EnrollResponse { token }))
+}
+
+/// `POST /v1/workers/{id}/replace` (publisher token): a new token for an enrolled
+/// worker, whoever holds its current one.
+pub(crate) async fn replace_worker(
+    State(m): Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> ApiResult<Json<EnrollResponse>> {
+    require_publisher(&m, &headers, "workers/{id}/replace")?;
+    let body = read_body(&m, &headers, body, MAX_BODY_BYTES).await?;
+    let req: ReplaceWorkerRequest = if body.is_empty() {
+        ReplaceWorkerRequest::default()
+    } else {
+        parse_json(&body, "replacement")?
+    };
+    let _guard = m.enroll_lock.lock().await;
+    let Some(old) = m.auth.load().by_id.get(&id).cloned() else {
+        return Err(ApiError::not_found(format!(
+            "worker `{id}` is not enrolled (enroll it with the enrollment token)"
+        )));
+    };
+    let labels = req.labels.unwrap_or_else(|| old.labels.clone());
+    let capacity = req.capacity.unwrap_or(old.capacity);
+    let token = issue_token(&m, &id, labels, capacity, Some(&old)).await?;
+    tracing::warn!(worker = %id, "worker replaced by the publisher: its previous token is revoked");
+    Ok(Json(EnrollResponse { token }))
+}
+
+/// Give worker `id` a fresh token (the previous one, if any, stops working at once)
+/// and these labels and capacity; keeps its last heartbeat. The caller holds
+/// `enroll_lock`.
+async fn issue_token(
+    m: &Master,
+    id: &str,
+    labels: std::collections::BTreeMap<String, String>,
+    capacity: udos_core::desired::Resources,
+    old: Option<&Arc<WorkerEntry>>,
+) -> ApiResult<String> {
     let token = generate_token().map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -459,15 +526,12 @@ pub(crate) async fn enroll(
         )
     })?;
     let token_hash = hash_token(&token);
-    let _guard = m.enroll_lock.lock().await;
     let now = now_ms();
-    let auth = m.auth.load_full();
-    let old = auth.by_id.get(&req.worker_id).cloned();
-    let hb = old.as_ref().map(|o| o.hb_state()).unwrap_or_default();
+    let hb = old.map(|o| o.hb_state()).unwrap_or_default();
     let record = WorkerRecord {
-        id: req.worker_id.clone(),
-        labels: req.labels,
-        capacity: req.capacity,
+        id: id.to_string(),
+        labels,
+        capacity,
         token_hash,
         enrolled_at_ms: now,
         last_heartbeat_at_ms: hb.last_heartbeat_ms,
@@ -479,16 +543,15 @@ pub(crate) async fn enroll(
         m.with_store(move |s| s.upsert_worker(&record)).await?;
     }
     let entry = Arc::new(WorkerEntry::from_record(&record, now));
-    let mut table: AuthTable = (*auth).clone();
-    if let Some(old) = &old {
+    let mut table: AuthTable = (*m.auth.load_full()).clone();
+    if let Some(old) = old {
         table.by_token.remove(&old.token_hash);
     }
     table.by_id.insert(entry.id.clone(), entry.clone());
     table.by_token.insert(token_hash, entry);
     m.auth.store(Arc::new(table));
     m.bump();
-    tracing::info!(worker = %req.worker_id, reenrolled = old.is_some(), "enrolled");
-    Ok(Json(EnrollResponse { token }))
+    Ok(token)
 }
 
 #[derive(Deserialize)]

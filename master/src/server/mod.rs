@@ -161,6 +161,7 @@ fn router(master: Arc<Master>) -> Router {
         .route("/metrics", get(handlers::metrics))
         .route("/v1/publish", post(handlers::publish))
         .route("/v1/enroll", post(handlers::enroll))
+        .route("/v1/workers/{id}/replace", post(handlers::replace_worker))
         .route("/v1/assignment", get(handlers::assignment))
         .route("/v1/heartbeat", post(handlers::heartbeat))
         .route("/v1/status", get(handlers::status))
