@@ -293,6 +293,56 @@ mod tests {
         assert_ne!(intent_hash(COMMIT, &a), intent_hash(other, &a));
     }
 
+    /// A publication with every field set, in a fixed order.
+    fn golden_publication() -> Vec<DesiredSpec> {
+        vec![
+            DesiredSpec {
+                id: "web".into(),
+                hash: "0123456789abcdef0123456789abcdef".into(),
+                kind: SpecKind::Service {
+                    image: "sha256:00112233445566778899aabbccddeeff".into(),
+                    replicas: 3,
+                },
+                labels: BTreeMap::from([
+                    ("team".into(), "infra".into()),
+                    ("tier".into(), "front".into()),
+                ]),
+                selector: BTreeMap::from([("zone".into(), "a".into())]),
+                resources: Resources {
+                    cpu_millis: 1500,
+                    memory_mib: 2048,
+                },
+            },
+            DesiredSpec {
+                id: "ci".into(),
+                hash: "fedcba9876543210fedcba9876543210".into(),
+                kind: SpecKind::WorkflowRun {
+                    workflow: ".github/workflows/ci.yml".into(),
+                    job: Some("build".into()),
+                },
+                labels: BTreeMap::new(),
+                selector: BTreeMap::from([("kvm".into(), "true".into())]),
+                resources: Resources::default(),
+            },
+        ]
+    }
+
+    #[test]
+    fn intent_hash_is_pinned() {
+        // Stored signatures sign this value: a change of serialisation (field names,
+        // order, defaults) must not slip through unnoticed. If it must change, it is
+        // a new intent format (a new signing prefix), not an edit of this constant.
+        let specs = golden_publication();
+        assert_eq!(
+            canonical_specs_json(&specs),
+            GOLDEN_JSON,
+            "the canonical JSON changed"
+        );
+        assert_eq!(intent_hash(COMMIT, &specs), GOLDEN_INTENT);
+    }
+    const GOLDEN_JSON: &str = r#"[{"hash":"fedcba9876543210fedcba9876543210","id":"ci","job":"build","kind":"workflow_run","labels":{},"resources":{"cpu_millis":0,"memory_mib":0},"selector":{"kvm":"true"},"workflow":".github/workflows/ci.yml"},{"hash":"0123456789abcdef0123456789abcdef","id":"web","image":"sha256:00112233445566778899aabbccddeeff","kind":"service","labels":{"team":"infra","tier":"front"},"replicas":3,"resources":{"cpu_millis":1500,"memory_mib":2048},"selector":{"zone":"a"}}]"#;
+    const GOLDEN_INTENT: &str = "47b89321202f2db59e0f9208542f00389eeedc758f189daa5ceea06c9cfca305";
+
     #[test]
     fn wire_form_is_flat_with_a_kind_tag() {
         let v = serde_json::to_value(svc("a")).unwrap();

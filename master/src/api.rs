@@ -183,6 +183,18 @@ pub struct SpecStatus {
     pub instances: Vec<InstanceStatus>,
 }
 
+/// Who issued a worker's current token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenIssuedBy {
+    /// Enrollment with the enrollment token (a new worker id).
+    EnrollmentToken,
+    /// Re-enrollment with the worker's own previous token.
+    WorkerToken,
+    /// The publisher replaced the worker (`POST /v1/workers/{id}/replace`).
+    Publisher,
+}
+
 /// One enrolled worker in the status report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerStatus {
@@ -197,8 +209,11 @@ pub struct WorkerStatus {
     pub used: Option<Resources>,
     /// Seen within the lease.
     pub live: bool,
-    /// When it enrolled (RFC 3339).
+    /// When it enrolled (RFC 3339): when its current token was issued.
     pub enrolled_at: String,
+    /// Who issued its current token (absent from masters before schema version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_issued_by: Option<TokenIssuedBy>,
     /// When it last talked to the master (heartbeat or assignment poll), RFC 3339.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen_at: Option<String>,

@@ -7,7 +7,9 @@ use udos_core::desired::{Resources, SpecKind};
 use udos_core::schedule::Placement;
 use udos_core::wire::{Heartbeat, InstanceState, RunningInstance, SignatureState};
 
-use crate::api::{InstanceHealth, InstanceStatus, SpecStatus, StatusReport, WorkerStatus};
+use crate::api::{
+    InstanceHealth, InstanceStatus, SpecStatus, StatusReport, TokenIssuedBy, WorkerStatus,
+};
 use crate::store::GenerationRecord;
 use crate::time::{human_duration, rfc3339};
 
@@ -22,6 +24,8 @@ pub struct WorkerState {
     pub capacity: Resources,
     /// Enrollment, unix ms.
     pub enrolled_at_ms: u64,
+    /// Who issued its current token.
+    pub token_issued_by: TokenIssuedBy,
     /// Last contact (heartbeat, assignment poll, or now while a long poll is open), unix ms.
     pub last_seen_ms: u64,
     /// Last heartbeat, unix ms.
@@ -256,6 +260,7 @@ pub fn compute_status(
             used: w.heartbeat.as_ref().map(|h| h.used),
             live,
             enrolled_at: rfc3339(w.enrolled_at_ms),
+            token_issued_by: Some(w.token_issued_by),
             last_seen_at: Some(rfc3339(w.last_seen_ms)),
             last_seen_s_ago: Some(now_ms.saturating_sub(w.last_seen_ms) / 1000),
             last_heartbeat_at: w.last_heartbeat_ms.map(rfc3339),
@@ -355,6 +360,7 @@ mod tests {
                 memory_mib: 1000,
             },
             enrolled_at_ms: 0,
+            token_issued_by: TokenIssuedBy::EnrollmentToken,
             last_seen_ms,
             last_heartbeat_ms: hb.as_ref().map(|_| last_seen_ms),
             heartbeat: hb.map(|(g, inst)| Heartbeat {

@@ -11,7 +11,7 @@ use udos_core::wire::{
     EnrollRequest, Heartbeat, InstanceState, PublishRequest, ReplaceWorkerRequest, RunningInstance,
     SignatureState,
 };
-use udos_master::api::InstanceHealth;
+use udos_master::api::{InstanceHealth, TokenIssuedBy};
 use udos_master::signing;
 use udos_master::ClientError;
 
@@ -409,6 +409,12 @@ fn an_enrolled_worker_cannot_be_taken_over_with_the_enrollment_token() {
         let w = st.workers.iter().find(|w| w.id == "w1").unwrap();
         w.labels["zone"].clone()
     };
+    let issuer = |p: &udos_master::Client| {
+        let st = p.status().unwrap();
+        let w = st.workers.iter().find(|w| w.id == "w1").unwrap();
+        w.token_issued_by
+    };
+    assert_eq!(issuer(&p), Some(TokenIssuedBy::EnrollmentToken));
     // The enrollment token does not get w1's place, token or labels.
     let e = enroller(&server)
         .enroll(&enrollment("w1", "evil"))
@@ -427,6 +433,7 @@ fn an_enrolled_worker_cannot_be_taken_over_with_the_enrollment_token() {
     let w1b = common::client(&server, &again.token, "w1.token");
     assert!(w1b.assignment("w1", 0, None).is_ok());
     assert_eq!(zone(&p), "b");
+    assert_eq!(issuer(&p), Some(TokenIssuedBy::WorkerToken));
     // Another worker's token may not.
     let w2 = enroll(&server, "w2", &[]);
     let e = w2.client.enroll(&enrollment("w1", "evil")).unwrap_err();
@@ -443,6 +450,7 @@ fn an_enrolled_worker_cannot_be_taken_over_with_the_enrollment_token() {
     let w1c = common::client(&server, &replaced.token, "w1.token");
     assert!(w1c.assignment("w1", 0, None).is_ok());
     assert_eq!(zone(&p), "b", "labels are kept unless given");
+    assert_eq!(issuer(&p), Some(TokenIssuedBy::Publisher));
     let relabel = ReplaceWorkerRequest {
         labels: Some(BTreeMap::from([("zone".to_string(), "c".to_string())])),
         capacity: None,

@@ -28,7 +28,7 @@ use crate::api::{
     StatusReport,
 };
 use crate::status::compute_status;
-use crate::store::{GenerationRecord, NewPublication, StoreError, WorkerRecord};
+use crate::store::{GenerationRecord, NewPublication, StoreError, TokenIssuedBy, WorkerRecord};
 use crate::time::{now_ms, rfc3339};
 use crate::token::{generate_token, hash_token};
 
@@ -476,7 +476,18 @@ pub(crate) async fn enroll(
             ),
         ));
     }
-    let token = issue_token(&m, &req.worker_id, req.labels, req.capacity, old.as_ref()).await?;
+    let issuer = match how {
+        Enroller::New => TokenIssuedBy::EnrollmentToken,
+        Enroller::Itself(_) => TokenIssuedBy::WorkerToken,
+    };
+    let token = issue_token(
+        &m,
+        &req.worker_id,
+        (req.labels, req.capacity),
+        old.as_ref(),
+        issuer,
+    )
+    .await?;
     tracing::info!(worker = %req.worker_id, reenrolled = old.is_some(), "enrolled");
     Ok(Json(EnrollResponse { token }))
 }
@@ -504,7 +515,14 @@ pub(crate) async fn replace_worker(
     };
     let labels = req.labels.unwrap_or_else(|| old.labels.clone());
     let capacity = req.capacity.unwrap_or(old.capacity);
-    let token = issue_token(&m, &id, labels, capacity, Some(&old)).await?;
+    let token = issue_token(
+        &m,
+        &id,
+        (labels, capacity),
+        Some(&old),
+        TokenIssuedBy::Publisher,
+    )
+    .await?;
     tracing::warn!(worker = %id, "worker replaced by the publisher: its previous token is revoked");
     Ok(Json(EnrollResponse { token }))
 }
@@ -515,9 +533,9 @@ pub(crate) async fn replace_worker(
 async fn issue_token(
     m: &Master,
     id: &str,
-    labels: std::collections::BTreeMap<String, String>,
-    capacity: udos_core::desired::Resources,
+    (labels, capacity): (BTreeMap<String, String>, udos_core::desired::Resources),
     old: Option<&Arc<WorkerEntry>>,
+    issuer: TokenIssuedBy,
 ) -> ApiResult<String> {
     let token = generate_token().map_err(|e| {
         ApiError::new(
@@ -533,6 +551,7 @@ async fn issue_token(
         labels,
         capacity,
         token_hash,
+        token_issued_by: issuer,
         enrolled_at_ms: now,
         last_heartbeat_at_ms: hb.last_heartbeat_ms,
         seen_generation: hb.heartbeat.as_ref().map_or(0, |h| h.seen_generation),

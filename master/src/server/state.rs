@@ -21,7 +21,7 @@ use udos_core::schedule::{try_schedule, Placement, WorkerInventory};
 use udos_core::wire::{Heartbeat, InstanceState, SignatureState};
 
 use crate::status::WorkerState;
-use crate::store::{GenerationRecord, Store, WorkerRecord};
+use crate::store::{GenerationRecord, Store, TokenIssuedBy, WorkerRecord};
 use crate::time::now_ms;
 
 /// `poll_hint` while some live worker has not converged on its assignment.
@@ -35,6 +35,7 @@ pub(crate) struct WorkerEntry {
     pub labels: std::collections::BTreeMap<String, String>,
     pub capacity: Resources,
     pub token_hash: [u8; 32],
+    pub token_issued_by: TokenIssuedBy,
     pub enrolled_at_ms: u64,
     /// Last contact: heartbeat or assignment request (unix ms).
     pub last_seen_ms: AtomicU64,
@@ -60,6 +61,7 @@ impl WorkerEntry {
             labels: r.labels.clone(),
             capacity: r.capacity,
             token_hash: r.token_hash,
+            token_issued_by: r.token_issued_by,
             enrolled_at_ms: r.enrolled_at_ms,
             last_seen_ms: AtomicU64::new(last_seen_ms),
             polling: AtomicU32::new(0),
@@ -97,6 +99,7 @@ impl WorkerEntry {
             labels: self.labels.clone(),
             capacity: self.capacity,
             enrolled_at_ms: self.enrolled_at_ms,
+            token_issued_by: self.token_issued_by,
             last_seen_ms: last_seen,
             last_heartbeat_ms: hb.last_heartbeat_ms,
             heartbeat: hb.heartbeat,
