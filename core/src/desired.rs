@@ -85,6 +85,32 @@ pub enum Invalid {
     /// A spec has no usable content hash.
     #[error("spec `{0}` has no content hash (hex, 16-128 digits)")]
     Hash(String),
+    /// A service asks for more than [`MAX_REPLICAS`] replicas.
+    #[error("spec `{id}` asks for {replicas} replicas; at most {MAX_REPLICAS} are allowed")]
+    TooManyReplicas {
+        /// Spec id.
+        id: String,
+        /// What it asked for.
+        replicas: u32,
+    },
+    /// The publication asks for more than [`MAX_INSTANCES`] instances in all.
+    #[error(
+        "the publication asks for {total} instances in all; at most {MAX_INSTANCES} are allowed"
+    )]
+    TooManyInstances {
+        /// Instances asked for, summed over every spec.
+        total: u64,
+    },
+    /// A workflow path that could name a file outside the repository.
+    #[error("spec `{id}`: workflow path `{path}` {why}; it must be relative to the repository root, like `.github/workflows/ci.yml`")]
+    WorkflowPath {
+        /// Spec id.
+        id: String,
+        /// The path as published.
+        path: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
     /// A field is missing or empty.
     #[error("spec `{id}`: {what}")]
     Incomplete {
@@ -95,11 +121,69 @@ pub enum Invalid {
     },
 }
 
+/// Most replicas one service may ask for. Each replica is an instance the master
+/// places and lists in its status and a worker boots as a VM: a thousand VMs of one
+/// service is far beyond any fleet udos serves, and the bound keeps one spec from
+/// making the master allocate without limit.
+pub const MAX_REPLICAS: u32 = 1_000;
+
+/// Most instances (replicas summed over every spec) of one publication. The
+/// scheduler's time and memory and the status report grow linearly with it; 100,000 is
+/// ten times the scheduling benchmark (10,000 specs on 1,000 workers, tens of ms).
+pub const MAX_INSTANCES: u64 = 100_000;
+
 fn is_hex(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// Check a publication: commit id, complete specs, unique ids, hashes present.
+/// Why a workflow path is refused, if it is. It is joined to the worker's checkout,
+/// so it must stay inside: relative (no leading `/`), normalised (no empty, `.` or
+/// `..` components) and without NUL. Workers check it again before running.
+pub fn check_workflow_path(path: &str) -> Result<(), &'static str> {
+    if path.is_empty() {
+        return Err("is empty");
+    }
+    if path.starts_with('/') {
+        return Err("is absolute");
+    }
+    if path.contains('\0') {
+        return Err("contains NUL");
+    }
+    for part in path.split('/') {
+        match part {
+            "" => return Err("has an empty component"),
+            "." => return Err("has a `.` component"),
+            ".." => return Err("has a `..` component"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Check that a publication is small enough to schedule: no service above
+/// [`MAX_REPLICAS`], no more than [`MAX_INSTANCES`] instances in all. Cheap (no
+/// allocation), so it can guard anything that expands specs into instances.
+pub fn check_size(specs: &[DesiredSpec]) -> Result<(), Invalid> {
+    let mut total: u64 = 0;
+    for s in specs {
+        if let SpecKind::Service { replicas, .. } = &s.kind {
+            if *replicas > MAX_REPLICAS {
+                return Err(Invalid::TooManyReplicas {
+                    id: s.id.clone(),
+                    replicas: *replicas,
+                });
+            }
+        }
+        total = total.saturating_add(u64::from(s.instances()));
+    }
+    if total > MAX_INSTANCES {
+        return Err(Invalid::TooManyInstances { total });
+    }
+    Ok(())
+}
+
+/// Check a publication: commit id, complete specs, unique ids, hashes present, and
+/// its size ([`check_size`]).
 /// (Whether selectors can be satisfied depends on the workers: the scheduler reports
 /// that, it does not make a publication invalid.)
 pub fn validate(commit: &str, specs: &[DesiredSpec]) -> Result<(), Invalid> {
@@ -143,10 +227,15 @@ pub fn validate(commit: &str, specs: &[DesiredSpec]) -> Result<(), Invalid> {
                 if workflow.is_empty() {
                     return Err(incomplete("a workflow run needs a `workflow` path"));
                 }
+                check_workflow_path(workflow).map_err(|why| Invalid::WorkflowPath {
+                    id: s.id.clone(),
+                    path: workflow.clone(),
+                    why,
+                })?;
             }
         }
     }
-    Ok(())
+    check_size(specs)
 }
 
 /// Canonical JSON of the specs: sorted by id, object keys sorted (serde_json's maps
@@ -204,6 +293,56 @@ mod tests {
         assert_ne!(intent_hash(COMMIT, &a), intent_hash(other, &a));
     }
 
+    /// A publication with every field set, in a fixed order.
+    fn golden_publication() -> Vec<DesiredSpec> {
+        vec![
+            DesiredSpec {
+                id: "web".into(),
+                hash: "0123456789abcdef0123456789abcdef".into(),
+                kind: SpecKind::Service {
+                    image: "sha256:00112233445566778899aabbccddeeff".into(),
+                    replicas: 3,
+                },
+                labels: BTreeMap::from([
+                    ("team".into(), "infra".into()),
+                    ("tier".into(), "front".into()),
+                ]),
+                selector: BTreeMap::from([("zone".into(), "a".into())]),
+                resources: Resources {
+                    cpu_millis: 1500,
+                    memory_mib: 2048,
+                },
+            },
+            DesiredSpec {
+                id: "ci".into(),
+                hash: "fedcba9876543210fedcba9876543210".into(),
+                kind: SpecKind::WorkflowRun {
+                    workflow: ".github/workflows/ci.yml".into(),
+                    job: Some("build".into()),
+                },
+                labels: BTreeMap::new(),
+                selector: BTreeMap::from([("kvm".into(), "true".into())]),
+                resources: Resources::default(),
+            },
+        ]
+    }
+
+    #[test]
+    fn intent_hash_is_pinned() {
+        // Stored signatures sign this value: a change of serialisation (field names,
+        // order, defaults) must not slip through unnoticed. If it must change, it is
+        // a new intent format (a new signing prefix), not an edit of this constant.
+        let specs = golden_publication();
+        assert_eq!(
+            canonical_specs_json(&specs),
+            GOLDEN_JSON,
+            "the canonical JSON changed"
+        );
+        assert_eq!(intent_hash(COMMIT, &specs), GOLDEN_INTENT);
+    }
+    const GOLDEN_JSON: &str = r#"[{"hash":"fedcba9876543210fedcba9876543210","id":"ci","job":"build","kind":"workflow_run","labels":{},"resources":{"cpu_millis":0,"memory_mib":0},"selector":{"kvm":"true"},"workflow":".github/workflows/ci.yml"},{"hash":"0123456789abcdef0123456789abcdef","id":"web","image":"sha256:00112233445566778899aabbccddeeff","kind":"service","labels":{"team":"infra","tier":"front"},"replicas":3,"resources":{"cpu_millis":1500,"memory_mib":2048},"selector":{"zone":"a"}}]"#;
+    const GOLDEN_INTENT: &str = "47b89321202f2db59e0f9208542f00389eeedc758f189daa5ceea06c9cfca305";
+
     #[test]
     fn wire_form_is_flat_with_a_kind_tag() {
         let v = serde_json::to_value(svc("a")).unwrap();
@@ -242,5 +381,85 @@ mod tests {
             validate(COMMIT, &[svc("bad id")]),
             Err(Invalid::Id("bad id".into()))
         );
+    }
+
+    fn run(id: &str, workflow: &str) -> DesiredSpec {
+        let mut s = svc(id);
+        s.kind = SpecKind::WorkflowRun {
+            workflow: workflow.into(),
+            job: None,
+        };
+        s
+    }
+
+    #[test]
+    fn workflow_paths_stay_in_the_repository() {
+        for ok in [
+            ".github/workflows/ci.yml",
+            "ci.yml",
+            "a/..b/c..",
+            "w/.x.yml",
+        ] {
+            assert_eq!(validate(COMMIT, &[run("r", ok)]), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("/etc/passwd", "is absolute"),
+            ("../other/ci.yml", "has a `..` component"),
+            (".github/../../x.yml", "has a `..` component"),
+            ("a/..", "has a `..` component"),
+            ("./ci.yml", "has a `.` component"),
+            ("a//ci.yml", "has an empty component"),
+            ("a/", "has an empty component"),
+            ("a\0b", "contains NUL"),
+        ] {
+            assert_eq!(
+                validate(COMMIT, &[run("r", bad)]),
+                Err(Invalid::WorkflowPath {
+                    id: "r".into(),
+                    path: bad.into(),
+                    why
+                }),
+                "{bad}"
+            );
+        }
+    }
+
+    fn replicas(id: &str, n: u32) -> DesiredSpec {
+        let mut s = svc(id);
+        s.kind = SpecKind::Service {
+            image: "i".into(),
+            replicas: n,
+        };
+        s
+    }
+
+    #[test]
+    fn replicas_and_instances_are_bounded() {
+        assert!(validate(COMMIT, &[replicas("a", MAX_REPLICAS)]).is_ok());
+        assert_eq!(
+            validate(COMMIT, &[replicas("a", u32::MAX)]),
+            Err(Invalid::TooManyReplicas {
+                id: "a".into(),
+                replicas: u32::MAX
+            })
+        );
+        let msg = validate(COMMIT, &[replicas("a", MAX_REPLICAS + 1)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("1001") && msg.contains("at most 1000"),
+            "{msg}"
+        );
+        // Each spec within its bound, the publication above the total.
+        let per = u64::from(MAX_REPLICAS);
+        let n = MAX_INSTANCES / per + 1;
+        let many: Vec<_> = (0..n)
+            .map(|i| replicas(&format!("s{i}"), MAX_REPLICAS))
+            .collect();
+        assert_eq!(
+            validate(COMMIT, &many),
+            Err(Invalid::TooManyInstances { total: n * per })
+        );
+        assert!(validate(COMMIT, &many[..(n - 1) as usize]).is_ok());
     }
 }

@@ -12,6 +12,7 @@
 //! - [`event`]: which workflows an event triggers (`on:` filters), and their inputs.
 //! - [`glob`]: GitHub's filter patterns for branches, tags and paths.
 //! - [`matrix`]: the legs of a matrix job (`strategy.matrix`).
+//! - [`text`]: outside text made safe to print on a terminal.
 //!
 //! The data path: workflow text → [`workflow::Workflow`] → per step a
 //! [`condition::Decision`] and [`synth::StepFiles`] → (host agent) VM → sealed layer.

@@ -44,7 +44,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::desired::{DesiredSpec, Resources};
+use crate::desired::{DesiredSpec, Invalid, Resources};
 use crate::wire::{Assignment, Unschedulable};
 
 /// A live worker as the scheduler sees it.
@@ -203,8 +203,20 @@ struct Slot {
     spec_count: u32,
 }
 
+/// [`schedule`] for specs that may not have been validated (a generation an older
+/// master stored, say): refuses specs too large to expand into instances
+/// ([`crate::desired::check_size`]) instead of allocating for each of them.
+pub fn try_schedule(
+    specs: &[DesiredSpec],
+    workers: &[WorkerInventory],
+) -> Result<Placement, Invalid> {
+    crate::desired::check_size(specs)?;
+    Ok(schedule(specs, workers))
+}
+
 /// Place every instance of `specs` on `workers`. Pure and deterministic: the same
-/// sets in any order give the same [`Placement`]. See the module docs.
+/// sets in any order give the same [`Placement`]. See the module docs. It allocates
+/// per instance: give it validated specs, or call [`try_schedule`].
 pub fn schedule(specs: &[DesiredSpec], workers: &[WorkerInventory]) -> Placement {
     // Workers: sorted by id, duplicates keep the first by (labels, capacity).
     let mut ws: Vec<&WorkerInventory> = workers.iter().collect();
@@ -439,6 +451,27 @@ mod tests {
         0x92eb_d1e7_f975_b32a,
         0x9aae_800e_d770_1977,
     ];
+
+    #[test]
+    fn try_schedule_refuses_what_it_cannot_expand() {
+        let workers = vec![worker("w1", &[], 4000, 8192)];
+        // With no worker every instance would be listed as unschedulable, one by one:
+        // refused before anything is allocated.
+        let huge = svc("web", u32::MAX, &[], 100, 100);
+        assert!(matches!(
+            try_schedule(std::slice::from_ref(&huge), &[]),
+            Err(Invalid::TooManyReplicas { .. })
+        ));
+        assert!(matches!(
+            try_schedule(&[huge], &workers),
+            Err(Invalid::TooManyReplicas { .. })
+        ));
+        let fine = [svc("web", 2, &[], 100, 100)];
+        assert_eq!(
+            try_schedule(&fine, &workers).unwrap(),
+            schedule(&fine, &workers)
+        );
+    }
 
     #[test]
     fn reasons_name_the_problem() {

@@ -20,6 +20,37 @@ pub struct PublishRequest {
     pub signature: Option<String>,
 }
 
+/// What the master knows of a generation's signature.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SignatureState {
+    /// Published without a signature.
+    #[default]
+    Unsigned,
+    /// Verifies under the master's `--intent-pubkey`.
+    Verified,
+    /// Carries a signature the master cannot check: it has no `--intent-pubkey`.
+    /// Workers given the key check it themselves; nobody else should trust it.
+    Unverified,
+    /// Does not verify under the master's `--intent-pubkey` (stored before the master
+    /// had that key).
+    Invalid,
+}
+
+impl SignatureState {
+    /// Words for people: never says "signed" unless the master verified it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            SignatureState::Unsigned => "unsigned",
+            SignatureState::Verified => "signed (verified by the master)",
+            SignatureState::Unverified => {
+                "signature NOT verified (the master has no --intent-pubkey)"
+            }
+            SignatureState::Invalid => "signature INVALID under the master's --intent-pubkey",
+        }
+    }
+}
+
 /// Answer to a publication.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PublishResponse {
@@ -32,6 +63,9 @@ pub struct PublishResponse {
     /// Specs the current workers cannot host (selector unsatisfiable, no capacity).
     #[serde(default)]
     pub unschedulable: Vec<Unschedulable>,
+    /// What the master knows of the generation's signature.
+    #[serde(default)]
+    pub signature_state: SignatureState,
 }
 
 /// A spec instance the scheduler could not place, and why.
@@ -56,7 +90,20 @@ pub struct EnrollRequest {
     pub capacity: Resources,
 }
 
-/// Answer to enrollment.
+/// `POST /v1/workers/{id}/replace` (publisher token): give an enrolled worker id a
+/// new token, revoking the one it has (its token is lost, or its machine replaced).
+/// Omitted fields keep the worker's current labels and capacity.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplaceWorkerRequest {
+    /// New labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+    /// New capacity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<Resources>,
+}
+
+/// Answer to enrollment (and to a replacement).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnrollResponse {
     /// The worker's own bearer token for every later call.

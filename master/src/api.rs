@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use udos_core::desired::{DesiredSpec, Resources};
-use udos_core::wire::{RunningInstance, Unschedulable};
+use udos_core::wire::{RunningInstance, SignatureState, Unschedulable};
 
 /// Body of every refused request (4xx/5xx): `{"error": "..."}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,8 +31,12 @@ pub struct GenerationSummary {
     pub active: bool,
     /// Number of specs.
     pub specs: usize,
-    /// Whether it was published with a signature.
+    /// Whether its signature verifies under the master's `--intent-pubkey` (false for
+    /// a signature the master could not check: see `signature_state`).
     pub signed: bool,
+    /// What the master knows of its signature.
+    #[serde(default)]
+    pub signature_state: SignatureState,
 }
 
 /// `GET /v1/generations/{n}`.
@@ -47,6 +51,9 @@ pub struct GenerationDetail {
     /// ed25519 signature over `b"udos-intent-v1\n" + intent_hash`, hex, when signed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<String>,
+    /// What the master knows of that signature.
+    #[serde(default)]
+    pub signature_state: SignatureState,
     /// When it was first published (RFC 3339, UTC).
     pub published_at: String,
     /// Who published it.
@@ -92,6 +99,12 @@ pub struct DiffResponse {
     pub changed: Vec<SpecChange>,
     /// How many specs are identical in both.
     pub unchanged: usize,
+    /// What the master knows of A's signature (`unsigned` for generation 0).
+    #[serde(default)]
+    pub from_signature_state: SignatureState,
+    /// What the master knows of B's signature.
+    #[serde(default)]
+    pub to_signature_state: SignatureState,
 }
 
 /// One accepted publication, as `GET /v1/audit` lists it (oldest first).
@@ -170,6 +183,18 @@ pub struct SpecStatus {
     pub instances: Vec<InstanceStatus>,
 }
 
+/// Who issued a worker's current token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenIssuedBy {
+    /// Enrollment with the enrollment token (a new worker id).
+    EnrollmentToken,
+    /// Re-enrollment with the worker's own previous token.
+    WorkerToken,
+    /// The publisher replaced the worker (`POST /v1/workers/{id}/replace`).
+    Publisher,
+}
+
 /// One enrolled worker in the status report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerStatus {
@@ -184,8 +209,11 @@ pub struct WorkerStatus {
     pub used: Option<Resources>,
     /// Seen within the lease.
     pub live: bool,
-    /// When it enrolled (RFC 3339).
+    /// When it enrolled (RFC 3339): when its current token was issued.
     pub enrolled_at: String,
+    /// Who issued its current token (absent from masters before schema version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_issued_by: Option<TokenIssuedBy>,
     /// When it last talked to the master (heartbeat or assignment poll), RFC 3339.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen_at: Option<String>,
@@ -217,6 +245,9 @@ pub struct StatusReport {
     /// When it was published (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub published_at: Option<String>,
+    /// What the master knows of its signature.
+    #[serde(default)]
+    pub signature_state: SignatureState,
     /// `converged_instances / desired_instances` (1.0 when nothing is desired).
     pub convergence: f64,
     /// Instances converged (see [`InstanceHealth::Converged`]).
@@ -233,6 +264,11 @@ pub struct StatusReport {
     pub unschedulable: Vec<Unschedulable>,
     /// Why the cluster is not converged, one sentence each.
     pub drift: Vec<String>,
+    /// Why the active generation cannot be scheduled, when it cannot (a database an
+    /// older master wrote): nothing is placed and workers keep what they run until a
+    /// valid desired state is published. Also the first line of `drift`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 impl StatusReport {

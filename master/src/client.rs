@@ -21,7 +21,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use udos_core::wire::{
     AssignmentResponse, EnrollRequest, EnrollResponse, Heartbeat, HeartbeatResponse,
-    PublishRequest, PublishResponse,
+    PublishRequest, PublishResponse, ReplaceWorkerRequest,
 };
 
 use crate::api::{
@@ -63,7 +63,7 @@ pub enum ClientError {
         detail: String,
     },
     /// 403.
-    #[error("the token from {origin} may not call {endpoint}: {detail} (publish/status/generations/diff/audit need the publisher token, enroll the enrollment token, assignment/heartbeat a worker token)")]
+    #[error("the token from {origin} may not call {endpoint}: {detail} (publish/status/generations/diff/audit/workers need the publisher token, enroll the enrollment token or the worker's own, assignment/heartbeat a worker token)")]
     Forbidden {
         /// Where the token came from.
         origin: String,
@@ -78,6 +78,9 @@ pub enum ClientError {
     /// 404.
     #[error("not found: {0}")]
     NotFound(String),
+    /// 409 (enrolling a worker id that is already enrolled).
+    #[error("the master refused: {0}")]
+    Conflict(String),
     /// Any other status.
     #[error("the master answered {status} on {endpoint}: {detail}")]
     Server {
@@ -106,6 +109,7 @@ impl ClientError {
             ClientError::Forbidden { .. } => Some(403),
             ClientError::Rejected(_) => Some(400),
             ClientError::NotFound(_) => Some(404),
+            ClientError::Conflict(_) => Some(409),
             ClientError::Server { status, .. } => Some(*status),
             _ => None,
         }
@@ -261,6 +265,7 @@ impl Client {
                         detail,
                     },
                     404 => ClientError::NotFound(detail),
+                    409 => ClientError::Conflict(detail),
                     _ => ClientError::Server {
                         status,
                         endpoint: endpoint.to_string(),
@@ -330,9 +335,21 @@ impl Client {
         self.post("/v1/publish", req)
     }
 
-    /// `POST /v1/enroll` (enrollment token): returns the worker's own token.
+    /// `POST /v1/enroll`: returns the worker's own token. With the enrollment token
+    /// for a new worker id; with a worker's own token to re-enroll it (new token, labels
+    /// and capacity). An id already enrolled is refused to the enrollment token (409).
     pub fn enroll(&self, req: &EnrollRequest) -> Result<EnrollResponse, ClientError> {
         self.post("/v1/enroll", req)
+    }
+
+    /// `POST /v1/workers/{id}/replace` (publisher token): a new token for an enrolled
+    /// worker id; its current token stops working.
+    pub fn replace_worker(
+        &self,
+        worker: &str,
+        req: &ReplaceWorkerRequest,
+    ) -> Result<EnrollResponse, ClientError> {
+        self.post(&format!("/v1/workers/{}/replace", encode(worker)), req)
     }
 
     /// `GET /v1/assignment` (worker token). With `wait`, a long poll: the master answers

@@ -21,5 +21,5 @@ pub mod token;
 
 pub use client::{Client, ClientError};
 pub use server::{
-    serve, spawn, start, BackgroundServer, RunningServer, ServeConfig, DEFAULT_LEASE,
+    serve, spawn, start, BackgroundServer, Limits, RunningServer, ServeConfig, DEFAULT_LEASE,
 };

@@ -5,9 +5,11 @@ use std::collections::{BTreeMap, HashMap};
 
 use udos_core::desired::{Resources, SpecKind};
 use udos_core::schedule::Placement;
-use udos_core::wire::{Heartbeat, InstanceState, RunningInstance};
+use udos_core::wire::{Heartbeat, InstanceState, RunningInstance, SignatureState};
 
-use crate::api::{InstanceHealth, InstanceStatus, SpecStatus, StatusReport, WorkerStatus};
+use crate::api::{
+    InstanceHealth, InstanceStatus, SpecStatus, StatusReport, TokenIssuedBy, WorkerStatus,
+};
 use crate::store::GenerationRecord;
 use crate::time::{human_duration, rfc3339};
 
@@ -22,6 +24,8 @@ pub struct WorkerState {
     pub capacity: Resources,
     /// Enrollment, unix ms.
     pub enrolled_at_ms: u64,
+    /// Who issued its current token.
+    pub token_issued_by: TokenIssuedBy,
     /// Last contact (heartbeat, assignment poll, or now while a long poll is open), unix ms.
     pub last_seen_ms: u64,
     /// Last heartbeat, unix ms.
@@ -53,12 +57,15 @@ fn kind_name(kind: &SpecKind) -> &'static str {
 }
 
 /// Compute the status report. `workers` in any order; the report lists them by id.
+/// `problem`: why the active generation cannot be scheduled, if it cannot; its specs
+/// are then listed without instances (they may be far too many to list).
 pub fn compute_status(
     active: Option<&GenerationRecord>,
     placement: &Placement,
     workers: &[WorkerState],
     now_ms: u64,
     lease_ms: u64,
+    problem: Option<&str>,
 ) -> StatusReport {
     let mut workers: Vec<&WorkerState> = workers.iter().collect();
     workers.sort_by(|a, b| a.id.cmp(&b.id));
@@ -113,6 +120,16 @@ pub fn compute_status(
     let mut unsched_lines: BTreeMap<(String, String), Vec<u32>> = BTreeMap::new();
     for spec in active.map(|g| g.specs.as_slice()).unwrap_or(&[]) {
         let mut instances = Vec::new();
+        if problem.is_some() {
+            desired += u64::from(spec.instances());
+            specs.push(SpecStatus {
+                id: spec.id.clone(),
+                hash: spec.hash.clone(),
+                kind: kind_name(&spec.kind).to_string(),
+                instances,
+            });
+            continue;
+        }
         for replica in 0..spec.instances() {
             desired += 1;
             let name = format!("{}@{replica}", spec.id);
@@ -243,6 +260,7 @@ pub fn compute_status(
             used: w.heartbeat.as_ref().map(|h| h.used),
             live,
             enrolled_at: rfc3339(w.enrolled_at_ms),
+            token_issued_by: Some(w.token_issued_by),
             last_seen_at: Some(rfc3339(w.last_seen_ms)),
             last_seen_s_ago: Some(now_ms.saturating_sub(w.last_seen_ms) / 1000),
             last_heartbeat_at: w.last_heartbeat_ms.map(rfc3339),
@@ -277,7 +295,8 @@ pub fn compute_status(
         }
     }
 
-    let mut drift = drift_workers;
+    let mut drift: Vec<String> = problem.map(str::to_string).into_iter().collect();
+    drift.extend(drift_workers);
     drift.extend(drift_instances);
     drift.extend(drift_extra);
     drift.extend(drift_unsched);
@@ -286,6 +305,8 @@ pub fn compute_status(
         commit: active.map(|g| g.commit.clone()),
         intent_hash: active.map(|g| g.intent_hash.clone()),
         published_at: active.map(|g| rfc3339(g.published_at_ms)),
+        // Only the server knows its intent key: it fills this in.
+        signature_state: SignatureState::Unsigned,
         convergence: if desired == 0 {
             1.0
         } else {
@@ -298,6 +319,7 @@ pub fn compute_status(
         specs,
         unschedulable: placement.unschedulable.clone(),
         drift,
+        problem: problem.map(str::to_string),
     }
 }
 
@@ -338,6 +360,7 @@ mod tests {
                 memory_mib: 1000,
             },
             enrolled_at_ms: 0,
+            token_issued_by: TokenIssuedBy::EnrollmentToken,
             last_seen_ms,
             last_heartbeat_ms: hb.as_ref().map(|_| last_seen_ms),
             heartbeat: hb.map(|(g, inst)| Heartbeat {
@@ -404,7 +427,7 @@ mod tests {
             worker("w3", now - 240_000, Some((2, vec![]))),
             worker("w4", now, Some((2, vec![]))),
         ];
-        let r = compute_status(Some(&gen), &placement, &workers, now, 30_000);
+        let r = compute_status(Some(&gen), &placement, &workers, now, 30_000, None);
         assert_eq!((r.converged_instances, r.desired_instances), (1, 4));
         assert!((r.convergence - 0.25).abs() < 1e-9);
         assert_eq!(
@@ -456,7 +479,7 @@ mod tests {
                 5,
                 Some((1, vec![("ci", 0, H1, ci), ("web", 0, H1, web)])),
             );
-            compute_status(Some(&gen), &placement, &[w], 5, 30_000)
+            compute_status(Some(&gen), &placement, &[w], 5, 30_000, None)
         };
         let r = status(InstanceState::Running, InstanceState::Running);
         assert_eq!((r.converged_instances, r.desired_instances), (1, 2));
@@ -476,6 +499,40 @@ mod tests {
     }
 
     #[test]
+    fn an_unschedulable_generation_lists_no_instances() {
+        let gen = GenerationRecord {
+            number: 2,
+            commit: "c".repeat(40),
+            intent_hash: "i".repeat(64),
+            specs: vec![svc("web", H1, u32::MAX), svc("db", H1, 1)],
+            signature: None,
+            published_at_ms: 0,
+            publisher: "old master".into(),
+        };
+        let why = "generation 2 cannot be scheduled: too many replicas";
+        let w = worker(
+            "w1",
+            5,
+            Some((1, vec![("web", 0, H1, InstanceState::Running)])),
+        );
+        let r = compute_status(
+            Some(&gen),
+            &Placement::default(),
+            &[w],
+            5,
+            30_000,
+            Some(why),
+        );
+        assert_eq!(r.problem.as_deref(), Some(why));
+        assert_eq!(r.drift[0], why);
+        assert_eq!(r.desired_instances, u64::from(u32::MAX) + 1);
+        assert_eq!(r.converged_instances, 0);
+        assert_eq!(r.convergence, 0.0);
+        assert_eq!(r.specs.len(), 2);
+        assert!(r.specs.iter().all(|s| s.instances.is_empty()));
+    }
+
+    #[test]
     fn nothing_published_is_converged() {
         let r = compute_status(
             None,
@@ -483,6 +540,7 @@ mod tests {
             &[worker("w1", 10, None)],
             10,
             30_000,
+            None,
         );
         assert_eq!(r.generation, 0);
         assert_eq!(r.convergence, 1.0);

@@ -5,6 +5,11 @@
 //! [`SqliteStore`] implements it on one SQLite file (WAL, busy timeout). A
 //! publication is one transaction: validated first, so nothing is written when it is
 //! refused.
+//!
+//! The schema is versioned with `PRAGMA user_version` and [`MIGRATIONS`]: opening a
+//! database brings it to the latest version, one transaction per step; a database of
+//! a newer version is refused. Version 1 predates `user_version` (it is recognised by
+//! its `meta.schema_version` row).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -13,6 +18,8 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use udos_core::desired::{self, DesiredSpec, Invalid, Resources};
 use udos_core::wire::Heartbeat;
+
+pub use crate::api::TokenIssuedBy;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -61,8 +68,8 @@ pub struct GenerationMeta {
     pub intent_hash: String,
     /// Number of specs.
     pub spec_count: usize,
-    /// Whether it carries a signature.
-    pub signed: bool,
+    /// Its signature (hex), if it carries one.
+    pub signature: Option<String>,
     /// First publication, unix ms.
     pub published_at_ms: u64,
     /// Who published it first.
@@ -78,6 +85,10 @@ pub struct NewPublication<'a> {
     pub specs: &'a [DesiredSpec],
     /// Optional signature (hex).
     pub signature: Option<&'a str>,
+    /// Whether the caller verified `signature` under its intent key. A verified
+    /// signature replaces the one an existing generation carries; an unverified one
+    /// is stored only where there is none.
+    pub signature_verified: bool,
     /// Who publishes.
     pub publisher: &'a str,
     /// The client's address.
@@ -120,6 +131,25 @@ pub struct AuditRecord {
     pub created: bool,
 }
 
+fn issuer_text(by: TokenIssuedBy) -> &'static str {
+    match by {
+        TokenIssuedBy::EnrollmentToken => "enrollment_token",
+        TokenIssuedBy::WorkerToken => "worker_token",
+        TokenIssuedBy::Publisher => "publisher",
+    }
+}
+
+fn parse_issuer(text: &str) -> Result<TokenIssuedBy, StoreError> {
+    match text {
+        "enrollment_token" => Ok(TokenIssuedBy::EnrollmentToken),
+        "worker_token" => Ok(TokenIssuedBy::WorkerToken),
+        "publisher" => Ok(TokenIssuedBy::Publisher),
+        other => Err(StoreError::Corrupt(format!(
+            "unknown token issuer `{other}`"
+        ))),
+    }
+}
+
 /// An enrolled worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerRecord {
@@ -131,6 +161,8 @@ pub struct WorkerRecord {
     pub capacity: Resources,
     /// sha256 of its bearer token.
     pub token_hash: [u8; 32],
+    /// Who issued that token.
+    pub token_issued_by: TokenIssuedBy,
     /// Enrollment time, unix ms.
     pub enrolled_at_ms: u64,
     /// Last heartbeat, unix ms.
@@ -169,7 +201,15 @@ pub struct SqliteStore {
     conn: Connection,
 }
 
-const SCHEMA: &str = "
+/// Schema migrations: `MIGRATIONS[i]` takes a database from version `i` to `i + 1`
+/// (`PRAGMA user_version`). Append only: a released step is never edited.
+pub const MIGRATIONS: &[&str] = &[V1, V2];
+
+/// The latest schema version.
+pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
+/// Version 1: generations, the active one, commits, audit log, workers.
+const V1: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS generations (
     number INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -215,6 +255,65 @@ CREATE TABLE IF NOT EXISTS workers (
 INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1');
 ";
 
+/// Version 2: who issued each worker's token (enrollment can no longer take a
+/// worker over; a replacement by the publisher shows). `meta.schema_version` follows,
+/// so a version-1 master, which checks it, refuses the database.
+const V2: &str = "
+ALTER TABLE workers ADD COLUMN token_issued_by TEXT NOT NULL DEFAULT 'enrollment_token';
+UPDATE meta SET value = '2' WHERE key = 'schema_version';
+";
+
+/// The schema version of `conn`: `user_version`, or 1 for a version-1 database,
+/// which did not set it.
+fn schema_version(conn: &Connection) -> Result<u32, StoreError> {
+    let version: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version != 0 {
+        return Ok(version);
+    }
+    let has_meta: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_meta {
+        return Ok(0);
+    }
+    let legacy: Option<String> = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match legacy.as_deref() {
+        Some("1") => Ok(1),
+        other => Err(StoreError::Corrupt(format!(
+            "no user_version and meta.schema_version {other:?}: not a udos master database"
+        ))),
+    }
+}
+
+/// Bring `conn` to [`SCHEMA_VERSION`], one transaction per step.
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let from = schema_version(conn)?;
+    if from > SCHEMA_VERSION {
+        return Err(StoreError::Corrupt(format!(
+            "the database has schema version {from}, this master knows versions up to {SCHEMA_VERSION}: it was written by a newer master"
+        )));
+    }
+    for (step, sql) in MIGRATIONS.iter().enumerate().skip(from as usize) {
+        let to = step as u32 + 1;
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", to)?;
+        tx.commit()?;
+        if from > 0 {
+            tracing::info!("master database migrated to schema version {to}");
+        }
+    }
+    Ok(())
+}
+
 impl SqliteStore {
     /// Open (creating if needed) the database file.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -227,24 +326,14 @@ impl SqliteStore {
         Self::init(Connection::open_in_memory()?)
     }
 
-    fn init(conn: Connection) -> Result<Self, StoreError> {
+    fn init(mut conn: Connection) -> Result<Self, StoreError> {
         conn.busy_timeout(Duration::from_secs(10))?;
         // WAL: readers never block the writer; NORMAL is durable across process
         // crashes (a power loss may lose the last transactions, never corrupt).
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.execute_batch(SCHEMA)?;
-        let version: String = conn.query_row(
-            "SELECT value FROM meta WHERE key = 'schema_version'",
-            [],
-            |r| r.get(0),
-        )?;
-        if version != "1" {
-            return Err(StoreError::Corrupt(format!(
-                "unknown schema version {version}"
-            )));
-        }
+        migrate(&mut conn)?;
         Ok(Self { conn })
     }
 
@@ -314,7 +403,8 @@ impl Store for SqliteStore {
             .optional()?;
         let (generation, created) = match existing {
             Some((number, signature)) => {
-                if signature.is_none() && p.signature.is_some() {
+                let better = signature.is_none() || p.signature_verified;
+                if p.signature.is_some() && better && signature.as_deref() != p.signature {
                     tx.execute(
                         "UPDATE generations SET signature = ?1 WHERE number = ?2",
                         params![p.signature, number],
@@ -392,7 +482,7 @@ impl Store for SqliteStore {
 
     fn generations(&self) -> Result<Vec<GenerationMeta>, StoreError> {
         let mut stmt = self.conn.prepare(
-            "SELECT number, commit_id, intent_hash, spec_count, signature IS NOT NULL, published_at, publisher
+            "SELECT number, commit_id, intent_hash, spec_count, signature, published_at, publisher
              FROM generations ORDER BY number",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -401,7 +491,7 @@ impl Store for SqliteStore {
                 commit: r.get(1)?,
                 intent_hash: r.get(2)?,
                 spec_count: r.get::<_, i64>(3)? as usize,
-                signed: r.get(4)?,
+                signature: r.get(4)?,
                 published_at_ms: r.get::<_, i64>(5)? as u64,
                 publisher: r.get(6)?,
             })
@@ -450,14 +540,16 @@ impl Store for SqliteStore {
             .transpose()?;
         self.conn.execute(
             "INSERT INTO workers (id, labels_json, cpu_millis, memory_mib, token_hash, enrolled_at,
-                                  last_heartbeat_at, seen_generation, last_heartbeat_json)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                                  last_heartbeat_at, seen_generation, last_heartbeat_json,
+                                  token_issued_by)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
              ON CONFLICT (id) DO UPDATE SET
                 labels_json = excluded.labels_json, cpu_millis = excluded.cpu_millis,
                 memory_mib = excluded.memory_mib, token_hash = excluded.token_hash,
                 enrolled_at = excluded.enrolled_at, last_heartbeat_at = excluded.last_heartbeat_at,
                 seen_generation = excluded.seen_generation,
-                last_heartbeat_json = excluded.last_heartbeat_json",
+                last_heartbeat_json = excluded.last_heartbeat_json,
+                token_issued_by = excluded.token_issued_by",
             params![
                 w.id,
                 labels,
@@ -467,7 +559,8 @@ impl Store for SqliteStore {
                 w.enrolled_at_ms as i64,
                 w.last_heartbeat_at_ms.map(|t| t as i64),
                 w.seen_generation as i64,
-                hb
+                hb,
+                issuer_text(w.token_issued_by)
             ],
         )?;
         Ok(())
@@ -476,7 +569,7 @@ impl Store for SqliteStore {
     fn workers(&self) -> Result<Vec<WorkerRecord>, StoreError> {
         let mut stmt = self.conn.prepare(
             "SELECT id, labels_json, cpu_millis, memory_mib, token_hash, enrolled_at,
-                    last_heartbeat_at, seen_generation, last_heartbeat_json
+                    last_heartbeat_at, seen_generation, last_heartbeat_json, token_issued_by
              FROM workers ORDER BY id",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -490,11 +583,12 @@ impl Store for SqliteStore {
                 r.get::<_, Option<i64>>(6)?,
                 r.get::<_, i64>(7)?,
                 r.get::<_, Option<String>>(8)?,
+                r.get::<_, String>(9)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, labels, cpu, mem, token, enrolled, last_hb, seen, hb_json) = row?;
+            let (id, labels, cpu, mem, token, enrolled, last_hb, seen, hb_json, issuer) = row?;
             out.push(WorkerRecord {
                 id,
                 labels: serde_json::from_str(&labels)?,
@@ -503,6 +597,7 @@ impl Store for SqliteStore {
                     memory_mib: mem as u64,
                 },
                 token_hash: parse_token_hash(&token)?,
+                token_issued_by: parse_issuer(&issuer)?,
                 enrolled_at_ms: enrolled as u64,
                 last_heartbeat_at_ms: last_hb.map(|t| t as u64),
                 seen_generation: seen as u64,
@@ -549,6 +644,7 @@ mod tests {
             commit: COMMIT,
             specs,
             signature: None,
+            signature_verified: false,
             publisher: "ci",
             remote: None,
             at_ms: 1000,
@@ -592,6 +688,152 @@ mod tests {
         assert!(s.active_generation().unwrap().is_none());
     }
 
+    /// The schema the first release created, verbatim (it set no `user_version`).
+    /// Kept apart from [`MIGRATIONS`], so that an edit of a released step shows here.
+    const RELEASED_V1: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS generations (
+    number INTEGER PRIMARY KEY AUTOINCREMENT,
+    commit_id TEXT NOT NULL,
+    intent_hash TEXT NOT NULL UNIQUE,
+    specs_json TEXT NOT NULL,
+    spec_count INTEGER NOT NULL,
+    signature TEXT,
+    published_at INTEGER NOT NULL,
+    publisher TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS active (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    generation INTEGER NOT NULL REFERENCES generations(number),
+    activated_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS commits (
+    commit_id TEXT PRIMARY KEY,
+    generation INTEGER NOT NULL REFERENCES generations(number)
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at INTEGER NOT NULL,
+    action TEXT NOT NULL,
+    publisher TEXT NOT NULL,
+    remote TEXT,
+    commit_id TEXT NOT NULL,
+    generation INTEGER NOT NULL REFERENCES generations(number),
+    intent_hash TEXT NOT NULL,
+    created INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS workers (
+    id TEXT PRIMARY KEY,
+    labels_json TEXT NOT NULL,
+    cpu_millis INTEGER NOT NULL,
+    memory_mib INTEGER NOT NULL,
+    token_hash TEXT NOT NULL,
+    enrolled_at INTEGER NOT NULL,
+    last_heartbeat_at INTEGER,
+    seen_generation INTEGER NOT NULL DEFAULT 0,
+    last_heartbeat_json TEXT
+);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1');
+";
+
+    fn user_version(path: &Path) -> u32 {
+        Connection::open(path)
+            .unwrap()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_version_1_database_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master.db");
+        let specs = [spec("a")];
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(RELEASED_V1).unwrap();
+            conn.execute(
+                "INSERT INTO generations (commit_id, intent_hash, specs_json, spec_count,
+                                          signature, published_at, publisher)
+                 VALUES (?1, ?2, ?3, 1, NULL, 7, 'ci')",
+                params![
+                    COMMIT,
+                    desired::intent_hash(COMMIT, &specs),
+                    desired::canonical_specs_json(&specs)
+                ],
+            )
+            .unwrap();
+            conn.execute_batch(
+                "INSERT INTO active (id, generation, activated_at) VALUES (1, 1, 7);
+                 INSERT INTO workers (id, labels_json, cpu_millis, memory_mib, token_hash,
+                                      enrolled_at, last_heartbeat_at, seen_generation,
+                                      last_heartbeat_json)
+                 VALUES ('w1', '{\"zone\":\"a\"}', 1000, 512,
+                         '0707070707070707070707070707070707070707070707070707070707070707',
+                         5, NULL, 0, NULL);",
+            )
+            .unwrap();
+        }
+        assert_eq!(user_version(&path), 0);
+
+        let mut s = SqliteStore::open(&path).unwrap();
+        assert_eq!(user_version(&path), SCHEMA_VERSION);
+        assert_eq!(SCHEMA_VERSION, 2);
+        let meta: String = s
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(
+            meta, "2",
+            "a version-1 master must refuse the migrated database"
+        );
+        let workers = s.workers().unwrap();
+        assert_eq!(workers.len(), 1);
+        assert_eq!(workers[0].id, "w1");
+        assert_eq!(workers[0].labels["zone"], "a");
+        assert_eq!(workers[0].token_hash, [7; 32]);
+        assert_eq!(workers[0].token_issued_by, TokenIssuedBy::EnrollmentToken);
+        let active = s.active_generation().unwrap().unwrap();
+        assert_eq!((active.number, active.specs.clone()), (1, specs.to_vec()));
+        // It works as a current database: numbering goes on, new columns are written.
+        let more = [spec("b")];
+        assert_eq!(s.publish(&publication(&more)).unwrap().generation, 2);
+        let mut w = workers[0].clone();
+        w.token_issued_by = TokenIssuedBy::Publisher;
+        s.upsert_worker(&w).unwrap();
+        drop(s);
+        // Opening again changes nothing.
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(user_version(&path), SCHEMA_VERSION);
+        assert_eq!(s.workers().unwrap(), vec![w]);
+        assert_eq!(s.generations().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_database_of_a_newer_master_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master.db");
+        drop(SqliteStore::open(&path).unwrap());
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        let e = SqliteStore::open(&path)
+            .err()
+            .expect("a newer schema was opened");
+        assert!(e.to_string().contains("newer master"), "{e}");
+        // Something that is not a master database at all is refused too.
+        let other = dir.path().join("other.db");
+        Connection::open(&other)
+            .unwrap()
+            .execute_batch("CREATE TABLE meta (key TEXT, value TEXT)")
+            .unwrap();
+        assert!(SqliteStore::open(&other).is_err());
+    }
+
     #[test]
     fn workers_round_trip() {
         let mut s = SqliteStore::in_memory().unwrap();
@@ -603,6 +845,7 @@ mod tests {
                 memory_mib: 8192,
             },
             token_hash: [7; 32],
+            token_issued_by: TokenIssuedBy::Publisher,
             enrolled_at_ms: 5,
             last_heartbeat_at_ms: None,
             seen_generation: 0,

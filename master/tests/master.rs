@@ -7,8 +7,11 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use udos_core::desired::Resources;
-use udos_core::wire::{EnrollRequest, Heartbeat, InstanceState, PublishRequest, RunningInstance};
-use udos_master::api::InstanceHealth;
+use udos_core::wire::{
+    EnrollRequest, Heartbeat, InstanceState, PublishRequest, ReplaceWorkerRequest, RunningInstance,
+    SignatureState,
+};
+use udos_master::api::{InstanceHealth, TokenIssuedBy};
 use udos_master::signing;
 use udos_master::ClientError;
 
@@ -110,6 +113,19 @@ fn rejected_publication_changes_nothing() {
         matches!(&e, ClientError::Rejected(m) if m.contains("no content hash")),
         "{e}"
     );
+    // Workflow paths are joined to the worker's checkout: they must stay inside it.
+    for path in ["/etc/passwd", "../../etc/passwd", ".github/../../x.yml"] {
+        let mut escaping = run("ci", 1);
+        escaping.kind = udos_core::desired::SpecKind::WorkflowRun {
+            workflow: path.into(),
+            job: None,
+        };
+        let e = bad(commit(2), vec![escaping]);
+        assert!(
+            matches!(&e, ClientError::Rejected(m) if m.contains("relative to the repository")),
+            "{path}: {e}"
+        );
+    }
     let e = bad("not-a-commit".into(), vec![service("a", 1, 1)]);
     assert!(
         matches!(&e, ClientError::Rejected(m) if m.contains("not-a-commit")),
@@ -369,14 +385,88 @@ fn tokens_and_roles() {
     );
     let e = w1.client.status().unwrap_err();
     assert!(matches!(e, ClientError::Forbidden { .. }), "{e}");
+}
 
-    // Re-enrolling replaces the token: the old one stops working.
-    let again = enroll(&server, "w1", &[]);
+fn enrollment(id: &str, zone: &str) -> EnrollRequest {
+    EnrollRequest {
+        worker_id: id.into(),
+        labels: BTreeMap::from([("zone".to_string(), zone.to_string())]),
+        capacity: Resources {
+            cpu_millis: 1000,
+            memory_mib: 1000,
+        },
+    }
+}
+
+#[test]
+fn an_enrolled_worker_cannot_be_taken_over_with_the_enrollment_token() {
+    let env = Env::new();
+    let server = env.start();
+    let p = publisher(&server);
+    let w1 = enroll(&server, "w1", &[("zone", "a")]);
+    let zone = |p: &udos_master::Client| {
+        let st = p.status().unwrap();
+        let w = st.workers.iter().find(|w| w.id == "w1").unwrap();
+        w.labels["zone"].clone()
+    };
+    let issuer = |p: &udos_master::Client| {
+        let st = p.status().unwrap();
+        let w = st.workers.iter().find(|w| w.id == "w1").unwrap();
+        w.token_issued_by
+    };
+    assert_eq!(issuer(&p), Some(TokenIssuedBy::EnrollmentToken));
+    // The enrollment token does not get w1's place, token or labels.
+    let e = enroller(&server)
+        .enroll(&enrollment("w1", "evil"))
+        .unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    assert!(e.to_string().contains("replace-worker w1"), "{e}");
+    assert!(w1.client.assignment("w1", 0, None).is_ok());
+    assert_eq!(zone(&p), "a");
+
+    // Its own token re-enrolls it: a new token, the old one revoked.
+    let again = w1.client.enroll(&enrollment("w1", "b")).unwrap();
     assert_eq!(
         w1.client.assignment("w1", 0, None).unwrap_err().status(),
         Some(401)
     );
-    assert!(again.client.assignment("w1", 0, None).is_ok());
+    let w1b = common::client(&server, &again.token, "w1.token");
+    assert!(w1b.assignment("w1", 0, None).is_ok());
+    assert_eq!(zone(&p), "b");
+    assert_eq!(issuer(&p), Some(TokenIssuedBy::WorkerToken));
+    // Another worker's token may not.
+    let w2 = enroll(&server, "w2", &[]);
+    let e = w2.client.enroll(&enrollment("w1", "evil")).unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+
+    // The publisher replaces it explicitly (a lost token, a new machine).
+    let replaced = p
+        .replace_worker("w1", &ReplaceWorkerRequest::default())
+        .unwrap();
+    assert_eq!(
+        w1b.assignment("w1", 0, None).unwrap_err().status(),
+        Some(401)
+    );
+    let w1c = common::client(&server, &replaced.token, "w1.token");
+    assert!(w1c.assignment("w1", 0, None).is_ok());
+    assert_eq!(zone(&p), "b", "labels are kept unless given");
+    assert_eq!(issuer(&p), Some(TokenIssuedBy::Publisher));
+    let relabel = ReplaceWorkerRequest {
+        labels: Some(BTreeMap::from([("zone".to_string(), "c".to_string())])),
+        capacity: None,
+    };
+    p.replace_worker("w1", &relabel).unwrap();
+    assert_eq!(zone(&p), "c");
+    // Only the publisher, and only for enrolled ids.
+    let none = ReplaceWorkerRequest::default();
+    for who in [enroller(&server), w2.client.clone()] {
+        let e = who.replace_worker("w1", &none).unwrap_err();
+        assert_eq!(e.status(), Some(403), "{e}");
+    }
+    let e = p.replace_worker("ghost", &none).unwrap_err();
+    assert_eq!(e.status(), Some(404), "{e}");
+    // A new id still enrolls with the enrollment token.
+    enroll(&server, "w3", &[]);
 }
 
 #[test]
@@ -419,6 +509,14 @@ fn signed_intent_is_required_and_forwarded() {
         (ok.generation, ok.intent_hash.as_str()),
         (1, intent.as_str())
     );
+    assert_eq!(ok.signature_state, SignatureState::Verified);
+    let gens = p.generations().unwrap();
+    assert!(gens[0].signed);
+    assert_eq!(gens[0].signature_state, SignatureState::Verified);
+    assert_eq!(
+        p.status().unwrap().signature_state,
+        SignatureState::Verified
+    );
     let w = enroll(&server, "w1", &[]);
     let a = w.poll(0);
     assert_eq!(a.signature.as_deref(), Some(sig.as_str()));
@@ -435,6 +533,71 @@ fn signed_intent_is_required_and_forwarded() {
     assert_eq!(g.signature.as_deref(), Some(sig.as_str()));
     assert_eq!(udos_core::desired::intent_hash(&g.commit, &g.specs), intent);
     assert!(g.specs.contains(&a.assignments[0].spec));
+}
+
+#[test]
+fn a_signature_the_master_cannot_check_is_not_called_signed() {
+    let mut env = Env::new();
+    let key = signing::parse_signing_key(&"42".repeat(32)).unwrap();
+    let other = signing::parse_signing_key(&"43".repeat(32)).unwrap();
+    let signed_by = |k: &ed25519_dalek::SigningKey, n: u32, specs: Vec<_>| PublishRequest {
+        signature: Some(signing::sign_intent(
+            k,
+            &udos_core::desired::intent_hash(&commit(n), &specs),
+        )),
+        commit: commit(n),
+        specs,
+    };
+    // No --intent-pubkey: signatures are kept and forwarded, but not vouched for.
+    let server = env.start();
+    let p = publisher(&server);
+    let r = p.publish(&signed_by(&key, 1, vec![run("ci", 1)])).unwrap();
+    assert_eq!(r.signature_state, SignatureState::Unverified);
+    let r = p
+        .publish(&signed_by(&other, 2, vec![run("ci", 2)]))
+        .unwrap();
+    assert_eq!(r.signature_state, SignatureState::Unverified);
+    let r = publish(&p, 3, vec![run("ci", 3)]);
+    assert_eq!(r.signature_state, SignatureState::Unsigned);
+    let states = |p: &udos_master::Client| {
+        p.generations()
+            .unwrap()
+            .iter()
+            .map(|g| (g.signed, g.signature_state))
+            .collect::<Vec<_>>()
+    };
+    use SignatureState::*;
+    assert_eq!(
+        states(&p),
+        vec![(false, Unverified), (false, Unverified), (false, Unsigned)]
+    );
+    let g1 = p.generation(1).unwrap();
+    assert!(g1.signature.is_some(), "the signature is still forwarded");
+    assert_eq!(g1.signature_state, Unverified);
+    let d = p.diff(Some(1), Some(3)).unwrap();
+    assert_eq!(
+        (d.from_signature_state, d.to_signature_state),
+        (Unverified, Unsigned)
+    );
+    p.publish(&signed_by(&key, 1, vec![run("ci", 1)])).unwrap();
+    assert_eq!(p.status().unwrap().signature_state, Unverified);
+    server.shutdown().unwrap();
+
+    // The same database under a master with the key: checked against it now.
+    let key_file = env.path("intent.pub");
+    std::fs::write(&key_file, signing::public_hex(&key)).unwrap();
+    env.config.intent_pubkey = Some(key_file);
+    let server = env.start();
+    let p = publisher(&server);
+    assert_eq!(
+        states(&p),
+        vec![(true, Verified), (false, Invalid), (false, Unsigned)]
+    );
+    assert_eq!(p.status().unwrap().signature_state, Verified);
+    // Re-publishing generation 2 signed with the right key replaces its signature.
+    let r = p.publish(&signed_by(&key, 2, vec![run("ci", 2)])).unwrap();
+    assert_eq!((r.generation, r.signature_state), (2, Verified));
+    assert_eq!(states(&p)[1], (true, Verified));
 }
 
 #[test]

@@ -14,7 +14,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use udos_core::desired::Resources;
-use udos_core::wire::PublishRequest;
+use udos_core::text::sanitize_for_terminal as t;
+use udos_core::wire::{PublishRequest, ReplaceWorkerRequest, SignatureState};
 use udos_master::api::{InstanceHealth, StatusReport};
 use udos_master::{Client, ClientError, ServeConfig};
 use udos_vmm::HypervisorChoice;
@@ -33,6 +34,33 @@ pub enum MasterCommand {
     /// Run the master: number published desired state as generations, schedule it,
     /// serve workers their assignments (until SIGINT/SIGTERM)
     Serve(ServeArgs),
+    /// Give an enrolled worker a new token and revoke the one it has (publisher
+    /// token): for a lost token or a replaced machine. The enrollment token cannot
+    /// enroll an id that is already enrolled.
+    ReplaceWorker(ReplaceWorkerArgs),
+}
+
+/// `udos master replace-worker`
+#[derive(Debug, Args)]
+pub struct ReplaceWorkerArgs {
+    #[command(flatten)]
+    pub conn: MasterConn,
+    /// The enrolled worker's id
+    #[arg(value_name = "ID")]
+    pub worker_id: String,
+    /// Write the new worker token here (mode 0600); give it to the worker as its
+    /// --token-file
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// New labels, `key=value,...` [default: keep the worker's]
+    #[arg(long, value_name = "K=V,...")]
+    pub labels: Option<String>,
+    /// New CPU capacity, thousandths [default: keep the worker's]
+    #[arg(long, value_name = "MILLIS", requires = "capacity_memory")]
+    pub capacity_cpu: Option<u64>,
+    /// New memory capacity, MiB [default: keep the worker's]
+    #[arg(long, value_name = "MIB", requires = "capacity_cpu")]
+    pub capacity_memory: Option<u64>,
 }
 
 /// `udos master serve`
@@ -223,7 +251,47 @@ fn token_or_generate(path: &Path) -> Result<()> {
 
 /// `udos master ...`
 pub fn master(state: &StateDir, cmd: MasterCommand) -> ExitCode {
-    let MasterCommand::Serve(a) = cmd;
+    match cmd {
+        MasterCommand::Serve(a) => serve(state, a),
+        MasterCommand::ReplaceWorker(a) => replace_worker(state, a),
+    }
+}
+
+/// `udos master replace-worker`
+fn replace_worker(state: &StateDir, a: ReplaceWorkerArgs) -> ExitCode {
+    let labels = match a.labels.as_deref().map(super::parse_labels).transpose() {
+        Ok(l) => l,
+        Err(e) => return fail_local(e),
+    };
+    let capacity = match (a.capacity_cpu, a.capacity_memory) {
+        (Some(cpu_millis), Some(memory_mib)) => Some(Resources {
+            cpu_millis,
+            memory_mib,
+        }),
+        _ => None,
+    };
+    let client = match publisher_client(state, &a.conn) {
+        Ok(c) => c,
+        Err(e) => return fail_local(e),
+    };
+    let req = ReplaceWorkerRequest { labels, capacity };
+    let token = match client.replace_worker(&a.worker_id, &req) {
+        Ok(r) => r.token,
+        Err(e) => return fail_master(e.into()),
+    };
+    if let Err(e) = super::write_secret(&a.out, &token) {
+        return fail_local(e.context("the previous token is revoked: run replace-worker again"));
+    }
+    println!(
+        "worker {}: new token in {}; its previous token no longer works",
+        t(&a.worker_id),
+        a.out.display()
+    );
+    ExitCode::SUCCESS
+}
+
+/// `udos master serve`
+fn serve(state: &StateDir, a: ServeArgs) -> ExitCode {
     let dir = master_dir(state);
     let publisher = a
         .publisher_token_file
@@ -455,14 +523,25 @@ pub fn publish(state: &StateDir, a: PublishArgs) -> ExitCode {
                     } else {
                         "already published: active again"
                     },
-                    short(&a.commit)
+                    t(short(&a.commit))
                 );
-                println!("intent {}", resp.intent_hash);
+                println!(
+                    "intent {} ({})",
+                    t(&resp.intent_hash),
+                    resp.signature_state.describe()
+                );
+            }
+            if resp.signature_state == SignatureState::Unverified {
+                eprintln!(
+                    "udos: warning: the master has no --intent-pubkey: it stored the signature without checking it (workers with the key check it)"
+                );
             }
             for u in &resp.unschedulable {
                 eprintln!(
                     "udos: warning: {}@{} cannot be placed: {}",
-                    u.spec, u.replica, u.reason
+                    t(&u.spec),
+                    u.replica,
+                    t(&u.reason)
                 );
             }
             ExitCode::SUCCESS
@@ -511,10 +590,11 @@ pub fn render_status(r: &StatusReport) -> String {
             o,
             "generation {}  commit {}  intent {}  published {}",
             r.generation,
-            short(r.commit.as_deref().unwrap_or("-")),
-            short(r.intent_hash.as_deref().unwrap_or("-")),
-            r.published_at.as_deref().unwrap_or("-")
+            t(short(r.commit.as_deref().unwrap_or("-"))),
+            t(short(r.intent_hash.as_deref().unwrap_or("-"))),
+            t(r.published_at.as_deref().unwrap_or("-"))
         );
+        let _ = writeln!(o, "intent {}", r.signature_state.describe());
     }
     let _ = writeln!(
         o,
@@ -534,7 +614,7 @@ pub fn render_status(r: &StatusReport) -> String {
         let labels = w
             .labels
             .iter()
-            .map(|(k, v)| format!("{k}={v}"))
+            .map(|(k, v)| format!("{}={}", t(k), t(v)))
             .collect::<Vec<_>>()
             .join(",");
         let used = w.used.unwrap_or_default();
@@ -544,7 +624,7 @@ pub fn render_status(r: &StatusReport) -> String {
             .map(|i| {
                 format!(
                     "{}@{} {} {}",
-                    i.spec,
+                    t(&i.spec),
                     i.replica,
                     super::state_name(i.state),
                     human_secs(i.uptime_s)
@@ -555,7 +635,7 @@ pub fn render_status(r: &StatusReport) -> String {
         let _ = writeln!(
             o,
             "{:<16} {:<5} {:>9} {:>4}  {:<24} {:<16} {}",
-            w.id,
+            t(&w.id),
             if w.live { "yes" } else { "no" },
             w.last_seen_s_ago
                 .map(|s| format!("{} ago", human_secs(s)))
@@ -585,15 +665,15 @@ pub fn render_status(r: &StatusReport) -> String {
                 let _ = writeln!(
                     o,
                     "{:<20} {:<13} {:<13} {:>7}  {:<16} {}{}",
-                    s.id,
-                    s.kind,
-                    short(&s.hash),
+                    t(&s.id),
+                    t(&s.kind),
+                    t(short(&s.hash)),
                     i.replica,
-                    i.worker.as_deref().unwrap_or("-"),
+                    t(i.worker.as_deref().unwrap_or("-")),
                     health_name(i.state),
                     i.message
                         .as_deref()
-                        .map(|m| format!(" ({m})"))
+                        .map(|m| format!(" ({})", t(m)))
                         .unwrap_or_default()
                 );
             }
@@ -606,12 +686,12 @@ pub fn render_status(r: &StatusReport) -> String {
             if !i.snapshot_ids.is_empty() {
                 snaps.push(format!(
                     "  {}@{} on {}: {}",
-                    i.spec,
+                    t(&i.spec),
                     i.replica,
-                    w.id,
+                    t(&w.id),
                     i.snapshot_ids
                         .iter()
-                        .map(|s| short(s))
+                        .map(|s| t(short(s)))
                         .collect::<Vec<_>>()
                         .join(" ")
                 ));
@@ -629,7 +709,7 @@ pub fn render_status(r: &StatusReport) -> String {
         let _ = writeln!(o);
         let _ = writeln!(o, "drift:");
         for d in &r.drift {
-            let _ = writeln!(o, "  {d}");
+            let _ = writeln!(o, "  {}", t(d));
         }
     }
     o
@@ -674,23 +754,174 @@ pub fn diff(state: &StateDir, a: DiffArgs) -> ExitCode {
                     d.changed.len(),
                     d.unchanged
                 );
+                println!(
+                    "generation {}: {}; generation {}: {}",
+                    d.from,
+                    d.from_signature_state.describe(),
+                    d.to,
+                    d.to_signature_state.describe()
+                );
                 for s in &d.added {
-                    println!("+ {:<24} {}", s.id, short(&s.hash));
+                    println!("+ {:<24} {}", t(&s.id), t(short(&s.hash)));
                 }
                 for s in &d.removed {
-                    println!("- {:<24} {}", s.id, short(&s.hash));
+                    println!("- {:<24} {}", t(&s.id), t(short(&s.hash)));
                 }
                 for c in &d.changed {
                     println!(
                         "~ {:<24} {} -> {}",
-                        c.id,
-                        short(&c.from_hash),
-                        short(&c.to_hash)
+                        t(&c.id),
+                        t(short(&c.from_hash)),
+                        t(short(&c.to_hash))
                     );
                 }
             }
             ExitCode::SUCCESS
         }
         Err(e) => fail_master(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A report as a hostile worker could shape it through its enrollment and
+    /// heartbeats (the master relays them): escape sequences and line breaks.
+    const HOSTILE: &str = r#"{
+        "generation": 1, "commit": "0123456789abcdef", "intent_hash": "ab",
+        "published_at": "2024-01-01T00:00:00Z",
+        "convergence": 0.0, "converged_instances": 0, "desired_instances": 1, "lease_s": 30,
+        "workers": [{
+            "id": "w1\u001b]0;owned\u0007",
+            "labels": {"zone\u001b[2J": "a\u009b31m"},
+            "capacity": {"cpu_millis": 1000, "memory_mib": 1000},
+            "live": true, "enrolled_at": "2024-01-01T00:00:00Z", "seen_generation": 1,
+            "assigned": ["web@0"],
+            "instances": [{
+                "spec": "web\u001b[1A", "replica": 0, "hash": "ab", "state": "failed",
+                "uptime_s": 3, "snapshot_ids": ["\u001b[31mdeadbeef"],
+                "message": "died\nspec web: all fine\r\u202eenil"
+            }]
+        }],
+        "specs": [{"id": "web", "hash": "ab", "kind": "service", "instances": [{
+            "replica": 0, "worker": "w1\u001b]0;owned\u0007", "state": "failed",
+            "message": "died\nspec web: all fine"
+        }]}],
+        "unschedulable": [],
+        "drift": ["worker w1\u001b[8m reports web@0 failed: died\nall converged"]
+    }"#;
+
+    #[test]
+    fn replace_worker_revokes_the_old_token_and_writes_the_new_one_privately() {
+        use clap::Parser as _;
+        use std::os::unix::fs::PermissionsExt as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(subcommand)]
+            cmd: MasterCommand,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pub"), "publisher-token-x").unwrap();
+        std::fs::write(dir.path().join("enroll"), "enroll-token-y").unwrap();
+        let server = udos_master::spawn(
+            ServeConfig::new(
+                "127.0.0.1:0".parse().unwrap(),
+                dir.path().join("m.db"),
+                dir.path().join("pub"),
+                dir.path().join("enroll"),
+            ),
+            1,
+        )
+        .unwrap();
+        let url = server.url();
+        let old = Client::new(&url, None)
+            .unwrap()
+            .with_token("enroll-token-y", "enroll")
+            .enroll(&udos_core::wire::EnrollRequest {
+                worker_id: "w1".into(),
+                labels: Default::default(),
+                capacity: Resources::default(),
+            })
+            .unwrap()
+            .token;
+        let state = StateDir::resolve(Some(&dir.path().join("state"))).unwrap();
+        let out = dir.path().join("w1.token");
+        let publisher_file = dir.path().join("pub");
+        let args = [
+            "udos",
+            "replace-worker",
+            "w1",
+            "--master",
+            &url,
+            "--token-file",
+            publisher_file.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--labels",
+            "zone=b",
+        ];
+        let cli = Cli::try_parse_from(args).unwrap();
+        assert_eq!(master(&state, cli.cmd), ExitCode::SUCCESS);
+        let token = udos_master::token::read_token_file(&out).unwrap();
+        let mode = std::fs::metadata(&out).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let worker = |t: &str| {
+            Client::new(&url, None)
+                .unwrap()
+                .with_token(t, "w1.token")
+                .assignment("w1", 0, None)
+                .map(|_| ())
+                .map_err(|e| e.status())
+        };
+        assert_eq!(worker(&old), Err(Some(401)));
+        assert_eq!(worker(&token), Ok(()));
+        // An id that is not enrolled: the master refuses, exit status 1.
+        let cli = Cli::try_parse_from(args.map(|a| if a == "w1" { "ghost" } else { a })).unwrap();
+        assert_eq!(master(&state, cli.cmd), ExitCode::from(1));
+    }
+
+    #[test]
+    fn status_says_signed_only_when_the_master_verified_it() {
+        let mut report: StatusReport = serde_json::from_str(HOSTILE).unwrap();
+        for (state, says) in [
+            (SignatureState::Unverified, "intent signature NOT verified"),
+            (SignatureState::Invalid, "intent signature INVALID"),
+            (SignatureState::Unsigned, "intent unsigned"),
+            (
+                SignatureState::Verified,
+                "intent signed (verified by the master)",
+            ),
+        ] {
+            report.signature_state = state;
+            let out = render_status(&report);
+            assert!(out.contains(says), "{state:?}: {out}");
+            let claims = out.contains("signed (verified");
+            assert_eq!(claims, state == SignatureState::Verified, "{out}");
+        }
+    }
+
+    #[test]
+    fn status_prints_outside_text_escaped() {
+        let report: StatusReport = serde_json::from_str(HOSTILE).unwrap();
+        let out = render_status(&report);
+        let raw: Vec<char> = out
+            .chars()
+            .filter(|c| (c.is_control() && *c != '\n') || *c == '\u{202e}')
+            .collect();
+        assert!(raw.is_empty(), "raw control characters {raw:?} in\n{out}");
+        for shown in [
+            "w1\\x1b]0;owned\\x07",
+            "zone\\x1b[2J=a\\u{9b}31m",
+            "died\\nspec web",
+        ] {
+            assert!(out.contains(shown), "{shown} missing in\n{out}");
+        }
+        // No line of the output was forged by a newline in a message.
+        assert!(
+            !out.lines()
+                .any(|l| l.starts_with("spec web: all fine") || l.starts_with("all converged")),
+            "{out}"
+        );
     }
 }

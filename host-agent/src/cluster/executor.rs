@@ -252,7 +252,7 @@ impl VmExecutor {
             unreachable!("only called for workflow runs")
         };
         let shared = self.shared.clone();
-        let path = shared.config.workdir.join(workflow);
+        let workflow = workflow.clone();
         let job = job.clone();
         let memory = if spec.resources.memory_mib > 0 {
             spec.resources.memory_mib
@@ -271,7 +271,8 @@ impl VmExecutor {
         std::thread::Builder::new()
             .name(name)
             .spawn(move || {
-                let result = run_workflow(&shared, &path, job.as_deref(), &settings);
+                let result = workflow_file(&shared.config.workdir, &workflow)
+                    .and_then(|path| run_workflow(&shared, &path, job.as_deref(), &settings));
                 set(&cell, |c| match result {
                     Ok(report) => {
                         c.snapshot_ids = report
@@ -402,6 +403,30 @@ impl VmExecutor {
             .context("starting a service thread")?;
         Ok((thread, dir))
     }
+}
+
+/// The file a workflow_run spec names, inside `workdir`. The master refuses paths
+/// that leave the repository, but a worker does not trust the master: the path must
+/// be relative and normalised ([`udos_core::desired::check_workflow_path`]) and, with
+/// symlinks followed, still name a file inside `workdir`.
+pub fn workflow_file(workdir: &Path, workflow: &str) -> Result<PathBuf> {
+    udos_core::desired::check_workflow_path(workflow)
+        .map_err(|why| anyhow::anyhow!("refusing the workflow path `{workflow}`: it {why}"))?;
+    let root = workdir
+        .canonicalize()
+        .with_context(|| format!("the working directory {}", workdir.display()))?;
+    let path = root.join(workflow);
+    let real = path
+        .canonicalize()
+        .with_context(|| format!("the workflow {}", path.display()))?;
+    if !real.starts_with(&root) {
+        anyhow::bail!(
+            "refusing the workflow path `{workflow}`: it leads to {}, outside {}",
+            real.display(),
+            root.display()
+        );
+    }
+    Ok(path)
 }
 
 fn run_workflow(
@@ -619,5 +644,37 @@ mod tests {
         assert_eq!(vcpus(0), 1);
         assert_eq!(vcpus(250), 1);
         assert_eq!(vcpus(1001), 2);
+    }
+
+    #[test]
+    fn workflow_files_stay_in_the_working_directory() {
+        let outside = tempfile::tempdir().unwrap();
+        let secret = outside.path().join("secret.yml");
+        std::fs::write(&secret, "name: secret\n").unwrap();
+        let repo = tempfile::tempdir().unwrap();
+        let wf = repo.path().join(".github/workflows");
+        std::fs::create_dir_all(&wf).unwrap();
+        std::fs::write(wf.join("ci.yml"), "name: ci\n").unwrap();
+        std::os::unix::fs::symlink(&secret, wf.join("link.yml")).unwrap();
+        std::os::unix::fs::symlink("ci.yml", wf.join("alias.yml")).unwrap();
+
+        let ok = workflow_file(repo.path(), ".github/workflows/ci.yml").unwrap();
+        assert_eq!(std::fs::read_to_string(ok).unwrap(), "name: ci\n");
+        // A symlink that stays inside is fine.
+        workflow_file(repo.path(), ".github/workflows/alias.yml").unwrap();
+
+        let escape = format!(
+            "../{}/secret.yml",
+            outside.path().file_name().unwrap().to_string_lossy()
+        );
+        for (path, why) in [
+            (secret.to_str().unwrap(), "absolute"),
+            (escape.as_str(), "`..`"),
+            (".github/workflows/link.yml", "outside"),
+            (".github/workflows/missing.yml", "missing.yml"),
+        ] {
+            let e = workflow_file(repo.path(), path).unwrap_err();
+            assert!(format!("{e:#}").contains(why), "{path}: {e:#}");
+        }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -18,6 +18,7 @@ use subtle::ConstantTimeEq;
 use udos_core::desired;
 use udos_core::wire::{
     EnrollRequest, EnrollResponse, Heartbeat, HeartbeatResponse, PublishRequest, PublishResponse,
+    ReplaceWorkerRequest, SignatureState,
 };
 
 use super::state::{AuthTable, Master, PollGuard, WorkerEntry};
@@ -27,11 +28,16 @@ use crate::api::{
     StatusReport,
 };
 use crate::status::compute_status;
-use crate::store::{GenerationRecord, NewPublication, StoreError, WorkerRecord};
+use crate::store::{GenerationRecord, NewPublication, StoreError, TokenIssuedBy, WorkerRecord};
 use crate::time::{now_ms, rfc3339};
 use crate::token::{generate_token, hash_token};
 
 type Shared = State<Arc<Master>>;
+
+/// Largest accepted publication body.
+pub(crate) const MAX_PUBLICATION_BYTES: usize = 64 << 20;
+/// Largest accepted body of the other endpoints (enrollments, heartbeats).
+pub(crate) const MAX_BODY_BYTES: usize = 2 << 20;
 
 /// How long an assignment request waits for the placement to include a worker that
 /// just enrolled or came back.
@@ -201,6 +207,41 @@ fn other_worker(m: &Master, caller: &WorkerEntry, worker: &str) -> ApiError {
     }
 }
 
+/// Read a request body of at most `limit` bytes within the body timeout. Called only
+/// once the caller is authenticated: an unknown client never makes the master buffer
+/// anything.
+async fn read_body(m: &Master, headers: &HeaderMap, body: Body, limit: usize) -> ApiResult<Bytes> {
+    use http_body_util::BodyExt as _;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is larger than {limit} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let collect = http_body_util::Limited::new(body, limit).collect();
+    match tokio::time::timeout(m.body_read_timeout, collect).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(e)) => Err(ApiError::bad_request(format!(
+            "cannot read the request body: {e}"
+        ))),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the body did not arrive within {} s",
+                m.body_read_timeout.as_secs_f64()
+            ),
+        )),
+    }
+}
+
 fn parse_json<T: DeserializeOwned>(body: &Bytes, what: &str) -> ApiResult<T> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("{what}: malformed JSON body: {e}")))
@@ -259,11 +300,13 @@ pub(crate) async fn publish(
     State(m): Shared,
     ConnectInfo(Peer(remote)): ConnectInfo<Peer>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> ApiResult<Json<PublishResponse>> {
     m.counters.publish.fetch_add(1, Ordering::Relaxed);
     require_publisher(&m, &headers, "publish")?;
+    let body = read_body(&m, &headers, body, MAX_PUBLICATION_BYTES).await?;
     let req: PublishRequest = parse_json(&body, "publication")?;
+    drop(body);
     desired::validate(&req.commit, &req.specs)
         .map_err(|e| ApiError::bad_request(format!("invalid publication: {e}")))?;
     let intent_hash = desired::intent_hash(&req.commit, &req.specs);
@@ -284,6 +327,9 @@ pub(crate) async fn publish(
         crate::signing::verify_intent(key, &intent_hash, sig)
             .map_err(|e| ApiError::bad_request(format!("invalid publication: {e}")))?;
     }
+    // Checked above when this master has a key; without one it is kept unverified.
+    let signature_verified = req.signature.is_some() && m.intent_key.is_some();
+    let req = schedulable(&m, req).await?;
     let publisher = publisher_name(&headers);
     let _guard = m.publish_lock.lock().await;
     let at_ms = now_ms();
@@ -293,13 +339,14 @@ pub(crate) async fn publish(
         signature,
     } = req;
     let remote = remote.ip().to_string();
-    let (outcome, record) = {
+    let (outcome, record): (_, GenerationRecord) = {
         let publisher = publisher.clone();
         m.with_store(move |s| {
             let outcome = s.publish(&NewPublication {
                 commit: &commit,
                 specs: &specs,
                 signature: signature.as_deref(),
+                signature_verified,
                 publisher: &publisher,
                 remote: Some(&remote),
                 at_ms,
@@ -326,6 +373,7 @@ pub(crate) async fn publish(
         })
         .await?
     };
+    let signature_state = m.signature_state(&record.intent_hash, record.signature.as_deref());
     let current = m.active.load_full();
     let changed = current.as_ref().map(|g| (g.number, g.signature.clone()))
         != Some((record.number, record.signature.clone()));
@@ -340,10 +388,12 @@ pub(crate) async fn publish(
         generation = outcome.generation,
         created = outcome.created,
         publisher = %publisher,
+        signature = signature_state.describe(),
         "published {}",
         outcome.intent_hash
     );
     Ok(Json(PublishResponse {
+        signature_state,
         generation: outcome.generation,
         intent_hash: outcome.intent_hash,
         created: outcome.created,
@@ -355,21 +405,54 @@ pub(crate) async fn publish(
     }))
 }
 
+/// Schedule a publication on the live workers before anything is stored, so that
+/// one that cannot be scheduled is refused instead of being stored as a generation
+/// the master cannot place (validation bounds its size; this also turns a scheduler
+/// failure into a refusal).
+async fn schedulable(m: &Master, req: PublishRequest) -> ApiResult<PublishRequest> {
+    let inventory = super::state::inventory(&m.snapshot.load().live);
+    let checked = tokio::task::spawn_blocking(move || {
+        let placed = udos_core::schedule::try_schedule(&req.specs, &inventory).map(drop);
+        (req, placed)
+    })
+    .await;
+    match checked {
+        Ok((req, Ok(()))) => Ok(req),
+        Ok((_, Err(e))) => Err(ApiError::bad_request(format!("invalid publication: {e}"))),
+        Err(e) => {
+            tracing::error!("scheduling a publication failed: {e}");
+            Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("scheduling this publication failed ({e}); nothing was stored"),
+            ))
+        }
+    }
+}
+
+/// Who may enroll a worker id.
+enum Enroller {
+    /// The enrollment token: only ids that are not enrolled yet.
+    New,
+    /// A worker's own token: re-enrolls that worker (new token, labels, capacity).
+    Itself(Arc<WorkerEntry>),
+}
+
 pub(crate) async fn enroll(
     State(m): Shared,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> ApiResult<Json<EnrollResponse>> {
     m.counters.enroll.fetch_add(1, Ordering::Relaxed);
-    match authenticate(&m, &headers)? {
-        Caller::Enroller => {}
-        other => {
-            return Err(ApiError::forbidden(format!(
-                "enroll needs the enrollment token; this request used {}",
-                other.role()
-            )))
+    let how = match authenticate(&m, &headers)? {
+        Caller::Enroller => Enroller::New,
+        Caller::Worker(e) => Enroller::Itself(e),
+        Caller::Publisher => {
+            return Err(ApiError::forbidden(
+                "enroll needs the enrollment token (or a worker's own token); the publisher replaces a worker with POST /v1/workers/{id}/replace",
+            ))
         }
-    }
+    };
+    let body = read_body(&m, &headers, body, MAX_BODY_BYTES).await?;
     let req: EnrollRequest = parse_json(&body, "enrollment")?;
     if !valid_worker_id(&req.worker_id) {
         return Err(ApiError::bad_request(format!(
@@ -377,6 +460,83 @@ pub(crate) async fn enroll(
             req.worker_id
         )));
     }
+    if let Enroller::Itself(e) = &how {
+        if e.id != req.worker_id {
+            return Err(other_worker(&m, e, &req.worker_id));
+        }
+    }
+    let _guard = m.enroll_lock.lock().await;
+    let old = m.auth.load().by_id.get(&req.worker_id).cloned();
+    if let (Enroller::New, Some(_)) = (&how, &old) {
+        let id = &req.worker_id;
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "worker `{id}` is already enrolled: re-enroll it with its own worker token, or have the publisher replace it (`udos master replace-worker {id}`, POST /v1/workers/{id}/replace)"
+            ),
+        ));
+    }
+    let issuer = match how {
+        Enroller::New => TokenIssuedBy::EnrollmentToken,
+        Enroller::Itself(_) => TokenIssuedBy::WorkerToken,
+    };
+    let token = issue_token(
+        &m,
+        &req.worker_id,
+        (req.labels, req.capacity),
+        old.as_ref(),
+        issuer,
+    )
+    .await?;
+    tracing::info!(worker = %req.worker_id, reenrolled = old.is_some(), "enrolled");
+    Ok(Json(EnrollResponse { token }))
+}
+
+/// `POST /v1/workers/{id}/replace` (publisher token): a new token for an enrolled
+/// worker, whoever holds its current one.
+pub(crate) async fn replace_worker(
+    State(m): Shared,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> ApiResult<Json<EnrollResponse>> {
+    require_publisher(&m, &headers, "workers/{id}/replace")?;
+    let body = read_body(&m, &headers, body, MAX_BODY_BYTES).await?;
+    let req: ReplaceWorkerRequest = if body.is_empty() {
+        ReplaceWorkerRequest::default()
+    } else {
+        parse_json(&body, "replacement")?
+    };
+    let _guard = m.enroll_lock.lock().await;
+    let Some(old) = m.auth.load().by_id.get(&id).cloned() else {
+        return Err(ApiError::not_found(format!(
+            "worker `{id}` is not enrolled (enroll it with the enrollment token)"
+        )));
+    };
+    let labels = req.labels.unwrap_or_else(|| old.labels.clone());
+    let capacity = req.capacity.unwrap_or(old.capacity);
+    let token = issue_token(
+        &m,
+        &id,
+        (labels, capacity),
+        Some(&old),
+        TokenIssuedBy::Publisher,
+    )
+    .await?;
+    tracing::warn!(worker = %id, "worker replaced by the publisher: its previous token is revoked");
+    Ok(Json(EnrollResponse { token }))
+}
+
+/// Give worker `id` a fresh token (the previous one, if any, stops working at once)
+/// and these labels and capacity; keeps its last heartbeat. The caller holds
+/// `enroll_lock`.
+async fn issue_token(
+    m: &Master,
+    id: &str,
+    (labels, capacity): (BTreeMap<String, String>, udos_core::desired::Resources),
+    old: Option<&Arc<WorkerEntry>>,
+    issuer: TokenIssuedBy,
+) -> ApiResult<String> {
     let token = generate_token().map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -384,16 +544,14 @@ pub(crate) async fn enroll(
         )
     })?;
     let token_hash = hash_token(&token);
-    let _guard = m.enroll_lock.lock().await;
     let now = now_ms();
-    let auth = m.auth.load_full();
-    let old = auth.by_id.get(&req.worker_id).cloned();
-    let hb = old.as_ref().map(|o| o.hb_state()).unwrap_or_default();
+    let hb = old.map(|o| o.hb_state()).unwrap_or_default();
     let record = WorkerRecord {
-        id: req.worker_id.clone(),
-        labels: req.labels,
-        capacity: req.capacity,
+        id: id.to_string(),
+        labels,
+        capacity,
         token_hash,
+        token_issued_by: issuer,
         enrolled_at_ms: now,
         last_heartbeat_at_ms: hb.last_heartbeat_ms,
         seen_generation: hb.heartbeat.as_ref().map_or(0, |h| h.seen_generation),
@@ -404,16 +562,15 @@ pub(crate) async fn enroll(
         m.with_store(move |s| s.upsert_worker(&record)).await?;
     }
     let entry = Arc::new(WorkerEntry::from_record(&record, now));
-    let mut table: AuthTable = (*auth).clone();
-    if let Some(old) = &old {
+    let mut table: AuthTable = (*m.auth.load_full()).clone();
+    if let Some(old) = old {
         table.by_token.remove(&old.token_hash);
     }
     table.by_id.insert(entry.id.clone(), entry.clone());
     table.by_token.insert(token_hash, entry);
     m.auth.store(Arc::new(table));
     m.bump();
-    tracing::info!(worker = %req.worker_id, reenrolled = old.is_some(), "enrolled");
-    Ok(Json(EnrollResponse { token }))
+    Ok(token)
 }
 
 #[derive(Deserialize)]
@@ -445,6 +602,7 @@ pub(crate) async fn assignment(
         let v = m.bump();
         snap = m.wait_for_version(v, JOIN_WAIT).await;
     }
+    unplaceable(&snap)?;
     // Held at most half a lease, so a worker that died during a long poll is noticed
     // within 1.5 leases; the worker simply polls again.
     let wait = q
@@ -481,13 +639,24 @@ pub(crate) async fn assignment(
             }
         }
     }
+    unplaceable(&snap)?;
     Ok(json_response(snap.body(&entry.id, m.lease_ms)))
+}
+
+/// 503 while the active generation cannot be scheduled: a worker takes that as the
+/// master being away and keeps running its last verified assignment, where an empty
+/// answer would make it stop everything.
+fn unplaceable(snap: &super::state::Snapshot) -> ApiResult<()> {
+    match &snap.problem {
+        Some(p) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, p.clone())),
+        None => Ok(()),
+    }
 }
 
 pub(crate) async fn heartbeat(
     State(m): Shared,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> ApiResult<Json<HeartbeatResponse>> {
     m.counters.heartbeat.fetch_add(1, Ordering::Relaxed);
     let caller = authenticate(&m, &headers)?;
@@ -497,6 +666,7 @@ pub(crate) async fn heartbeat(
             caller.role()
         )));
     };
+    let body = read_body(&m, &headers, body, MAX_BODY_BYTES).await?;
     let hb: Heartbeat = parse_json(&body, "heartbeat")?;
     if hb.worker_id != entry.id {
         return Err(other_worker(&m, &entry, &hb.worker_id));
@@ -539,13 +709,18 @@ pub(crate) async fn current_status(m: &Arc<Master>) -> StatusReport {
         let auth = m.auth.load_full();
         let now = now_ms();
         let workers: Vec<_> = auth.by_id.values().map(|e| e.status_input(now)).collect();
-        compute_status(
+        let mut report = compute_status(
             snap.generation.as_deref(),
             &snap.placement,
             &workers,
             now,
             m.lease_ms,
-        )
+            snap.problem.as_deref(),
+        );
+        if let Some(g) = snap.generation.as_deref() {
+            report.signature_state = m.signature_state(&g.intent_hash, g.signature.as_deref());
+        }
+        report
     })
     .await
     .unwrap_or_else(|e| panic!("status computation panicked: {e}"))
@@ -565,15 +740,19 @@ pub(crate) async fn generations(
     let list = m.with_store(|s| s.generations()).await?;
     Ok(Json(
         list.into_iter()
-            .map(|g| GenerationSummary {
-                generation: g.number,
-                active: Some(g.number) == active,
-                commit: g.commit,
-                intent_hash: g.intent_hash,
-                published_at: rfc3339(g.published_at_ms),
-                publisher: g.publisher,
-                specs: g.spec_count,
-                signed: g.signed,
+            .map(|g| {
+                let signature_state = m.signature_state(&g.intent_hash, g.signature.as_deref());
+                GenerationSummary {
+                    generation: g.number,
+                    active: Some(g.number) == active,
+                    commit: g.commit,
+                    intent_hash: g.intent_hash,
+                    published_at: rfc3339(g.published_at_ms),
+                    publisher: g.publisher,
+                    specs: g.spec_count,
+                    signed: signature_state == SignatureState::Verified,
+                    signature_state,
+                }
             })
             .collect(),
     ))
@@ -620,7 +799,7 @@ pub(crate) async fn generation(
                 }
             }
             let body =
-                Bytes::from(serde_json::to_vec(&detail(&active, true)).map_err(|e| {
+                Bytes::from(serde_json::to_vec(&detail(&m, &active, true)).map_err(|e| {
                     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
                 })?);
             if let Ok(mut c) = m.detail_cache.lock() {
@@ -631,15 +810,16 @@ pub(crate) async fn generation(
     }
     let g = load_generation(&m, n).await?;
     let active = m.active.load().as_ref().map(|a| a.number) == Some(g.number);
-    Ok(Json(detail(&g, active)).into_response())
+    Ok(Json(detail(&m, &g, active)).into_response())
 }
 
-fn detail(g: &GenerationRecord, active: bool) -> GenerationDetail {
+fn detail(m: &Master, g: &GenerationRecord, active: bool) -> GenerationDetail {
     GenerationDetail {
         generation: g.number,
         commit: g.commit.clone(),
         intent_hash: g.intent_hash.clone(),
         signature: g.signature.clone(),
+        signature_state: m.signature_state(&g.intent_hash, g.signature.as_deref()),
         published_at: rfc3339(g.published_at_ms),
         publisher: g.publisher.clone(),
         active,
@@ -699,6 +879,10 @@ pub(crate) async fn diff(
         removed: vec![],
         changed: vec![],
         unchanged: 0,
+        from_signature_state: a.as_ref().map_or(SignatureState::Unsigned, |g| {
+            m.signature_state(&g.intent_hash, g.signature.as_deref())
+        }),
+        to_signature_state: m.signature_state(&b.intent_hash, b.signature.as_deref()),
     };
     for (id, hash) in &b_specs {
         match a_specs.get(id) {

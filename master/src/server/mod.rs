@@ -4,9 +4,12 @@
 //! [`RunningServer`] that knows its address; [`spawn`] does the same on a thread of
 //! its own with its own runtime, for blocking callers and tests.
 
+mod conn;
 mod handlers;
 mod state;
 pub mod tls;
+
+pub use conn::Limits;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,7 +20,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use arc_swap::{ArcSwap, ArcSwapOption};
-use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
 use tokio::net::TcpListener;
@@ -31,9 +33,6 @@ use state::{build_snapshot, AuthTable, Counters, Master, WorkerEntry};
 
 /// Default lease: a worker not seen for this long is not live.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
-
-/// Largest accepted publication body.
-const MAX_PUBLICATION_BYTES: usize = 64 << 20;
 
 /// How to run the master.
 #[derive(Debug, Clone)]
@@ -56,6 +55,8 @@ pub struct ServeConfig {
     /// A worker not seen (heartbeat or assignment request) for this long is not live
     /// and its instances move. An open long poll counts as being seen.
     pub lease: Duration,
+    /// Connection limit and timeouts.
+    pub limits: Limits,
 }
 
 impl ServeConfig {
@@ -75,6 +76,7 @@ impl ServeConfig {
             tls_key: None,
             intent_pubkey: None,
             lease: DEFAULT_LEASE,
+            limits: Limits::default(),
         }
     }
 }
@@ -157,11 +159,9 @@ fn router(master: Arc<Master>) -> Router {
     Router::new()
         .route("/healthz", get(handlers::healthz))
         .route("/metrics", get(handlers::metrics))
-        .route(
-            "/v1/publish",
-            post(handlers::publish).layer(DefaultBodyLimit::max(MAX_PUBLICATION_BYTES)),
-        )
+        .route("/v1/publish", post(handlers::publish))
         .route("/v1/enroll", post(handlers::enroll))
+        .route("/v1/workers/{id}/replace", post(handlers::replace_worker))
         .route("/v1/assignment", get(handlers::assignment))
         .route("/v1/heartbeat", post(handlers::heartbeat))
         .route("/v1/status", get(handlers::status))
@@ -176,22 +176,6 @@ fn router(master: Arc<Master>) -> Router {
 /// The client's address, for the audit log.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Peer(pub SocketAddr);
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tls::TlsListener>>
-    for Peer
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, tls::TlsListener>) -> Self {
-        Peer(*stream.remote_addr())
-    }
-}
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tls::PlainListener>>
-    for Peer
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, tls::PlainListener>) -> Self {
-        Peer(*stream.remote_addr())
-    }
-}
 
 /// Bind and start serving on the current tokio runtime.
 pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
@@ -246,6 +230,10 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
     let (snap_tx, _) = watch::channel(1);
     let mut first = first;
     first.epoch = 1;
+    if let Some(problem) = &first.problem {
+        // The master serves on: status explains, workers keep what they run.
+        tracing::error!("{problem}");
+    }
     let master = Arc::new(Master {
         store: Arc::new(Mutex::new(Box::new(store) as Box<dyn Store>)),
         publisher_hash: hash_token(&publisher),
@@ -263,6 +251,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         shutdown: stop_rx.clone(),
         counters: Counters::default(),
         detail_cache: Mutex::new(None),
+        body_read_timeout: config.limits.body_read_timeout,
     });
     tracing::info!(
         workers = workers.len(),
@@ -275,30 +264,27 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = tcp.local_addr()?;
-    let app = router(master.clone()).into_make_service_with_connect_info::<Peer>();
-    let mut stop = stop_rx.clone();
-    let graceful = async move {
-        let _ = stop.wait_for(|s| *s).await;
-    };
+    let mut limits = config.limits;
+    if limits.max_connections == 0 {
+        anyhow::bail!("the connection limit must be at least 1");
+    }
+    limits.max_connections = conn::fit_to_open_files(limits.max_connections);
+    if limits.max_connections < config.limits.max_connections {
+        tracing::warn!(
+            "serving at most {} connections (the open-file limit is too low for {})",
+            limits.max_connections,
+            config.limits.max_connections
+        );
+    }
     let is_tls = tls.is_some();
-    let server = match tls {
-        Some(cfg) => {
-            let listener = tls::TlsListener::new(tcp, cfg)?;
-            tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(graceful)
-                    .await
-            })
-        }
-        None => {
-            let listener = tls::PlainListener(tcp);
-            tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(graceful)
-                    .await
-            })
-        }
-    };
+    let acceptor = tls.map(|cfg| tokio_rustls::TlsAcceptor::from(Arc::new(cfg)));
+    let server = tokio::spawn(conn::serve(
+        tcp,
+        acceptor,
+        router(master.clone()),
+        limits,
+        stop_rx.clone(),
+    ));
     let tasks = vec![
         tokio::spawn(scheduler_loop(master.clone(), stop_rx.clone())),
         tokio::spawn(lease_loop(master.clone(), stop_rx)),

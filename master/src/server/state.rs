@@ -15,12 +15,13 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use ed25519_dalek::VerifyingKey;
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
+use udos_core::desired;
 use udos_core::desired::{DesiredSpec, Resources};
-use udos_core::schedule::{schedule, Placement, WorkerInventory};
-use udos_core::wire::{Heartbeat, InstanceState};
+use udos_core::schedule::{try_schedule, Placement, WorkerInventory};
+use udos_core::wire::{Heartbeat, InstanceState, SignatureState};
 
 use crate::status::WorkerState;
-use crate::store::{GenerationRecord, Store, WorkerRecord};
+use crate::store::{GenerationRecord, Store, TokenIssuedBy, WorkerRecord};
 use crate::time::now_ms;
 
 /// `poll_hint` while some live worker has not converged on its assignment.
@@ -34,6 +35,7 @@ pub(crate) struct WorkerEntry {
     pub labels: std::collections::BTreeMap<String, String>,
     pub capacity: Resources,
     pub token_hash: [u8; 32],
+    pub token_issued_by: TokenIssuedBy,
     pub enrolled_at_ms: u64,
     /// Last contact: heartbeat or assignment request (unix ms).
     pub last_seen_ms: AtomicU64,
@@ -59,6 +61,7 @@ impl WorkerEntry {
             labels: r.labels.clone(),
             capacity: r.capacity,
             token_hash: r.token_hash,
+            token_issued_by: r.token_issued_by,
             enrolled_at_ms: r.enrolled_at_ms,
             last_seen_ms: AtomicU64::new(last_seen_ms),
             polling: AtomicU32::new(0),
@@ -96,6 +99,7 @@ impl WorkerEntry {
             labels: self.labels.clone(),
             capacity: self.capacity,
             enrolled_at_ms: self.enrolled_at_ms,
+            token_issued_by: self.token_issued_by,
             last_seen_ms: last_seen,
             last_heartbeat_ms: hb.last_heartbeat_ms,
             heartbeat: hb.heartbeat,
@@ -151,6 +155,9 @@ pub(crate) struct Snapshot {
     /// `{"generation":..,"commit":..,"intent_hash":..[,"signature":..],"assignments":`
     pub prefix: String,
     pub assigned_total: usize,
+    /// Why the active generation cannot be scheduled (one an older master stored):
+    /// nothing is placed, workers are answered 503 and keep what they run.
+    pub problem: Option<String>,
 }
 
 const EMPTY: &str = "[]";
@@ -218,6 +225,30 @@ struct Head<'a> {
     signature: Option<&'a str>,
 }
 
+/// What the scheduler needs to know of these workers.
+pub(crate) fn inventory(live: &[Arc<WorkerEntry>]) -> Vec<WorkerInventory> {
+    live.iter()
+        .map(|e| WorkerInventory {
+            id: e.id.clone(),
+            labels: e.labels.clone(),
+            capacity: e.capacity,
+        })
+        .collect()
+}
+
+/// Place a stored generation, checking it first as a publication would be: a database
+/// written by an older master may hold one that is invalid or too large to expand.
+fn place(g: &GenerationRecord, inventory: &[WorkerInventory]) -> Result<Placement, String> {
+    desired::validate(&g.commit, &g.specs)
+        .and_then(|()| try_schedule(&g.specs, inventory))
+        .map_err(|e| {
+            format!(
+                "generation {} cannot be scheduled: {e}; workers keep what they run until a valid desired state is published",
+                g.number
+            )
+        })
+}
+
 /// Compute a snapshot (pure scheduling + serialization; run off the async threads).
 pub(crate) fn build_snapshot(
     version: u64,
@@ -233,19 +264,12 @@ pub(crate) fn build_snapshot(
         .cloned()
         .collect();
     live.sort_by(|a, b| a.id.cmp(&b.id));
-    let inventory: Vec<WorkerInventory> = live
-        .iter()
-        .map(|e| WorkerInventory {
-            id: e.id.clone(),
-            labels: e.labels.clone(),
-            capacity: e.capacity,
-        })
-        .collect();
+    let inventory = inventory(&live);
     let specs: &[DesiredSpec] = generation.as_ref().map_or(&[], |g| g.specs.as_slice());
-    let placement = if generation.is_some() {
-        schedule(specs, &inventory)
-    } else {
-        Placement::default()
+    let (placement, problem) = match generation.as_deref().map(|g| place(g, &inventory)) {
+        None => (Placement::default(), None),
+        Some(Ok(p)) => (p, None),
+        Some(Err(why)) => (Placement::default(), Some(why)),
     };
     let by_id: HashMap<&str, &DesiredSpec> = specs.iter().map(|s| (s.id.as_str(), s)).collect();
     let mut views = HashMap::with_capacity(placement.by_worker.len());
@@ -297,6 +321,7 @@ pub(crate) fn build_snapshot(
         views,
         prefix,
         assigned_total,
+        problem,
     }
 }
 
@@ -345,6 +370,8 @@ pub(crate) struct Master {
     pub counters: Counters,
     /// Serialized `GenerationDetail` of the active generation: (number, signature, body).
     pub detail_cache: Mutex<Option<(u64, Option<String>, axum::body::Bytes)>>,
+    /// How long a request body may take to arrive.
+    pub body_read_timeout: Duration,
 }
 
 /// Request counters for /metrics.
@@ -359,6 +386,19 @@ pub(crate) struct Counters {
 }
 
 impl Master {
+    /// What this master knows of a generation's signature: only one that verifies
+    /// under its own intent key counts as signed.
+    pub fn signature_state(&self, intent_hash: &str, signature: Option<&str>) -> SignatureState {
+        match (signature, &self.intent_key) {
+            (None, _) => SignatureState::Unsigned,
+            (Some(_), None) => SignatureState::Unverified,
+            (Some(sig), Some(key)) => match crate::signing::verify_intent(key, intent_hash, sig) {
+                Ok(()) => SignatureState::Verified,
+                Err(_) => SignatureState::Invalid,
+            },
+        }
+    }
+
     /// Record a state change and wake the scheduler; returns the new version.
     pub fn bump(&self) -> u64 {
         let v = self.version.fetch_add(1, Ordering::SeqCst) + 1;
@@ -406,6 +446,9 @@ impl Master {
                     );
                 }
             }
+        }
+        if snap.problem.is_some() && snap.problem != old.problem {
+            tracing::error!("{}", snap.problem.as_deref().unwrap_or_default());
         }
         let epoch = snap.epoch;
         self.snapshot.store(Arc::new(snap));

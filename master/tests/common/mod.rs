@@ -49,7 +49,11 @@ impl Env {
 }
 
 pub fn client(server: &BackgroundServer, token: &str, origin: &str) -> Client {
-    Client::new(&server.url(), None)
+    client_at(&server.url(), token, origin)
+}
+
+pub fn client_at(url: &str, token: &str, origin: &str) -> Client {
+    Client::new(url, None)
         .unwrap()
         .with_token(token, origin)
         .with_timeout(Duration::from_secs(20))
