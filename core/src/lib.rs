@@ -1,24 +1,27 @@
 //! The pure core of udos: no I/O, only data in and data out.
 //!
-//! - [`workflow`]: parse a GitHub Actions workflow file, keeping each step as written.
-//! - [`condition`]: decide whether a step runs, from its `if:` and the job's state.
-//! - [`expr`]: evaluate GitHub Actions expressions (`${{ }}`) over [`value::Value`]s.
-//! - [`synth`]: build the single-step workflow and `.actrc` a step VM runs.
+//! The workflow engine:
+//! - [`workflow`]: a workflow file parsed into types, every key checked against the
+//!   support table; `action.yml` files;
+//! - [`value`]: the data expressions work on; [`expr`]: GitHub's expression language;
+//! - [`event`]: which workflows an event triggers (`on:` filters), and their inputs;
+//!   [`glob`]: GitHub's filter patterns;
+//! - [`matrix`]: the legs of a matrix job;
+//! - [`engine`]: the job graph, the run and leg state machines, and the files act runs
+//!   in a step's VM;
 //! - [`cache`]: content-addressed cache keys for steps.
-//! - [`desired`]: desired state (specs), validation, intent hash.
-//! - [`schedule`]: placing spec instances on workers, deterministically.
-//! - [`reconcile`]: a worker's decision per instance: noop, replace, create, stop.
-//! - [`wire`]: the master's API messages.
-//! - [`event`]: which workflows an event triggers (`on:` filters), and their inputs.
-//! - [`glob`]: GitHub's filter patterns for branches, tags and paths.
-//! - [`matrix`]: the legs of a matrix job (`strategy.matrix`).
-//! - [`text`]: outside text made safe to print on a terminal.
 //!
-//! The data path: workflow text → [`workflow::Workflow`] → per step a
-//! [`condition::Decision`] and [`synth::StepFiles`] → (host agent) VM → sealed layer.
+//! The cluster:
+//! - [`desired`]: desired state (specs), validation, intent hash;
+//! - [`schedule`]: placing spec instances on workers, deterministically;
+//! - [`reconcile`]: a worker's decision per instance: noop, replace, create, stop;
+//! - [`wire`]: the master's API messages; [`text`]: outside text made safe to print.
+//!
+//! The data path: workflow text → [`workflow::Workflow`] → [`engine::graph::select`] →
+//! [`engine::run::Run`] legs → [`engine::leg::Leg`] steps → (host agent) VM → sealed
+//! layer → next step.
 
 pub mod cache;
-pub mod condition;
 pub mod desired;
 pub mod engine;
 pub mod event;
@@ -27,20 +30,7 @@ pub mod glob;
 pub mod matrix;
 pub mod reconcile;
 pub mod schedule;
-pub mod synth;
 pub mod text;
 pub mod value;
 pub mod wire;
 pub mod workflow;
-pub mod workflow_old;
-
-/// Errors of the pure core.
-#[derive(Debug, thiserror::Error)]
-pub enum CoreError {
-    /// The file is not valid YAML.
-    #[error("the workflow is not valid YAML: {0}")]
-    Yaml(String),
-    /// The YAML is not a workflow udos can run.
-    #[error("invalid workflow: {0}")]
-    Invalid(String),
-}

@@ -292,6 +292,7 @@ jobs:
 
 /// Files under `dir` (recursively, not following links) whose bytes contain `needle`.
 fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let finder = memchr::memmem::Finder::new(needle);
     let mut hits = Vec::new();
     let mut todo = vec![dir.to_path_buf()];
     while let Some(d) = todo.pop() {
@@ -307,7 +308,7 @@ fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
                 todo.push(p);
             } else if md.is_file() {
                 if let Ok(bytes) = std::fs::read(&p) {
-                    if bytes.windows(needle.len()).any(|w| w == needle) {
+                    if finder.find(&bytes).is_some() {
                         hits.push(p.display().to_string());
                     }
                 }
@@ -321,8 +322,14 @@ fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
 fn secrets_are_masked_and_never_stored() {
     let _g = serial();
     let (_dir, wf) = repo(SECRETS, &[]);
-    let secret = "udos-sekrit-9f31c2";
-    let multi_line = "second-sekrit-line-7a";
+    // Unique per run: the state dir is shared with earlier runs of the tests.
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let secret = format!("udos-sekrit-{nonce}");
+    let multi_line = format!("second-sekrit-line-{nonce}");
+    let (secret, multi_line) = (secret.as_str(), multi_line.as_str());
     // Outside the repository: the workspace is the working tree.
     let elsewhere = tempfile::tempdir().unwrap();
     let secret_file = elsewhere.path().join("secrets.env");

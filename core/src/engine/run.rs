@@ -149,6 +149,8 @@ struct JobState {
     outputs: Object,
     fail_fast: bool,
     max_parallel: usize,
+    /// Legs of this job running now (steps or a reusable workflow).
+    running: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -201,6 +203,8 @@ pub struct Run {
     instances: Vec<Instance>,
     legs: Vec<LegState>,
     running: usize,
+    /// Legs queued to start, in the order they were made.
+    waiting: Vec<LegId>,
     pending: Vec<Action>,
     cancelled: bool,
     finished: usize,
@@ -277,6 +281,7 @@ impl Run {
             instances: Vec::new(),
             legs: Vec::new(),
             running: 0,
+            waiting: Vec::new(),
             pending: Vec::new(),
             cancelled: false,
             finished: 0,
@@ -345,6 +350,7 @@ impl Run {
                         outputs: Object::new(),
                         fail_fast: true,
                         max_parallel: usize::MAX,
+                        running: 0,
                     },
                 )
             })
@@ -459,9 +465,14 @@ impl Run {
         if leg.phase == Phase::Done {
             return;
         }
-        if matches!(leg.kind, LegKind::Steps { .. }) && leg.phase == Phase::Running {
-            self.running -= 1;
+        if leg.phase == Phase::Running {
+            if matches!(leg.kind, LegKind::Steps { .. }) {
+                self.running -= 1;
+            }
+            let s = &mut self.instances[leg.instance].states[&leg.job];
+            s.running = s.running.saturating_sub(1);
         }
+        let leg = &mut self.legs[id];
         leg.phase = Phase::Done;
         self.finished += 1;
         leg.finished_order = self.finished;
@@ -835,6 +846,9 @@ impl Run {
         });
         let id = self.legs.len() - 1;
         self.instances[inst].states[&job.id].legs.push(id);
+        if phase == Phase::Waiting {
+            self.waiting.push(id);
+        }
     }
 
     /// The base a `runs-on:` maps to: the first label `-P` maps, else the first label
@@ -870,25 +884,23 @@ impl Run {
     /// reusable workflow calls become nested instances at once.
     fn start_legs(&mut self) -> Vec<Action> {
         let mut actions = Vec::new();
-        for id in 0..self.legs.len() {
+        let mut still = Vec::with_capacity(self.waiting.len());
+        for id in std::mem::take(&mut self.waiting) {
             if self.legs[id].phase != Phase::Waiting {
                 continue;
             }
             let (inst, job) = (self.legs[id].instance, self.legs[id].job.clone());
+            let is_steps = matches!(self.legs[id].kind, LegKind::Steps { .. });
             let state = &self.instances[inst].states[&job];
-            let running_in_job = state
-                .legs
-                .iter()
-                .filter(|l| self.legs[**l].phase == Phase::Running)
-                .count();
-            if running_in_job >= state.max_parallel {
+            if state.running >= state.max_parallel
+                || (is_steps && self.running >= self.cfg.max_running)
+            {
+                still.push(id);
                 continue;
             }
+            self.instances[inst].states[&job].running += 1;
             match self.legs[id].kind.clone() {
                 LegKind::Steps { base } => {
-                    if self.running >= self.cfg.max_running {
-                        continue;
-                    }
                     let ticket = self.ticket(id, base);
                     self.legs[id].phase = Phase::Running;
                     self.running += 1;
@@ -897,6 +909,9 @@ impl Run {
                 LegKind::Call { .. } => self.start_call(id),
             }
         }
+        // Calls may have queued new legs meanwhile; keep creation order.
+        still.append(&mut self.waiting);
+        self.waiting = still;
         actions
     }
 
