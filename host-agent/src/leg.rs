@@ -141,8 +141,14 @@ fn step_run(step: &ResolvedStep, out: &StepVmOutcome) -> StepRun {
         .record
         .as_ref()
         .and_then(|r| r.step(synth::act_id(step)));
+    // udos's own error first, else what the guest said (a step timeout, a full disk).
+    let guest_error = out
+        .record
+        .as_ref()
+        .and_then(|r| r.error.clone())
+        .filter(|_| act.is_none_or(|a| a.result != udos_layer::ActResult::Success));
     let mut run = StepRun {
-        error: out.error.clone(),
+        error: out.error.clone().or(guest_error),
         ..StepRun::default()
     };
     if let Some(a) = act {

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -473,11 +475,19 @@ fn run(state: &StateDir, a: RunArgs) -> Result<ExitCode, SetupFailed> {
         );
         return Ok(ExitCode::SUCCESS);
     }
+    // Ctrl-C (or SIGTERM) cancels the run: its VMs are stopped, `always()` steps still
+    // run, and the run is recorded as cancelled. A second one ends udos at once.
+    let cancel = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, cancel.clone());
+        let _ = signal_hook::flag::register(sig, cancel.clone());
+    }
     let settings = runner::RunSettings {
         cpus: a.cpus,
         memory_mib: a.memory,
         step_timeout: Duration::from_secs(a.timeout.max(1)),
         stream_console: !a.no_console,
+        cancel: Some(cancel),
         ..runner::RunSettings::default()
     };
     let env = setup::prepare_env(state, a.kernel, choice(a.hypervisor), &progress)

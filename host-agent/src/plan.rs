@@ -216,16 +216,26 @@ pub fn plan(args: &PlanArgs) -> Result<(Planned, WorkflowSet)> {
     };
     let info: RepoInfo = repo::inspect(&root);
     let mut inputs = request::inputs(&args.inputs)?;
-    let payload = match &args.eventpath {
+    let mut payload = match &args.eventpath {
         Some(p) => request::event_payload(p)?,
         None => repo::default_payload(&event, &info, &inputs),
     };
-    // Inputs in the payload count as given, the flags win (as act does).
+    // Inputs in the payload count as given, the flags win (as act does); a dispatch
+    // payload carries them all, as strings (`github.event.inputs`).
     if let Some(Value::Object(given)) = payload.get("inputs") {
         for (k, v) in given {
             if !inputs.contains_key(k) {
                 inputs.insert(k.clone(), v.clone());
             }
+        }
+    }
+    if event == "workflow_dispatch" {
+        if let Value::Object(p) = &mut payload {
+            let strings = inputs
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::str(v.to_string())))
+                .collect();
+            p.insert("inputs", Value::Object(strings));
         }
     }
     let facts: RunFacts = repo::run_facts(&info, &event, &payload, 0);

@@ -456,3 +456,121 @@ fn a_job_of_40_steps_runs_with_a_bounded_number_of_disks() {
     assert_eq!(steps.len(), 40);
     assert!(steps.iter().all(|s| s["status"] == "success"));
 }
+
+const ON_MAIN: &str = r#"
+name: on-main
+on:
+  push:
+    branches: [main]
+    paths: ["src/**"]
+jobs:
+  build:
+    runs-on: ubuntu-latest
+    steps:
+      - run: echo build
+  test:
+    needs: build
+    runs-on: ubuntu-latest
+    concurrency: ci
+    steps:
+      - uses: actions/checkout@v4
+      - run: echo test
+"#;
+
+const ON_PR: &str = r#"
+name: on-pr
+on: pull_request
+jobs:
+  lint:
+    runs-on: ubuntu-latest
+    steps:
+      - run: echo lint
+"#;
+
+/// `-l` and `-n` decide on the host, boot nothing and record no run; the event and
+/// the `on:` filters pick the workflows.
+#[test]
+fn list_and_dry_run_show_what_the_event_runs_and_boot_nothing() {
+    let (dir, _wf) = repo(
+        ON_MAIN,
+        &[(".github/workflows/pr.yml", ON_PR), ("src/a.rs", "x")],
+    );
+    let root = dir.path();
+    let workflows = root.join(".github/workflows");
+    let w = workflows.to_str().unwrap();
+    let runs_before = json(&udos(&["runs", "--json"])).as_array().map(Vec::len);
+    // The test repo's branch is git's default; make it `main` for the filter.
+    let branch = std::process::Command::new("git")
+        .args(["branch", "-M", "main"])
+        .current_dir(root)
+        .status()
+        .unwrap();
+    assert!(branch.success());
+
+    let out = udos(&["run", "-l", "-W", w]);
+    assert_eq!(out.status.code(), Some(0));
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(list.contains("build") && list.contains("test"), "{list}");
+    assert!(
+        !list.contains("lint"),
+        "pull_request is not the event: {list}"
+    );
+    let stage_of = |job: &str| {
+        list.lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(job))
+            .and_then(|l| l.split_whitespace().next().map(str::to_string))
+    };
+    assert_eq!(stage_of("build").as_deref(), Some("0"));
+    assert_eq!(stage_of("test").as_deref(), Some("1"));
+
+    let out = udos(&["run", "pull_request", "-n", "-W", w]);
+    assert_eq!(out.status.code(), Some(0));
+    let plan = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        plan.contains("job lint") && !plan.contains("job build"),
+        "{plan}"
+    );
+
+    let out = udos(&["run", "-n", "-j", "test", "-W", w]);
+    let plan = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        plan.contains("job build") && plan.contains("job test"),
+        "needs come along: {plan}"
+    );
+    assert!(plan.contains("served from the workspace"), "{plan}");
+
+    // A push to another branch triggers nothing: not an error.
+    let payload = root.join("other.json");
+    std::fs::write(&payload, r#"{"ref": "refs/heads/feature"}"#).unwrap();
+    let out = udos(&["run", "-W", w, "-e", payload.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("branches"));
+    // An event no workflow listens to is a setup error.
+    let out = udos(&["run", "release", "-W", w]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no workflow"));
+    let runs_after = json(&udos(&["runs", "--json"])).as_array().map(Vec::len);
+    assert_eq!(runs_before, runs_after, "nothing ran");
+}
+
+/// Steps udos cannot run are refused before anything is built, each named.
+#[test]
+fn unsupported_steps_are_refused_before_anything_runs() {
+    let (_dir, wf) = repo(
+        "on: push\njobs:\n  j:\n    runs-on: ubuntu-latest\n    steps:\n      - uses: actions/setup-node@v4\n      - uses: docker://alpine\n      - uses: ./missing\n",
+        &[],
+    );
+    let out = udos(&["run", wf.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "step 1",
+        "setup-node",
+        "step 2",
+        "Docker",
+        "step 3",
+        "./missing",
+    ] {
+        assert!(err.contains(needle), "`{needle}` not in: {err}");
+    }
+}

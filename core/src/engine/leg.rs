@@ -321,10 +321,12 @@ impl Leg {
         Ok(())
     }
 
-    /// The environment below the step's own `env:`: `--env-file`, the workflow's and
-    /// the job's `env:`, then what earlier steps wrote to `$GITHUB_ENV`.
+    /// The environment below the step's own `env:`: `ACT=true` (act sets it, and
+    /// workflows use `if: ${{ !env.ACT }}` to skip what cannot run locally),
+    /// `--env-file`, the workflow's and the job's `env:`, then what earlier steps wrote
+    /// to `$GITHUB_ENV`.
     fn base_env(&self) -> Result<IndexMap<String, String>, String> {
-        let mut env = IndexMap::new();
+        let mut env = IndexMap::from([("ACT".to_string(), "true".to_string())]);
         self.add_env(&mut env, &self.ticket.env_file, "--env-file")?;
         self.add_env(&mut env, &self.ticket.workflow_env, "workflow env")?;
         self.add_env(&mut env, &self.ticket.job.env, "job env")?;
