@@ -324,7 +324,7 @@ pub fn run_leg(
         if let Some(layer) = &out.layer {
             match lowers.push(shared, &layer.id) {
                 Ok(()) => {}
-                Err(e) => r.error = Some(format!("{e:#}")),
+                Err(e) => r.error = Some(crate::errors::describe(&e)),
             }
             let key = format!("leg-{leg_index}-step-{}", step.number);
             queue.add(

@@ -15,6 +15,7 @@
 
 pub mod bench;
 pub mod cluster;
+pub mod errors;
 pub mod hashfiles;
 pub mod leg;
 pub mod plan;

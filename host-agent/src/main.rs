@@ -205,7 +205,7 @@ fn main() -> ExitCode {
     match dispatch(cli) {
         Ok(code) => code,
         Err(SetupFailed(e)) => {
-            eprintln!("udos: error: {e:#}");
+            eprintln!("udos: error: {}", udos_host_agent::errors::describe(&e));
             ExitCode::from(2)
         }
     }
@@ -497,7 +497,7 @@ fn run(state: &StateDir, a: RunArgs) -> Result<ExitCode, SetupFailed> {
         Ok(r) => r,
         Err(e) => {
             // The run began (and is recorded as `error`): a failed run, not a setup error.
-            eprintln!("udos: error: {e:#}");
+            eprintln!("udos: error: {}", udos_host_agent::errors::describe(&e));
             return Ok(ExitCode::from(1));
         }
     };

@@ -124,7 +124,7 @@ pub fn run(
     match run_begun(prep, &store, req, settings, run_id, generation, workflows) {
         Ok(report) => Ok(report),
         Err(e) => {
-            let why = format!("{e:#}");
+            let why = crate::errors::describe(&e);
             let _ = lock(&store).finish_run(
                 run_id,
                 "error",
@@ -178,7 +178,7 @@ fn run_begun(
     let secret_masks =
         udos_core::engine::leg::masks_of(req.config.secrets.values().filter_map(Value::as_str));
 
-    let snapshotter = Snapshotter::start(prep.repo.clone())?;
+    let snapshotter = Snapshotter::start(prep.repo.clone(), prep.state.clone())?;
     let queue = snapshotter.queue();
     let first = req
         .workflow_paths
@@ -240,7 +240,7 @@ fn run_begun(
             Ok(s) => {
                 short_by_key.insert(d.key, s);
             }
-            Err(e) => snapshot_errors.push(format!("{e:#}")),
+            Err(e) => snapshot_errors.push(crate::errors::describe(&e)),
         }
     }
     let shorts: Vec<String> = short_by_key.values().cloned().collect();

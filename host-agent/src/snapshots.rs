@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use crate::restic::{Repo, Tags};
+use crate::state::StateDir;
 
 /// File at the root of every layer snapshot describing the layer (its tags, as JSON).
 /// It keeps a snapshot of an empty layer from being empty (restic refuses those);
@@ -57,8 +58,18 @@ impl Queue {
     }
 }
 
-/// Write the layer's description, then back it up.
-fn snapshot_layer(repo: &Repo, job: &Job) -> Result<String> {
+/// Write the layer's description, then back it up, under the layer's lock: the
+/// description is per restore point and the directory is shared by every run that made
+/// the same layer, so two runs must not describe it at once.
+fn snapshot_layer(repo: &Repo, state: &StateDir, job: &Job) -> Result<String> {
+    let layer = job
+        .tags
+        .0
+        .iter()
+        .find(|(k, _)| k == "layer")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| job.key.clone());
+    let _lock = state.lock_layer(&layer)?;
     let meta: serde_json::Map<String, serde_json::Value> = job
         .tags
         .0
@@ -72,7 +83,7 @@ fn snapshot_layer(repo: &Repo, job: &Job) -> Result<String> {
 
 impl Snapshotter {
     /// Starts the thread.
-    pub fn start(repo: Repo) -> Result<Snapshotter> {
+    pub fn start(repo: Repo, state: StateDir) -> Result<Snapshotter> {
         let (tx, rx) = mpsc::channel::<Job>();
         let handle = std::thread::Builder::new()
             .name("snapshots".into())
@@ -80,7 +91,7 @@ impl Snapshotter {
                 rx.into_iter()
                     .map(|j| {
                         let t = Instant::now();
-                        let result = snapshot_layer(&repo, &j);
+                        let result = snapshot_layer(&repo, &state, &j);
                         Done {
                             key: j.key,
                             result,

@@ -120,7 +120,7 @@ impl StepVm<'_> {
             stopped: false,
         };
         if let Err(e) = self.run_inner(step, files, lowers, timeout, stop, &mut out) {
-            out.error = Some(format!("{e:#}"));
+            out.error = Some(crate::errors::describe(&e));
         }
         out
     }

@@ -299,6 +299,15 @@ fn a_step_that_runs_past_its_timeout_is_stopped_and_reported() {
     let steps = report["jobs"][0]["steps"].as_array().unwrap();
     assert_eq!(steps[0]["status"], "success");
     assert_eq!(steps[1]["status"], "failure");
+    // The report says why, not only the console.
+    assert!(
+        steps[1]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("timed out"),
+        "{:#}",
+        steps[1]
+    );
     // The guest stopped the step itself and still sealed: its layer is a restore point.
     assert_eq!(
         steps[1]["snapshot_id"].as_str().map(str::len),

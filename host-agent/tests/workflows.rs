@@ -574,3 +574,82 @@ fn unsupported_steps_are_refused_before_anything_runs() {
         assert!(err.contains(needle), "`{needle}` not in: {err}");
     }
 }
+
+const CONCURRENT: &str = r#"
+on: push
+jobs:
+  same:
+    runs-on: ubuntu-latest
+    steps:
+      - run: echo identical > shared.txt
+      - run: test "$(cat shared.txt)" = identical
+"#;
+
+/// Two runs on one state dir at once (as an agent runs assignments): the layers they
+/// share are stored and described once at a time, each run gets its own restore
+/// points, tagged with its own run.
+#[test]
+fn two_runs_at_once_on_one_state_dir_keep_their_own_restore_points() {
+    let _g = serial();
+    let (_dir, wf) = repo(CONCURRENT, &[]);
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_udos"))
+            .arg("--state-dir")
+            .arg(state_dir())
+            .args([
+                "run",
+                "--hypervisor",
+                "qemu",
+                "--json",
+                "--no-console",
+                "--jobs",
+                "1",
+            ])
+            .arg(&wf)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    let (ra, rb) = (json(&a), json(&b));
+    assert_eq!(
+        a.status.code(),
+        Some(0),
+        "{ra:#}\n{}",
+        String::from_utf8_lossy(&a.stderr)
+    );
+    assert_eq!(
+        b.status.code(),
+        Some(0),
+        "{rb:#}\n{}",
+        String::from_utf8_lossy(&b.stderr)
+    );
+    assert_ne!(ra["run_id"], rb["run_id"]);
+    // Both stacked their steps on the same workspace layer, stored and snapshotted
+    // while the other run did the same.
+    let ws = |r: &Value| r["inputs"][1]["layer_id"].clone();
+    assert_eq!(ws(&ra), ws(&rb));
+    for r in [&ra, &rb] {
+        let run = r["run_id"].as_i64().unwrap();
+        let snaps = common::restic(&["snapshots", "--json", "--tag", &format!("run={run}")]);
+        let snaps: Value = serde_json::from_slice(&snaps.stdout).unwrap();
+        assert_eq!(snaps.as_array().unwrap().len(), 2, "run {run}: {snaps:#}");
+        let t = tempfile::tempdir().unwrap();
+        let target = t.path().join("root");
+        let out = udos(&[
+            "restore",
+            &run.to_string(),
+            "2",
+            "--target",
+            target.to_str().unwrap(),
+        ]);
+        assert!(out.status.success());
+        assert_eq!(
+            std::fs::read_to_string(target.join("workspace/shared.txt")).unwrap(),
+            "identical\n"
+        );
+        assert!(!target.join(".udos-layer.json").exists());
+    }
+}
