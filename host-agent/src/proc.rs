@@ -1,33 +1,21 @@
 //! External programs with a bound: every call udos makes to git, restic or mkfs has a
-//! time limit, after which the program (and its pipeline) is killed and the call fails
-//! saying so.
+//! time limit, after which the program (with its process group) is killed and the
+//! call fails saying so. The waiting and killing live in `udos_images::bounded`,
+//! shared with the image builder.
 
 use std::process::Output;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
+
+pub use udos_images::bounded::{RunError, TERM_GRACE};
 
 /// Runs `expr` (stdout/stderr as the expression says) and waits at most `limit`.
 /// `what` names the program in errors. A non-zero exit is not an error here unless
-/// the expression is checked (duct's default).
+/// the expression is checked (duct's default). The error is a [`RunError`] (callers
+/// may downcast it, e.g. to tell a missing program from a failing one).
 pub fn run_bounded(expr: &duct::Expression, limit: Duration, what: &str) -> Result<Output> {
-    let handle = expr.start().with_context(|| format!("starting {what}"))?;
-    let started = Instant::now();
-    loop {
-        match handle.try_wait() {
-            Ok(Some(out)) => return Ok(out.clone()),
-            Ok(None) => {}
-            Err(e) => return Err(e).with_context(|| format!("{what} failed")),
-        }
-        if started.elapsed() > limit {
-            let _ = handle.kill();
-            bail!(
-                "{what} did not finish within {} s and was killed",
-                limit.as_secs()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10).min(limit / 10 + Duration::from_millis(1)));
-    }
+    Ok(udos_images::bounded::run_bounded(expr, limit, what)?)
 }
 
 /// [`run_bounded`] with stdout captured and returned as text (trimmed), stderr captured.
@@ -42,7 +30,7 @@ mod tests {
 
     #[test]
     fn a_program_past_its_bound_is_killed_and_named() {
-        let t = Instant::now();
+        let t = std::time::Instant::now();
         let err = run_bounded(
             &duct::cmd!("sleep", "30"),
             Duration::from_millis(300),

@@ -7,11 +7,21 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::util::{self, atomic_write, check_token, run, run_stdout, sha256_file, tmp_dir_in};
+
+/// `apt-cache depends`, `apt-get download --print-uris`: reads of apt's local lists
+/// (~1 s of start-up), no network.
+const APT_QUERY_LIMIT: Duration = Duration::from_secs(2 * 60);
+/// `apt-get download` of one package (the kernel is the largest, ~60 MB): minutes on a
+/// slow mirror; a stalled one fails the build instead of blocking it.
+const APT_DOWNLOAD_LIMIT: Duration = Duration::from_secs(15 * 60);
+/// `dpkg -x` of a downloaded package, local disk only.
+const DPKG_EXTRACT_LIMIT: Duration = Duration::from_secs(5 * 60);
 
 /// One downloadable Debian package, as apt resolved it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,10 +99,11 @@ impl Apt {
         if let Some(t) = cache.depends.get(meta) {
             return Ok(t.clone());
         }
-        let out =
-            run_stdout(Command::new("apt-cache").args(["depends", meta])).with_context(|| {
-                format!("apt-cache depends {meta} failed: run `apt-get update` first")
-            })?;
+        let out = run_stdout(
+            Command::new("apt-cache").args(["depends", meta]),
+            APT_QUERY_LIMIT,
+        )
+        .with_context(|| format!("apt-cache depends {meta} failed: run `apt-get update` first"))?;
         let target = out
             .lines()
             .map(str::trim)
@@ -129,6 +140,7 @@ impl Apt {
                 Command::new("apt-get")
                     .args(["download", "--print-uris"])
                     .args(&missing),
+                APT_QUERY_LIMIT,
             )
             .with_context(|| {
                 format!(
@@ -162,9 +174,12 @@ impl Apt {
         }
         progress(&format!("downloading {} {}", deb.name, deb.version()));
         let tmp = tmp_dir_in(&dir, ".dl-")?;
-        run(Command::new("apt-get")
-            .args(["download", "-q", deb.name.as_str()])
-            .current_dir(tmp.path()))
+        run(
+            Command::new("apt-get")
+                .args(["download", "-q", deb.name.as_str()])
+                .current_dir(tmp.path()),
+            APT_DOWNLOAD_LIMIT,
+        )
         .with_context(|| {
             format!(
                 "apt-get download {} failed: run `apt-get update` first",
@@ -213,8 +228,11 @@ impl Apt {
         progress(&format!("extracting {}", deb.filename));
         let parent = self.cache.join("extract");
         let tmp = tmp_dir_in(&parent, ".x-")?;
-        run(util::tool("dpkg").arg("-x").arg(&path).arg(tmp.path()))
-            .with_context(|| format!("dpkg -x {} failed", path.display()))?;
+        run(
+            util::tool("dpkg").arg("-x").arg(&path).arg(tmp.path()),
+            DPKG_EXTRACT_LIMIT,
+        )
+        .with_context(|| format!("dpkg -x {} failed", path.display()))?;
         fs::write(tmp.path().join(".complete"), &deb.sha256)?;
         if dest.exists() {
             // A half-finished earlier attempt (no .complete): replace it.

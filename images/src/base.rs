@@ -5,10 +5,14 @@ use std::fs;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
 use crate::util::{copy_file, run_stdout};
+
+/// `busybox --list-full`: a static binary printing its applet list.
+const APPLET_LIST_LIMIT: Duration = Duration::from_secs(30);
 
 /// Bumped whenever the tree's layout changes; part of the base layer id.
 pub const BASE_LAYOUT_VERSION: u32 = 1;
@@ -75,8 +79,8 @@ pub fn build_base_tree(busybox_root: &Path, bash_root: &Path, out: &Path) -> Res
     copy_file(&bash, &out.join("bin/bash"))?;
     set_mode(&out.join("bin/bash"), 0o755)?;
 
-    let list =
-        run_stdout(Command::new(&busybox).arg("--list-full")).context("busybox --list-full")?;
+    let list = run_stdout(Command::new(&busybox).arg("--list-full"), APPLET_LIST_LIMIT)
+        .context("busybox --list-full")?;
     let mut applets: Vec<&str> = list
         .lines()
         .map(str::trim)

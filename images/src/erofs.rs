@@ -4,10 +4,19 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
 use crate::util::{self, parent_of, run};
+
+/// `mkfs.erofs` of a layer: ~0.4 s for 209 MB here, so half an hour is thousands of
+/// times the work of any layer udos accepts, and still ends a mkfs that hangs.
+pub const MKFS_EROFS_LIMIT: Duration = Duration::from_secs(30 * 60);
+/// `mkfs.ext4` of the sparse upper template: metadata only (~0.6 s), made once per size.
+pub const MKFS_EXT4_LIMIT: Duration = Duration::from_secs(2 * 60);
+/// `cp --sparse=always` of the upper template: a reflink or a few MiB of metadata.
+pub const CP_UPPER_LIMIT: Duration = Duration::from_secs(2 * 60);
 
 /// Options for [`mkfs_erofs_with`].
 #[derive(Clone, Debug, Default)]
@@ -56,7 +65,7 @@ pub fn mkfs_erofs_with(tree: &Path, out: &Path, opts: &ErofsOptions) -> Result<(
         cmd.arg(format!("-U{u}"));
     }
     cmd.arg(tmp.path()).arg(tree);
-    run(&mut cmd).with_context(|| {
+    run(&mut cmd, MKFS_EROFS_LIMIT).with_context(|| {
         format!(
             "mkfs.erofs {} failed (is erofs-utils installed?)",
             tree.display()
@@ -104,10 +113,13 @@ pub fn make_upper_disk(template_cache: &Path, out: &Path, size_bytes: u64) -> Re
         .prefix(".upper-")
         .tempfile_in(dir)
         .with_context(|| format!("create a temporary file in {}", dir.display()))?;
-    run(Command::new("cp")
-        .args(["--sparse=always", "--reflink=auto"])
-        .arg(&template)
-        .arg(tmp.path()))
+    run(
+        Command::new("cp")
+            .args(["--sparse=always", "--reflink=auto"])
+            .arg(&template)
+            .arg(tmp.path()),
+        CP_UPPER_LIMIT,
+    )
     .context("copy the upper-disk template")?;
     tmp.persist(out)
         .map_err(|e| e.error)
@@ -122,15 +134,18 @@ fn make_upper_template(template: &Path, size_bytes: u64) -> Result<()> {
         .prefix(".upper-template-")
         .tempfile_in(dir)?;
     tmp.as_file().set_len(size_bytes)?;
-    run(util::tool("mkfs.ext4")
-        .args(["-F", "-q", "-t", "ext4", "-m", "0", "-L", "udos-upper"])
-        .args(["-O", "^has_journal"])
-        .args([
-            "-E",
-            "lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0",
-        ])
-        .args(["-U", "5d0a7c1e-0d05-4a55-9d2e-000000000001"])
-        .arg(tmp.path()))
+    run(
+        util::tool("mkfs.ext4")
+            .args(["-F", "-q", "-t", "ext4", "-m", "0", "-L", "udos-upper"])
+            .args(["-O", "^has_journal"])
+            .args([
+                "-E",
+                "lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0",
+            ])
+            .args(["-U", "5d0a7c1e-0d05-4a55-9d2e-000000000001"])
+            .arg(tmp.path()),
+        MKFS_EXT4_LIMIT,
+    )
     .context("mkfs.ext4 for the upper-disk template failed (is e2fsprogs installed?)")?;
     tmp.as_file().sync_all()?;
     tmp.persist(template)

@@ -7,6 +7,7 @@
 pub mod act;
 pub mod apt;
 pub mod base;
+pub mod bounded;
 pub mod erofs;
 pub mod initramfs;
 pub mod kernel;

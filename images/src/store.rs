@@ -15,6 +15,7 @@
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -532,12 +533,18 @@ impl ImageStore {
     }
 }
 
+/// `depmod` over the guest kernel's few hundred modules: about a second.
+const DEPMOD_LIMIT: Duration = Duration::from_secs(2 * 60);
+
 fn depmod(root: &Path, release: &str) -> Result<()> {
     if !util::have_tool("depmod") {
         bail!("depmod not found: install kmod (`apt-get install kmod`)");
     }
-    run(util::tool("depmod").arg("-b").arg(root).arg(release))
-        .with_context(|| format!("depmod -b {} {release}", root.display()))?;
+    run(
+        util::tool("depmod").arg("-b").arg(root).arg(release),
+        DEPMOD_LIMIT,
+    )
+    .with_context(|| format!("depmod -b {} {release}", root.display()))?;
     Ok(())
 }
 

@@ -4,19 +4,26 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
-/// Runs `cmd`, capturing its output; fails with the command line and stderr when it cannot
-/// be started or exits non-zero.
-pub(crate) fn run(cmd: &mut Command) -> Result<Output> {
+use crate::bounded::run_bounded;
+
+/// Runs `cmd` with stdin on /dev/null, capturing its output, and waits at most `limit`
+/// (each caller passes the limit of its kind of call). Fails with the command line
+/// and stderr when the program cannot be started, overruns its limit (it is killed)
+/// or exits non-zero.
+pub(crate) fn run(cmd: &mut Command, limit: Duration) -> Result<Output> {
     let shown = show(cmd);
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run `{shown}`"))?;
+    let expr = to_duct(cmd)
+        .stdin_null()
+        .stdout_capture()
+        .stderr_capture()
+        .unchecked();
+    let out = run_bounded(&expr, limit, &format!("`{shown}`"))?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -31,9 +38,25 @@ pub(crate) fn run(cmd: &mut Command) -> Result<Output> {
 }
 
 /// Like [`run`] but returns stdout as a string.
-pub(crate) fn run_stdout(cmd: &mut Command) -> Result<String> {
-    let out = run(cmd)?;
+pub(crate) fn run_stdout(cmd: &mut Command, limit: Duration) -> Result<String> {
+    let out = run(cmd, limit)?;
     String::from_utf8(out.stdout).context("command output is not UTF-8")
+}
+
+/// The same program, arguments, directory and environment changes as a duct
+/// expression (what [`run_bounded`] runs).
+fn to_duct(cmd: &Command) -> duct::Expression {
+    let mut e = duct::cmd(cmd.get_program(), cmd.get_args());
+    if let Some(d) = cmd.get_current_dir() {
+        e = e.dir(d);
+    }
+    for (k, v) in cmd.get_envs() {
+        e = match v {
+            Some(v) => e.env(k, v),
+            None => e.env_remove(k),
+        };
+    }
+    e
 }
 
 fn show(cmd: &Command) -> String {
@@ -180,4 +203,55 @@ pub(crate) fn check_token(what: &str, s: &str) -> Result<()> {
 
 pub(crate) fn io_other(msg: impl Into<String>) -> io::Error {
     io::Error::other(msg.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn a_hanging_tool_fails_naming_the_command_and_the_limit() {
+        // dpkg (through dpkg-deb, its child) opening a package that is a FIFO with no
+        // writer blocks for ever: a real program, hung for real.
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("stalled.deb");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let t = Instant::now();
+        let err = run(
+            tool("dpkg").arg("-x").arg(&fifo).arg(dir.path().join("x")),
+            Duration::from_millis(500),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("`"), "{err}");
+        assert!(err.contains("dpkg -x "), "{err}");
+        assert!(
+            err.ends_with("did not finish within 500 ms and was killed"),
+            "{err}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn a_failing_tool_reports_its_stderr_and_env_and_dir_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = run_stdout(
+            Command::new("sh")
+                .args(["-c", "echo \"$UDOS_T $(pwd)\""])
+                .env("UDOS_T", "set")
+                .current_dir(dir.path()),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        let cwd = dir.path().canonicalize().unwrap();
+        assert_eq!(out.trim(), format!("set {}", cwd.display()));
+        let err = run(
+            Command::new("sh").args(["-c", "echo broken >&2; exit 4"]),
+            Duration::from_secs(10),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("failed (exit status: 4): broken"), "{err}");
+    }
 }

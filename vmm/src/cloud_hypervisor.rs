@@ -1,22 +1,29 @@
 //! cloud-hypervisor driver, through its REST API on `runtime_dir/api.sock`:
-//! `vmm.ping` → `vm.create` → `vm.boot` → poll `vm.info` while waiting for the
-//! process to exit by itself (it does when the guest powers off, and also when a
-//! vCPU dies, both with code 0) → on timeout `vm.shutdown`, `vmm.shutdown`, SIGKILL.
-//! The serial console goes to `runtime_dir/console.log` (mode `File`), tailed live.
+//! `vmm.ping` → `vm.create` → `vm.boot` → wait for the process to exit by itself (it
+//! does when the guest powers off, and also when a vCPU dies, both with code 0) → on
+//! timeout `vm.shutdown`, `vmm.shutdown`, SIGKILL.
+//!
+//! Every API call is bounded by the VM's deadline and by the caller's stop flag
+//! (`http::Bound`), so a VMM that stops answering cannot stretch a run past its
+//! timeout. The serial console goes through a FIFO (`serial.fifo`, cloud-hypervisor's
+//! `File` mode) into the same bounded console pump QEMU uses. cloud-hypervisor's log
+//! is watched for the lines that say the guest is dead although the process lives on
+//! or exits 0 ([`FATAL_LOG`]).
 
 use std::ffi::OsString;
 use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::console::{Pump, TailReader};
+use crate::console::{Pump, SerialFifo};
+use crate::http::{self, Bound, Failure};
 use crate::process::{code_and_signal, file_tail, note, Proc, RuntimeDir};
-use crate::{http, layout, Accel, Hypervisor, VmExit, VmOutcome, VmSpec, VmmError};
+use crate::{layout, Accel, Hypervisor, VmExit, VmOutcome, VmSpec, VmmError};
 
 /// Environment variable naming the cloud-hypervisor binary (default:
 /// `cloud-hypervisor` in PATH).
@@ -25,15 +32,35 @@ const CH_BIN: &str = "cloud-hypervisor";
 const API: &str = "/api/v1/";
 /// `sun_path` is 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
+/// The most one API call may take (calls in a run are also bounded by the VM's
+/// deadline). cloud-hypervisor answers in milliseconds; `vm.create` and `vm.boot`
+/// allocate guest memory and load the kernel, which takes longer on a busy host.
 const API_TIMEOUT: Duration = Duration::from_secs(30);
+/// From start to the API answering `vmm.ping`, this call included.
 const SOCKET_WAIT: Duration = Duration::from_secs(10);
 /// After a timeout: how long `vm.shutdown` + `vmm.shutdown` get before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(3);
-/// How often `vm.info` is polled while the VM runs.
-const INFO_EVERY: Duration = Duration::from_millis(500);
-/// If `vm.info` says `Shutdown` and the process is still there after this, the VMM
-/// is told to exit.
-const SHUTDOWN_LINGER: Duration = Duration::from_secs(2);
+/// One API call while stopping: a VMM that needs longer to answer is hung, and a hung
+/// VMM is killed rather than waited for.
+const STOP_CALL: Duration = Duration::from_secs(1);
+/// The lock cloud-hypervisor takes next to its API socket (`<socket>.lock`); it
+/// leaves the file behind.
+pub(crate) const API_SOCKET_LOCK: &str = "api.sock.lock";
+/// The FIFO the guest's serial port is written into.
+pub(crate) const SERIAL_FIFO: &str = "serial.fifo";
+/// Lines of cloud-hypervisor's log that mean the guest is dead: a vCPU error (the
+/// process then exits with code 0, like a power-off), or a reset, which
+/// cloud-hypervisor answers by booting the guest again. udos-init never reboots, so a
+/// reset is a kernel panic (`panic=-1`) or a triple fault, and a second boot would
+/// run the step again. Either ends the VM as [`VmExit::Crashed`].
+pub(crate) const FATAL_LOG: &[&str] = &[
+    "VCPU generated error",
+    "vCPU thread panicked",
+    "Guest likely triple-faulted",
+    "VM reset event",
+];
+/// How much of the log from the fatal line on goes into the crash detail.
+const FATAL_DETAIL: usize = 2048;
 
 /// cloud-hypervisor (always KVM).
 #[derive(Clone, Debug)]
@@ -119,8 +146,16 @@ impl CloudHypervisor {
     }
 
     /// Starts a VMM (no VM yet) with its API socket in `runtime_dir`, and waits until
-    /// it answers `vmm.ping`. The directory is locked while the handle lives.
+    /// it answers `vmm.ping` (at most 10 s). The directory is locked while the handle
+    /// lives.
     pub fn start_vmm(&self, runtime_dir: &Path) -> Result<VmmHandle, VmmError> {
+        let mut h = self.spawn(runtime_dir)?;
+        h.wait_ready(Bound::within(SOCKET_WAIT, far_future(), None))?;
+        Ok(h)
+    }
+
+    /// Starts the process; does not wait for its API.
+    fn spawn(&self, runtime_dir: &Path) -> Result<VmmHandle, VmmError> {
         let rt = RuntimeDir::prepare(runtime_dir)?;
         let socket = rt.file(layout::API_SOCKET);
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
@@ -150,22 +185,25 @@ impl CloudHypervisor {
         let proc = Proc::spawn(&self.binary, &args, &rt.path, |c| {
             c.stdout(Stdio::from(stderr)).stderr(Stdio::from(stderr2));
         })?;
-        let mut h = VmmHandle {
+        Ok(VmmHandle {
             proc,
             socket,
             log,
             stderr: rt.file(layout::HYPERVISOR_STDERR),
             binary: self.binary.clone(),
             started,
-            _rt: rt,
-        };
-        h.wait_ready()?;
-        Ok(h)
+            rt,
+        })
     }
 }
 
+/// A deadline that does not bind (calls outside a run are bounded by their own limit).
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(365 * 24 * 3600)
+}
+
 /// A running cloud-hypervisor VMM. Dropping it kills the process group and removes
-/// the socket.
+/// the socket and its lock file.
 pub struct VmmHandle {
     proc: Proc,
     socket: PathBuf,
@@ -173,7 +211,7 @@ pub struct VmmHandle {
     stderr: PathBuf,
     binary: PathBuf,
     started: Instant,
-    _rt: RuntimeDir,
+    rt: RuntimeDir,
 }
 
 impl VmmHandle {
@@ -202,8 +240,29 @@ impl VmmHandle {
         s
     }
 
-    fn wait_ready(&mut self) -> Result<(), VmmError> {
-        let deadline = Instant::now() + SOCKET_WAIT;
+    fn api_error(
+        &self,
+        method: &'static str,
+        endpoint: &str,
+        f: Failure,
+        waited: Duration,
+    ) -> VmmError {
+        let detail = match f {
+            Failure::TimedOut => {
+                format!("no answer within {waited:.1?}: cloud-hypervisor is not responding")
+            }
+            other => other.to_string(),
+        };
+        VmmError::Api {
+            method,
+            endpoint: endpoint.to_string(),
+            status: None,
+            detail,
+        }
+    }
+
+    /// Waits for the API socket and a 2xx `vmm.ping`, within `bound`.
+    fn wait_ready(&mut self, bound: Bound<'_>) -> Result<(), VmmError> {
         loop {
             if let Some(status) = self
                 .proc
@@ -217,41 +276,26 @@ impl VmmHandle {
                 });
             }
             if self.socket.exists() {
-                match http::request(&self.socket, "GET", "/api/v1/vmm.ping", None, API_TIMEOUT) {
-                    Ok(r) if (200..300).contains(&r.status) => {
-                        tracing::debug!(
-                            pid = self.pid(),
-                            ping = %String::from_utf8_lossy(&r.body),
-                            "cloud-hypervisor is up"
-                        );
+                match self.call_within("GET", "vmm.ping", None, bound) {
+                    Ok(r) => {
+                        tracing::debug!(pid = self.pid(), ping = r.body, "cloud-hypervisor is up");
                         return Ok(());
                     }
-                    Ok(_) | Err(_) if Instant::now() < deadline => {}
-                    Ok(r) => {
-                        return Err(VmmError::Api {
-                            method: "GET",
-                            endpoint: "vmm.ping".into(),
-                            status: Some(r.status),
-                            detail: String::from_utf8_lossy(&r.body).into_owned(),
-                        })
-                    }
-                    Err(e) => {
-                        return Err(VmmError::Api {
-                            method: "GET",
-                            endpoint: "vmm.ping".into(),
-                            status: None,
-                            detail: e.to_string(),
-                        })
-                    }
+                    // Not listening yet (the socket file exists before `listen`).
+                    Err(VmmError::Api { status: None, .. })
+                        if Instant::now() < bound.deadline && !cancelled(bound) => {}
+                    Err(e) => return Err(e),
                 }
-            } else if Instant::now() >= deadline {
+            } else if Instant::now() >= bound.deadline || cancelled(bound) {
+                let expired = Instant::now() >= bound.deadline;
                 return Err(VmmError::Api {
                     method: "GET",
                     endpoint: "vmm.ping".into(),
                     status: None,
                     detail: format!(
-                        "the API socket {} did not appear within {SOCKET_WAIT:?}; {}",
+                        "the API socket {} did not appear{}; {}",
                         self.socket.display(),
+                        if expired { " in time" } else { ": cancelled" },
                         self.diagnostics()
                     ),
                 });
@@ -260,28 +304,34 @@ impl VmmHandle {
         }
     }
 
-    /// One API call; a non-2xx answer is an error carrying the VMM's message.
+    /// One API call, bounded by [`API_TIMEOUT`]; a non-2xx answer is an error carrying
+    /// the VMM's message.
     pub fn call(
         &self,
         method: &'static str,
         endpoint: &str,
         body: Option<&Value>,
     ) -> Result<ApiResponse, VmmError> {
+        self.call_within(
+            method,
+            endpoint,
+            body,
+            Bound::within(API_TIMEOUT, far_future(), None),
+        )
+    }
+
+    fn call_within(
+        &self,
+        method: &'static str,
+        endpoint: &str,
+        body: Option<&Value>,
+        bound: Bound<'_>,
+    ) -> Result<ApiResponse, VmmError> {
         let body_bytes = body.map(|b| b.to_string().into_bytes());
         let path = format!("{API}{endpoint}");
-        let r = http::request(
-            &self.socket,
-            method,
-            &path,
-            body_bytes.as_deref(),
-            API_TIMEOUT,
-        )
-        .map_err(|e| VmmError::Api {
-            method,
-            endpoint: endpoint.to_string(),
-            status: None,
-            detail: e.to_string(),
-        })?;
+        let began = Instant::now();
+        let r = http::request(&self.socket, method, &path, body_bytes.as_deref(), bound)
+            .map_err(|f| self.api_error(method, endpoint, f, began.elapsed()))?;
         let text = String::from_utf8_lossy(&r.body).into_owned();
         if !(200..300).contains(&r.status) {
             return Err(VmmError::Api {
@@ -378,17 +428,40 @@ impl VmmHandle {
     }
 
     /// `vm.shutdown`, `vmm.shutdown`, then SIGKILL if the process is still there
-    /// after `grace`. Errors of the API calls are ignored (the VM may be gone).
+    /// after `grace`. Each call gets at most 1 s; a VMM that does not answer one is
+    /// killed at once. Errors the VMM answers with are ignored (the VM may be gone).
     pub fn stop(&mut self, grace: Duration) -> Result<ExitStatus, VmmError> {
+        self.stop_within(grace, None)
+    }
+
+    /// [`VmmHandle::stop`] that also gives up on the API as soon as `cancel` is set.
+    fn stop_within(
+        &mut self,
+        grace: Duration,
+        cancel: Option<&AtomicBool>,
+    ) -> Result<ExitStatus, VmmError> {
         if let Some(s) = self.try_wait()? {
             return Ok(s);
         }
         let deadline = Instant::now() + grace;
-        if let Err(e) = self.shutdown() {
-            tracing::debug!("vm.shutdown: {e}");
-        }
-        if let Err(e) = self.shutdown_vmm() {
-            tracing::debug!("vmm.shutdown: {e}");
+        for endpoint in ["vm.shutdown", "vmm.shutdown"] {
+            match self.call_within(
+                "PUT",
+                endpoint,
+                None,
+                Bound::within(STOP_CALL, deadline, cancel),
+            ) {
+                Ok(_) => {}
+                Err(VmmError::Api {
+                    status: None,
+                    detail,
+                    ..
+                }) => {
+                    note(&self.stderr, &format!("{endpoint}: {detail}; SIGKILL"));
+                    return self.kill();
+                }
+                Err(e) => tracing::debug!("{endpoint}: {e}"),
+            }
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if let Some(s) = self.wait_for(left)? {
@@ -399,11 +472,129 @@ impl VmmHandle {
     }
 }
 
+fn cancelled(bound: Bound<'_>) -> bool {
+    bound.cancel.is_some_and(|c| c.load(Ordering::Acquire))
+}
+
 impl Drop for VmmHandle {
     fn drop(&mut self) {
         // `proc` kills the group when dropped unreaped.
         let _ = self.proc.kill();
         let _ = std::fs::remove_file(&self.socket);
+        let _ = std::fs::remove_file(self.rt.file(API_SOCKET_LOCK));
+    }
+}
+
+/// Follows cloud-hypervisor's log (it appends; we read what is new each time) and
+/// remembers where the first [`FATAL_LOG`] line starts.
+struct LogWatch {
+    path: PathBuf,
+    file: Option<File>,
+    offset: u64,
+    partial: Vec<u8>,
+    fatal_at: Option<u64>,
+}
+
+impl LogWatch {
+    fn new(path: &Path) -> Self {
+        LogWatch {
+            path: path.to_path_buf(),
+            file: None,
+            offset: 0,
+            partial: Vec::new(),
+            fatal_at: None,
+        }
+    }
+
+    /// Reads what was appended since the last call; true once a fatal line was seen.
+    fn poll(&mut self) -> bool {
+        if self.fatal_at.is_some() {
+            return true;
+        }
+        if self.file.is_none() {
+            self.file = File::open(&self.path).ok();
+        }
+        let Some(f) = self.file.as_mut() else {
+            return false;
+        };
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            let n = match f.read(&mut buf) {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => n,
+            };
+            for part in buf[..n].split_inclusive(|&b| b == b'\n') {
+                let line_start = self.offset - self.partial.len() as u64;
+                self.offset += part.len() as u64;
+                self.partial.extend_from_slice(part);
+                if part.ends_with(b"\n") || self.partial.len() >= 64 * 1024 {
+                    let line = String::from_utf8_lossy(&self.partial);
+                    let fatal = FATAL_LOG.iter().any(|m| line.contains(m));
+                    self.partial.clear();
+                    if fatal {
+                        self.fatal_at = Some(line_start);
+                        return true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The log from the fatal line on (at most [`FATAL_DETAIL`] bytes).
+    fn detail(&self) -> Option<String> {
+        let at = self.fatal_at?;
+        let mut f = File::open(&self.path).ok()?;
+        f.seek(SeekFrom::Start(at)).ok()?;
+        let mut bytes = Vec::new();
+        f.take(FATAL_DETAIL as u64).read_to_end(&mut bytes).ok()?;
+        Some(String::from_utf8_lossy(&bytes).trim().to_string())
+    }
+}
+
+/// How the wait for the VM ended.
+enum Ended {
+    /// The process exited by itself.
+    Exited,
+    /// [`FATAL_LOG`] matched; the VMM was killed (or had exited).
+    Fatal,
+    TimedOut,
+    Stopped,
+}
+
+/// The guest's serial console: the FIFO cloud-hypervisor writes and the pump that
+/// reads it into the bounded `console.log` and the callback.
+struct SerialConsole {
+    fifo: SerialFifo,
+    pump: Pump,
+    path: PathBuf,
+}
+
+impl SerialConsole {
+    fn start(spec: &mut VmSpec, fifo_path: &Path, log_path: &Path) -> Result<Self, VmmError> {
+        let log = File::create(log_path).map_err(|e| VmmError::io("creating", log_path, e))?;
+        let (fifo, reader) = SerialFifo::create(fifo_path)
+            .map_err(|e| VmmError::io("creating the serial FIFO", fifo_path, e))?;
+        let pump = Pump::start(
+            &spec.name,
+            reader,
+            Some(log),
+            spec.console.take(),
+            spec.log_filter.clone(),
+        )
+        .map_err(|e| VmmError::io("starting the console reader for", fifo_path, e))?;
+        Ok(SerialConsole {
+            fifo,
+            pump,
+            path: fifo_path.to_path_buf(),
+        })
+    }
+
+    /// Call once the VMM is reaped: the pump reads what is left, then ends.
+    fn finish(mut self) -> Option<Instant> {
+        self.fifo.close();
+        let first = self.pump.finish(Duration::from_secs(10));
+        let _ = std::fs::remove_file(&self.path);
+        first
     }
 }
 
@@ -418,104 +609,32 @@ impl Hypervisor for CloudHypervisor {
 
     fn run_until(&self, mut spec: VmSpec, halt: &AtomicBool) -> Result<VmOutcome, VmmError> {
         spec.validate()?;
-        let mut vmm = self.start_vmm(&spec.runtime_dir)?;
+        let deadline = Instant::now() + spec.timeout;
+        let mut vmm = self.spawn(&spec.runtime_dir)?;
         let boot_started = vmm.started();
-        let console_log = spec.runtime_dir.join(layout::CONSOLE_LOG);
-        // Created empty before cloud-hypervisor opens it (with truncation), so the
-        // tail can start at offset 0 right away.
-        File::create(&console_log).map_err(|e| VmmError::io("creating", &console_log, e))?;
-        let reader =
-            File::open(&console_log).map_err(|e| VmmError::io("opening", &console_log, e))?;
-        let config = Self::vm_config(&spec, &console_log);
-        let config_path = spec.runtime_dir.join(layout::VM_CONFIG);
-        std::fs::write(
+        let console_log = vmm.rt.file(layout::CONSOLE_LOG);
+        let console = SerialConsole::start(&mut spec, &vmm.rt.file(SERIAL_FIFO), &console_log)?;
+        let config = Self::vm_config(&spec, &vmm.rt.file(SERIAL_FIFO));
+        let config_path = vmm.rt.file(layout::VM_CONFIG);
+        if let Err(e) = std::fs::write(
             &config_path,
             serde_json::to_vec_pretty(&config).expect("JSON values serialize"),
-        )
-        .map_err(|e| VmmError::io("writing", &config_path, e))?;
-
-        let stop = Arc::new(AtomicBool::new(false));
-        let pump = Pump::start(
-            &spec.name,
-            TailReader::new(reader, stop.clone()),
-            None,
-            spec.console.take(),
-            None,
-        )
-        .map_err(|e| VmmError::io("starting the console reader for", &console_log, e))?;
-        // On an API error `vmm` is dropped (killed) and `pump` is stopped below.
-        let started = vmm.create(&config).and_then(|()| vmm.boot());
-        if let Err(e) = started {
-            let _ = vmm.stop(STOP_GRACE);
-            stop.store(true, Ordering::Release);
-            pump.finish(Duration::from_secs(5));
-            return Err(e);
+        ) {
+            let _ = vmm.kill();
+            console.finish();
+            return Err(VmmError::io("writing", &config_path, e));
         }
 
-        let deadline = boot_started + spec.timeout;
-        let mut timed_out = false;
-        let mut stopped = false;
-        let mut next_info = Instant::now() + INFO_EVERY;
-        let mut shutdown_seen: Option<Instant> = None;
-        let mut last_state = String::new();
-        let status = loop {
-            if let Some(s) = vmm.try_wait()? {
-                break s;
-            }
-            if halt.load(Ordering::Acquire) {
-                stopped = true;
-                note(&vmm.stderr, "the caller stopped the VM: killed");
-                break vmm.kill()?;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                timed_out = true;
-                note(
-                    &vmm.stderr,
-                    &format!(
-                        "timeout after {:?}: vm.shutdown, vmm.shutdown",
-                        spec.timeout
-                    ),
-                );
-                break vmm.stop(STOP_GRACE)?;
-            }
-            if now >= next_info {
-                next_info = now + INFO_EVERY;
-                if let Ok(state) = vmm.state() {
-                    if state != last_state {
-                        tracing::debug!(vm = spec.name, state, "cloud-hypervisor VM state");
-                        last_state = state;
-                    }
-                    if last_state == "Shutdown" {
-                        let since = *shutdown_seen.get_or_insert(now);
-                        if now.duration_since(since) >= SHUTDOWN_LINGER {
-                            let _ = vmm.shutdown_vmm();
-                        }
-                    }
-                }
-            }
-            std::thread::sleep((deadline - now).min(Duration::from_millis(10)));
+        let mut log = LogWatch::new(&vmm.log);
+        let ended = match boot(&mut vmm, &config, deadline, halt) {
+            Ok(()) => wait_end(&mut vmm, &mut log, deadline, halt, spec.timeout),
+            Err(e) => failed_start(&mut vmm, e, deadline, halt, spec.timeout),
         };
         let wall = boot_started.elapsed();
-        stop.store(true, Ordering::Release);
-        let first_line = pump.finish(Duration::from_secs(10));
-        if let Some(f) = &spec.log_filter {
-            filter_file(&console_log, f);
-        }
-        let (code, signal) = code_and_signal(status);
-        let exit = if timed_out {
-            VmExit::TimedOut
-        } else if stopped {
-            VmExit::Stopped
-        } else if status.success() {
-            VmExit::PoweredOff
-        } else {
-            VmExit::Crashed {
-                code,
-                signal,
-                detail: vmm.diagnostics(),
-            }
-        };
+        let first_line = console.finish();
+        let (status, ended) = ended?;
+        let exit = exit_of(ended, status, &mut log, &vmm);
+        tracing::debug!(vm = spec.name, %exit, ?wall, "cloud-hypervisor finished");
         let pid = vmm.pid();
         let hypervisor_log = vmm.log.clone();
         drop(vmm);
@@ -531,25 +650,103 @@ impl Hypervisor for CloudHypervisor {
     }
 }
 
-/// cloud-hypervisor writes the console file itself: rewrite it through the filter
-/// once the VM is gone (atomically; on error the file is removed rather than kept
-/// unfiltered).
-fn filter_file(path: &std::path::Path, filter: &crate::LineFilter) {
-    let rewrite = || -> std::io::Result<()> {
-        let bytes = std::fs::read(path)?;
-        let text = String::from_utf8_lossy(&bytes);
-        let mut out = String::with_capacity(text.len());
-        for line in text.lines() {
-            out.push_str(&filter(line));
-            out.push('\n');
-        }
-        let tmp = path.with_extension("filtered");
-        std::fs::write(&tmp, out)?;
-        std::fs::rename(&tmp, path)
+/// `vmm.ping` (the API is up), `vm.create`, `vm.boot`: each bounded by [`API_TIMEOUT`]
+/// (the ping by [`SOCKET_WAIT`]), by the VM's deadline and by the stop flag.
+fn boot(
+    vmm: &mut VmmHandle,
+    config: &Value,
+    deadline: Instant,
+    halt: &AtomicBool,
+) -> Result<(), VmmError> {
+    let ready_by = vmm.started() + SOCKET_WAIT;
+    vmm.wait_ready(Bound {
+        deadline: deadline.min(ready_by),
+        cancel: Some(halt),
+    })?;
+    let bound = || Bound::within(API_TIMEOUT, deadline, Some(halt));
+    vmm.call_within("PUT", "vm.create", Some(config), bound())?;
+    vmm.call_within("PUT", "vm.boot", None, bound())?;
+    Ok(())
+}
+
+/// After `vmm.ping`, `vm.create` or `vm.boot` failed: the VMM is killed; the run is
+/// `Stopped` or `TimedOut` if that is why the call gave up, else the error stands.
+fn failed_start(
+    vmm: &mut VmmHandle,
+    e: VmmError,
+    deadline: Instant,
+    halt: &AtomicBool,
+    timeout: Duration,
+) -> Result<(ExitStatus, Ended), VmmError> {
+    let status = vmm.kill()?;
+    if halt.load(Ordering::Acquire) {
+        note(
+            &vmm.stderr,
+            "the caller stopped the VM while it started: killed",
+        );
+        Ok((status, Ended::Stopped))
+    } else if Instant::now() >= deadline {
+        note(
+            &vmm.stderr,
+            &format!("timeout after {timeout:?} while starting ({e}): killed"),
+        );
+        Ok((status, Ended::TimedOut))
+    } else {
+        Err(e)
+    }
+}
+
+/// The [`VmExit`] of a reaped VMM.
+fn exit_of(ended: Ended, status: ExitStatus, log: &mut LogWatch, vmm: &VmmHandle) -> VmExit {
+    let (code, signal) = code_and_signal(status);
+    let crashed = |detail| VmExit::Crashed {
+        code,
+        signal,
+        detail,
     };
-    if let Err(e) = rewrite() {
-        tracing::warn!("filtering {}: {e}; removing it", path.display());
-        let _ = std::fs::remove_file(path);
+    match ended {
+        Ended::TimedOut => VmExit::TimedOut,
+        Ended::Stopped => VmExit::Stopped,
+        Ended::Fatal => crashed(log.detail().unwrap_or_default()),
+        // A fatal line written just before the process exited by itself.
+        Ended::Exited if log.poll() => crashed(log.detail().unwrap_or_default()),
+        Ended::Exited if status.success() => VmExit::PoweredOff,
+        Ended::Exited => crashed(vmm.diagnostics()),
+    }
+}
+
+/// Waits for the VMM to exit, the stop flag, a fatal log line or the deadline.
+fn wait_end(
+    vmm: &mut VmmHandle,
+    log: &mut LogWatch,
+    deadline: Instant,
+    halt: &AtomicBool,
+    timeout: Duration,
+) -> Result<(ExitStatus, Ended), VmmError> {
+    loop {
+        if let Some(s) = vmm.try_wait()? {
+            return Ok((s, Ended::Exited));
+        }
+        if halt.load(Ordering::Acquire) {
+            note(&vmm.stderr, "the caller stopped the VM: killed");
+            return Ok((vmm.kill()?, Ended::Stopped));
+        }
+        if log.poll() {
+            note(
+                &vmm.stderr,
+                "cloud-hypervisor logged a fatal guest error: killed",
+            );
+            return Ok((vmm.kill()?, Ended::Fatal));
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            note(
+                &vmm.stderr,
+                &format!("timeout after {timeout:?}: vm.shutdown, vmm.shutdown"),
+            );
+            return Ok((vmm.stop_within(STOP_GRACE, Some(halt))?, Ended::TimedOut));
+        }
+        std::thread::sleep((deadline - now).min(Duration::from_millis(10)));
     }
 }
 
@@ -584,5 +781,46 @@ mod tests {
         assert_eq!(c["serial"]["file"], "/rt/console.log");
         assert_eq!(c["console"]["mode"], "Off");
         assert_eq!(c["rng"]["src"], "/dev/urandom");
+    }
+
+    #[test]
+    fn the_log_watch_finds_a_fatal_line_written_in_pieces() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cloud-hypervisor.log");
+        let mut watch = LogWatch::new(&path);
+        assert!(!watch.poll(), "no log yet");
+        let mut f = File::create(&path).unwrap();
+        let mut put = |text: &str| {
+            f.write_all(text.as_bytes()).unwrap();
+            f.flush().unwrap();
+        };
+        put("cloud-hypervisor: 0.004s: <vmm> INFO:vmm/src/vm.rs:606 -- Booting VM\n");
+        assert!(!watch.poll());
+        put("cloud-hypervisor: 0.015s: <vcpu0> ERROR:vmm/src/cpu.rs:1460 -- VCPU gener");
+        assert!(!watch.poll(), "half a line is not judged yet");
+        put("ated error: VcpuRun(Failed to run vcpu\n\nCaused by:\n    Unexpected exit reason on vcpu run: InternalError\n");
+        assert!(watch.poll());
+        let detail = watch.detail().unwrap();
+        assert!(
+            detail.starts_with("cloud-hypervisor: 0.015s: <vcpu0> ERROR:vmm/src/cpu.rs:1460 -- VCPU generated error"),
+            "{detail}"
+        );
+        assert!(detail.ends_with("InternalError"), "{detail}");
+    }
+
+    #[test]
+    fn ordinary_log_lines_are_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cloud-hypervisor.log");
+        std::fs::write(
+            &path,
+            "cloud-hypervisor: 0.26s: <vmm> INFO:vmm/src/lib.rs:2080 -- VM exit event\n\
+             cloud-hypervisor: 0.27s: <main> INFO:cloud-hypervisor/src/main.rs:962 -- Cloud Hypervisor exited successfully\n",
+        )
+        .unwrap();
+        let mut watch = LogWatch::new(&path);
+        assert!(!watch.poll());
+        assert_eq!(watch.detail(), None);
     }
 }

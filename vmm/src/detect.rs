@@ -4,8 +4,10 @@
 //! it only runs PVM-aware guests, and a stock kernel dies or hangs. So the probe boots
 //! the very kernel and initramfs the steps will use, with `udos.mode=probe` (PID 1
 //! prints [`PROBE_MARKER`] and powers off), under KVM, and believes only the marker.
-//! The verdict is cached in a file keyed by the host's boot id and the kernel's
-//! SHA-256, so it is paid once per host boot and kernel.
+//! The probe runs under the hypervisor that will run the steps ([`probe_kvm_with`]):
+//! QEMU and cloud-hypervisor use KVM differently, and one booting says little about the
+//! other. The verdict is cached in a file per hypervisor, keyed by the host's boot id
+//! and the kernel's SHA-256, so it is paid once per host boot, kernel and hypervisor.
 
 use std::fs::OpenOptions;
 use std::io::Read;
@@ -43,6 +45,9 @@ pub struct ProbeInput {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvmVerdict {
     pub works: bool,
+    /// The hypervisor that ran the probe (empty when none could).
+    #[serde(default)]
+    pub hypervisor: String,
     /// Why, in a sentence (the probe VM's outcome, or why no probe ran).
     pub reason: String,
     pub boot_id: String,
@@ -58,7 +63,7 @@ pub struct KvmVerdict {
     pub cached: bool,
 }
 
-/// Whether KVM boots `probe.kernel` to the udos probe marker (cached).
+/// Whether KVM boots `probe.kernel` to the udos probe marker under QEMU (cached).
 pub fn kvm_works(probe: &ProbeInput) -> bool {
     probe_kvm(probe).works
 }
@@ -90,6 +95,7 @@ fn file_stat(path: &Path) -> Option<(u64, i128, u64)> {
 fn not_cached(reason: String) -> KvmVerdict {
     KvmVerdict {
         works: false,
+        hypervisor: String::new(),
         reason,
         boot_id: String::new(),
         kernel_sha256: String::new(),
@@ -108,9 +114,40 @@ fn probe_timeout() -> Duration {
         .unwrap_or(PROBE_TIMEOUT)
 }
 
-/// Runs (or reads from the cache) the KVM probe. Never fails: any problem is a
-/// `works: false` verdict with its reason.
+/// Runs (or reads from the cache) the KVM probe under QEMU, or under cloud-hypervisor
+/// where QEMU is missing. Never fails: any problem is a `works: false` verdict with its
+/// reason.
 pub fn probe_kvm(probe: &ProbeInput) -> KvmVerdict {
+    match Qemu::find(Accel::Kvm) {
+        Ok(q) => probe_kvm_with(&q, probe),
+        Err(qe) => match CloudHypervisor::find() {
+            Ok(ch) => probe_kvm_with(&ch, probe),
+            Err(_) => not_cached(format!("no hypervisor to probe KVM with: {qe}")),
+        },
+    }
+}
+
+/// Where the verdict of `hypervisor` is cached: `probe.cache` for QEMU, a sibling
+/// with the hypervisor's name in it for the others (`kvm-probe.cloud-hypervisor.json`).
+pub fn cache_path(probe: &ProbeInput, hypervisor: &str) -> PathBuf {
+    if hypervisor == "qemu" {
+        return probe.cache.clone();
+    }
+    let stem = probe
+        .cache
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let name = match probe.cache.extension() {
+        Some(ext) => format!("{stem}.{hypervisor}.{}", ext.to_string_lossy()),
+        None => format!("{stem}.{hypervisor}"),
+    };
+    probe.cache.with_file_name(name)
+}
+
+/// [`probe_kvm`] under `hv` (with KVM): whether KVM works for this hypervisor.
+pub fn probe_kvm_with(hv: &dyn Hypervisor, probe: &ProbeInput) -> KvmVerdict {
+    let cache = cache_path(probe, hv.name());
     if let Err(e) = OpenOptions::new().read(true).write(true).open(KVM_DEVICE) {
         return not_cached(format!("cannot open {KVM_DEVICE}: {e}"));
     }
@@ -119,7 +156,7 @@ pub fn probe_kvm(probe: &ProbeInput) -> KvmVerdict {
         Err(e) => return not_cached(format!("cannot read {BOOT_ID}: {e}")),
     };
     let kernel_stat = file_stat(&probe.kernel);
-    let cached: Option<KvmVerdict> = std::fs::read_to_string(&probe.cache)
+    let cached: Option<KvmVerdict> = std::fs::read_to_string(&cache)
         .ok()
         .and_then(|text| serde_json::from_str(&text).ok())
         .filter(|v: &KvmVerdict| v.boot_id == boot_id);
@@ -146,22 +183,15 @@ pub fn probe_kvm(probe: &ProbeInput) -> KvmVerdict {
     if let Some(mut v) = cached {
         if v.kernel_sha256 == kernel_sha256 {
             v.kernel_stat = kernel_stat;
-            let _ = write_cache(&probe.cache, &v);
+            let _ = write_cache(&cache, &v);
             return hit(v);
         }
     }
-    // QEMU is the usual prober; cloud-hypervisor serves where QEMU is missing.
-    let hv: Box<dyn Hypervisor> = match Qemu::find(Accel::Kvm) {
-        Ok(q) => Box::new(q),
-        Err(qe) => match CloudHypervisor::find() {
-            Ok(ch) => Box::new(ch),
-            Err(_) => return not_cached(format!("no hypervisor to probe KVM with: {qe}")),
-        },
-    };
     let started = Instant::now();
-    let (works, reason) = run_probe(hv.as_ref(), probe);
+    let (works, reason) = run_probe(hv, probe);
     let verdict = KvmVerdict {
         works,
+        hypervisor: hv.name().to_string(),
         reason,
         boot_id,
         kernel_sha256,
@@ -171,15 +201,13 @@ pub fn probe_kvm(probe: &ProbeInput) -> KvmVerdict {
     };
     tracing::info!(
         works,
+        hypervisor = hv.name(),
         reason = verdict.reason,
         ms = verdict.probe_ms,
         "KVM probe"
     );
-    if let Err(e) = write_cache(&probe.cache, &verdict) {
-        tracing::warn!(
-            "cannot cache the KVM probe in {}: {e}",
-            probe.cache.display()
-        );
+    if let Err(e) = write_cache(&cache, &verdict) {
+        tracing::warn!("cannot cache the KVM probe in {}: {e}", cache.display());
     }
     verdict
 }
@@ -259,51 +287,91 @@ fn run_probe(hv: &dyn Hypervisor, probe: &ProbeInput) -> (bool, String) {
     out
 }
 
-/// Picks the hypervisor for `--hypervisor`:
-///
-/// - `auto`: cloud-hypervisor if it is installed and KVM works; else QEMU with KVM if
-///   KVM works; else QEMU with TCG.
-/// - `qemu`: QEMU, with KVM if it works, else TCG.
-/// - `cloud-hypervisor`: cloud-hypervisor, or an error saying how to install it, or
-///   that KVM cannot boot the kernel here.
+/// A hypervisor picked by [`choose`], and why, in a sentence for the user (for
+/// `auto`, also why cloud-hypervisor was not taken).
+pub struct Selection {
+    pub hypervisor: Box<dyn Hypervisor>,
+    pub why: String,
+}
+
+/// Picks the hypervisor for `--hypervisor` (see [`choose`]).
 pub fn select(
     choice: HypervisorChoice,
     probe: &ProbeInput,
 ) -> Result<Box<dyn Hypervisor>, VmmError> {
-    let chosen: Box<dyn Hypervisor> = match choice {
-        HypervisorChoice::Qemu => {
-            let q = Qemu::find(Accel::Tcg)?;
-            let kvm = probe_kvm(probe);
-            let accel = if kvm.works { Accel::Kvm } else { Accel::Tcg };
-            Box::new(Qemu::with_binary(q.binary(), accel))
-        }
+    choose(choice, probe).map(|s| s.hypervisor)
+}
+
+/// Picks the hypervisor for `--hypervisor`, each KVM check made by the hypervisor
+/// in question:
+///
+/// - `auto`: cloud-hypervisor if it is installed and KVM runs the kernel under it;
+///   else QEMU with KVM if KVM runs the kernel under QEMU; else QEMU with TCG.
+/// - `qemu`: QEMU, with KVM if it works, else TCG.
+/// - `cloud-hypervisor`: cloud-hypervisor, or an error saying how to install it, or
+///   why KVM cannot run the kernel under it.
+pub fn choose(choice: HypervisorChoice, probe: &ProbeInput) -> Result<Selection, VmmError> {
+    let selection = match choice {
+        HypervisorChoice::Qemu => qemu(probe, "qemu")?,
         HypervisorChoice::CloudHypervisor => {
             let ch = CloudHypervisor::find()?;
-            let kvm = probe_kvm(probe);
+            let kvm = probe_kvm_with(&ch, probe);
             if !kvm.works {
                 return Err(VmmError::KvmUnavailable {
                     what: "cloud-hypervisor",
                     reason: format!("{}; use --hypervisor qemu (TCG) instead", kvm.reason),
                 });
             }
-            Box::new(ch)
-        }
-        HypervisorChoice::Auto => {
-            let kvm = probe_kvm(probe);
-            if kvm.works {
-                match CloudHypervisor::find() {
-                    Ok(ch) => Box::new(ch),
-                    Err(e) => {
-                        tracing::debug!("auto: {e}; using QEMU with KVM");
-                        Box::new(Qemu::find(Accel::Kvm)?)
-                    }
-                }
-            } else {
-                tracing::debug!("auto: KVM unusable ({}); using QEMU with TCG", kvm.reason);
-                Box::new(Qemu::find(Accel::Tcg)?)
+            Selection {
+                hypervisor: Box::new(ch),
+                why: kvm.reason,
             }
         }
+        HypervisorChoice::Auto => match CloudHypervisor::find() {
+            Err(e) => {
+                tracing::info!("auto: not using cloud-hypervisor: {e}");
+                qemu(probe, "auto: cloud-hypervisor is not installed")?
+            }
+            Ok(ch) => {
+                let kvm = probe_kvm_with(&ch, probe);
+                if kvm.works {
+                    Selection {
+                        hypervisor: Box::new(ch),
+                        why: format!("auto: {}", kvm.reason),
+                    }
+                } else {
+                    // Installed, so wanted: say loudly why it is not used.
+                    tracing::warn!(
+                        "auto: cloud-hypervisor is installed but not used: {}",
+                        kvm.reason
+                    );
+                    qemu(
+                        probe,
+                        &format!(
+                            "auto: cloud-hypervisor is installed but KVM cannot run the kernel under it ({})",
+                            kvm.reason
+                        ),
+                    )?
+                }
+            }
+        },
     };
-    tracing::info!(choice = %choice, hypervisor = chosen.describe(), "hypervisor selected");
-    Ok(chosen)
+    tracing::info!(
+        choice = %choice,
+        hypervisor = selection.hypervisor.describe(),
+        why = selection.why,
+        "hypervisor selected"
+    );
+    Ok(selection)
+}
+
+/// QEMU, with KVM if its probe boots the kernel, else TCG; `why` starts with `lead`.
+fn qemu(probe: &ProbeInput, lead: &str) -> Result<Selection, VmmError> {
+    let q = Qemu::find(Accel::Kvm)?;
+    let kvm = probe_kvm_with(&q, probe);
+    let accel = if kvm.works { Accel::Kvm } else { Accel::Tcg };
+    Ok(Selection {
+        hypervisor: Box::new(Qemu::with_binary(q.binary(), accel)),
+        why: format!("{lead}; {}", kvm.reason),
+    })
 }

@@ -1,10 +1,17 @@
 //! A minimal HTTP/1.1 client over a Unix socket, enough for cloud-hypervisor's API:
 //! one request per connection, `Content-Length` or chunked or read-to-close bodies.
+//!
+//! Every request is bounded ([`Bound`]): connecting, writing and reading all give up
+//! at the deadline, or within [`SLICE`] of the cancel flag being set, so a
+//! hypervisor that stopped answering (stopped, deadlocked, its backlog full) cannot
+//! hold the caller past its own timeout or past a stop request.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Response {
@@ -14,21 +21,87 @@ pub(crate) struct Response {
 
 const MAX_BODY: usize = 16 * 1024 * 1024;
 
+/// How often a blocked request looks at its cancel flag.
+pub(crate) const SLICE: Duration = Duration::from_millis(20);
+
+/// When a request gives up: at `deadline`, or once `cancel` is set.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Bound<'a> {
+    pub deadline: Instant,
+    pub cancel: Option<&'a AtomicBool>,
+}
+
+impl<'a> Bound<'a> {
+    /// At most `limit` from now, and never past `deadline`.
+    pub(crate) fn within(
+        limit: Duration,
+        deadline: Instant,
+        cancel: Option<&'a AtomicBool>,
+    ) -> Self {
+        Bound {
+            deadline: deadline.min(Instant::now() + limit),
+            cancel,
+        }
+    }
+
+    /// How long the next blocking step may take, or why there is no time left.
+    fn slice(&self) -> Result<Duration, Failure> {
+        if self.cancel.is_some_and(|c| c.load(Ordering::Acquire)) {
+            return Err(Failure::Cancelled);
+        }
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Failure::TimedOut);
+        }
+        Ok(left.min(SLICE))
+    }
+}
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Failure {
+    #[error("no answer before the deadline")]
+    TimedOut,
+    #[error("cancelled: the VM is being stopped")]
+    Cancelled,
+    #[error(transparent)]
+    Io(io::Error),
+}
+
+impl From<io::Error> for Failure {
+    /// Undoes [`Failure::into_io`] for errors that passed through `std::io` readers.
+    fn from(e: io::Error) -> Self {
+        match e.get_ref().and_then(|i| i.downcast_ref::<Failure>()) {
+            Some(Failure::TimedOut) => Failure::TimedOut,
+            Some(Failure::Cancelled) => Failure::Cancelled,
+            _ => Failure::Io(e),
+        }
+    }
+}
+
+impl Failure {
+    fn into_io(self) -> io::Error {
+        match self {
+            Failure::Io(e) => e,
+            other => io::Error::other(other),
+        }
+    }
+}
+
 fn bad(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
-/// Sends `method path` with an optional JSON body and reads the whole response.
+/// Sends `method path` with an optional JSON body and reads the whole response,
+/// within `bound`.
 pub(crate) fn request(
     socket: &Path,
     method: &str,
     path: &str,
     body: Option<&[u8]>,
-    timeout: Duration,
-) -> io::Result<Response> {
-    let stream = UnixStream::connect(socket)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
+    bound: Bound<'_>,
+) -> Result<Response, Failure> {
+    let stream = connect(socket, bound)?;
     let mut head = format!(
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nConnection: close\r\n"
     );
@@ -40,14 +113,79 @@ pub(crate) fn request(
         None if method == "PUT" || method == "POST" => head.push_str("Content-Length: 0\r\n\r\n"),
         None => head.push_str("\r\n"),
     }
-    let mut w = &stream;
     let mut msg = head.into_bytes();
     if let Some(b) = body {
         msg.extend_from_slice(b);
     }
-    w.write_all(&msg)?;
-    w.flush()?;
-    read_response(BufReader::new(&stream), method == "HEAD")
+    let mut io = Timed {
+        stream: &stream,
+        bound,
+    };
+    io.write_all(&msg)?;
+    Ok(read_response(BufReader::new(io), method == "HEAD")?)
+}
+
+/// Connects without blocking: a Unix socket whose listener does not accept (its
+/// backlog full) makes a blocking `connect` wait for ever.
+fn connect(socket: &Path, bound: Bound<'_>) -> Result<UnixStream, Failure> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let addr = SockAddr::unix(socket)?;
+    let s = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    s.set_nonblocking(true)?;
+    loop {
+        match s.connect(&addr) {
+            Ok(()) => break,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(bound.slice()?.min(Duration::from_millis(5)));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    s.set_nonblocking(false)?;
+    Ok(UnixStream::from(OwnedFd::from(s)))
+}
+
+/// The stream, with every read and write cut into [`SLICE`]s that check the bound.
+struct Timed<'a> {
+    stream: &'a UnixStream,
+    bound: Bound<'a>,
+}
+
+fn retry(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
+}
+
+impl Read for Timed<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let slice = self.bound.slice().map_err(Failure::into_io)?;
+            self.stream.set_read_timeout(Some(slice))?;
+            match (&mut &*self.stream).read(buf) {
+                Err(e) if retry(&e) => {}
+                r => return r,
+            }
+        }
+    }
+}
+
+impl Write for Timed<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            let slice = self.bound.slice().map_err(Failure::into_io)?;
+            self.stream.set_write_timeout(Some(slice))?;
+            match (&mut &*self.stream).write(buf) {
+                Err(e) if retry(&e) => {}
+                r => return r,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 pub(crate) fn read_response<R: BufRead>(mut r: R, head_only: bool) -> io::Result<Response> {
@@ -188,7 +326,7 @@ mod tests {
             "PUT",
             "/api/v1/vm.create",
             Some(b"{\"a\":1}"),
-            Duration::from_secs(5),
+            Bound::within(Duration::from_secs(5), far(), None),
         )
         .unwrap();
         assert_eq!((resp.status, resp.body), (200, b"ok".to_vec()));
@@ -196,5 +334,105 @@ mod tests {
         assert!(head.starts_with("PUT /api/v1/vm.create HTTP/1.1\r\n"));
         assert!(head.contains("Content-Type: application/json\r\n"));
         assert_eq!(body, b"{\"a\":1}");
+    }
+
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(3600)
+    }
+
+    #[test]
+    fn a_server_that_never_answers_is_given_up_on_at_the_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        // Listening but never accepting: what a stopped cloud-hypervisor looks like.
+        let _listener = UnixListener::bind(&sock).unwrap();
+        let t = Instant::now();
+        let err = request(
+            &sock,
+            "GET",
+            "/api/v1/vm.info",
+            None,
+            Bound::within(Duration::from_millis(300), far(), None),
+        )
+        .unwrap_err();
+        assert!(matches!(err, Failure::TimedOut), "{err}");
+        let took = t.elapsed();
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_millis(800),
+            "{took:?}"
+        );
+    }
+
+    #[test]
+    fn a_full_backlog_does_not_block_the_connect() {
+        use socket2::{Domain, SockAddr, Socket, Type};
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        let listener = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        listener.bind(&SockAddr::unix(&sock).unwrap()).unwrap();
+        listener.listen(0).unwrap();
+        // Fill the backlog with connections nobody accepts.
+        let mut held = Vec::new();
+        loop {
+            let c = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+            c.set_nonblocking(true).unwrap();
+            match c.connect(&SockAddr::unix(&sock).unwrap()) {
+                Ok(()) => held.push(c),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+            assert!(held.len() < 10_000);
+        }
+        let t = Instant::now();
+        let err = request(
+            &sock,
+            "GET",
+            "/api/v1/vmm.ping",
+            None,
+            Bound::within(Duration::from_millis(300), far(), None),
+        )
+        .unwrap_err();
+        assert!(matches!(err, Failure::TimedOut), "{err}");
+        assert!(
+            t.elapsed() < Duration::from_millis(800),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_cancel_ends_a_waiting_request_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        // Accepts and reads the request, never answers.
+        let server = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            std::thread::sleep(Duration::from_secs(3));
+            drop(s);
+        });
+        let cancel = AtomicBool::new(false);
+        let t = Instant::now();
+        let err = std::thread::scope(|scope| {
+            scope.spawn(|| {
+                std::thread::sleep(Duration::from_millis(200));
+                cancel.store(true, Ordering::Release);
+            });
+            request(
+                &sock,
+                "PUT",
+                "/api/v1/vm.shutdown",
+                None,
+                Bound::within(Duration::from_secs(30), far(), Some(&cancel)),
+            )
+            .unwrap_err()
+        });
+        assert!(matches!(err, Failure::Cancelled), "{err}");
+        let took = t.elapsed();
+        assert!(
+            took >= Duration::from_millis(200) && took < Duration::from_millis(600),
+            "{took:?}"
+        );
+        server.join().unwrap();
     }
 }

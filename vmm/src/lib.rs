@@ -28,9 +28,10 @@ mod process;
 mod qemu;
 
 pub use cloud_hypervisor::{ApiResponse, CloudHypervisor, VmmHandle, CLOUD_HYPERVISOR_ENV};
+pub use console::CONSOLE_LOG_MAX;
 pub use detect::{
-    kvm_works, probe_kvm, select, KvmVerdict, ProbeInput, PROBE_MARKER, PROBE_TIMEOUT,
-    PROBE_TIMEOUT_ENV,
+    cache_path, choose, kvm_works, probe_kvm, probe_kvm_with, select, KvmVerdict, ProbeInput,
+    Selection, PROBE_MARKER, PROBE_TIMEOUT, PROBE_TIMEOUT_ENV,
 };
 pub use qemu::{host_tsc_khz, Qemu, QEMU_ENV};
 

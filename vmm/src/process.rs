@@ -216,6 +216,8 @@ impl RuntimeDir {
             layout::API_SOCKET,
             layout::PID_FILE,
             layout::VM_CONFIG,
+            crate::cloud_hypervisor::API_SOCKET_LOCK,
+            crate::cloud_hypervisor::SERIAL_FIFO,
         ] {
             let p = path.join(name);
             match std::fs::remove_file(&p) {
@@ -252,13 +254,22 @@ impl RuntimeDir {
     }
 }
 
-/// The last `max` bytes of a file, lossily decoded and trimmed.
+/// The last `max` bytes of a file, lossily decoded and trimmed (only those bytes are
+/// read: the file may be large).
 pub(crate) fn file_tail(path: &Path, max: usize) -> String {
-    let Ok(bytes) = std::fs::read(path) else {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = File::open(path) else {
         return String::new();
     };
-    let start = bytes.len().saturating_sub(max);
-    String::from_utf8_lossy(&bytes[start..]).trim().to_string()
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut bytes = Vec::new();
+    if f.seek(SeekFrom::Start(len.saturating_sub(max as u64)))
+        .is_err()
+        || f.take(max as u64).read_to_end(&mut bytes).is_err()
+    {
+        return String::new();
+    }
+    String::from_utf8_lossy(&bytes).trim().to_string()
 }
 
 /// Appends a line to a log, ignoring errors (used for host-side notes in the

@@ -14,11 +14,15 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use udos_vmm::{layout, CloudHypervisor, Disk, Hypervisor, VmExit, VmSpec};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag};
+use nix::unistd::Pid;
+use udos_vmm::{layout, CloudHypervisor, Disk, Hypervisor, VmExit, VmSpec, VmmError};
 
 fn ch() -> Option<CloudHypervisor> {
     match CloudHypervisor::find() {
@@ -34,10 +38,25 @@ fn ch() -> Option<CloudHypervisor> {
     }
 }
 
+/// How a PVH stub ends after printing its message.
+#[derive(Clone, Copy)]
+enum End {
+    /// `hlt` for ever.
+    Halt,
+    /// S5 on cloud-hypervisor's ACPI shutdown port (0x600): a clean power-off.
+    PowerOff,
+    /// Jumps into unbacked guest-physical memory: KVM cannot fetch the code and
+    /// reports an internal error; cloud-hypervisor logs `VCPU generated error` and
+    /// exits with code 0.
+    VcpuError,
+    /// `ud2` without an IDT: a triple fault, which cloud-hypervisor answers with a
+    /// reset (and boots the guest again).
+    TripleFault,
+}
+
 /// A minimal ELF64 with a Xen PVH entry note (`XEN_ELFNOTE_PHYS32_ENTRY`) whose
-/// 32-bit code writes `message` to COM1, then, if `power_off`, writes S5 to
-/// cloud-hypervisor's ACPI shutdown port (0x600), then halts forever.
-fn pvh_kernel(path: &Path, message: &str, power_off: bool) {
+/// 32-bit code writes `message` to COM1, then ends as `end` says.
+fn pvh_kernel(path: &Path, message: &str, end: End) {
     const LOAD: u32 = 0x10_0000;
     const CODE_OFF: usize = 0x200;
     let mut code: Vec<u8> = Vec::new();
@@ -49,10 +68,19 @@ fn pvh_kernel(path: &Path, message: &str, power_off: bool) {
     code.extend_from_slice(&[0x74, 0x03]); // 12: jz 17
     code.push(0xEE); // 14: out dx, al
     code.extend_from_slice(&[0xEB, 0xF8]); // 15: jmp 9
-    if power_off {
-        code.extend_from_slice(&[0x66, 0xBA, 0x00, 0x06]); // mov dx, 0x600
-        code.extend_from_slice(&[0xB0, 0x34]); // mov al, (5 << 2) | (1 << 5)
-        code.push(0xEE); // out dx, al
+    match end {
+        End::Halt => {}
+        End::PowerOff => {
+            code.extend_from_slice(&[0x66, 0xBA, 0x00, 0x06]); // mov dx, 0x600
+            code.extend_from_slice(&[0xB0, 0x34]); // mov al, (5 << 2) | (1 << 5)
+            code.push(0xEE); // out dx, al
+        }
+        End::VcpuError => {
+            code.push(0xB8); // mov eax, 0xd0000000
+            code.extend_from_slice(&0xD000_0000u32.to_le_bytes());
+            code.extend_from_slice(&[0xFF, 0xE0]); // jmp eax
+        }
+        End::TripleFault => code.extend_from_slice(&[0x0F, 0x0B]), // ud2
     }
     code.extend_from_slice(&[0xF4, 0xEB, 0xFD]); // hlt; jmp hlt
     let msg_addr = LOAD + code.len() as u32;
@@ -147,12 +175,98 @@ fn gone(pid: u32) -> bool {
     !process_alive_with(pid, "cloud-hypervisor")
 }
 
+/// Our child `pid` has been reaped (waitpid knows no such child).
+fn reaped(pid: u32) -> bool {
+    matches!(
+        waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG)),
+        Err(nix::errno::Errno::ECHILD)
+    )
+}
+
+/// Live processes whose command line mentions `dir` (a VMM of that runtime dir).
+fn processes_in(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| process_alive_with(pid, &needle))
+        .collect()
+}
+
+/// What a finished run must leave: no process, no socket, no lock, no FIFO, no pid.
+fn assert_cleaned_up(rt: &Path) {
+    for name in [
+        layout::API_SOCKET,
+        "api.sock.lock",
+        "serial.fifo",
+        layout::PID_FILE,
+    ] {
+        assert!(!rt.join(name).exists(), "{name} left in {}", rt.display());
+    }
+    assert_eq!(processes_in(rt), Vec::<u32>::new(), "processes left behind");
+}
+
+fn wait_for_line(lines: &Lines, needle: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while !lines.lock().unwrap().iter().any(|l| l.contains(needle)) {
+        assert!(Instant::now() < deadline, "no {needle:?} on the console");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// SIGSTOPs a process; on drop, if the driver left it unreaped, continues and kills
+/// it so a failing test leaves nothing behind.
+struct Frozen(u32);
+
+impl Frozen {
+    fn new(pid: u32) -> Frozen {
+        kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).unwrap();
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if !reaped(self.0) {
+            let pid = Pid::from_raw(self.0 as i32);
+            let _ = kill(pid, Signal::SIGCONT);
+            let _ = kill(pid, Signal::SIGKILL);
+        }
+    }
+}
+
+fn hypervisor_pid(rt: &Path) -> u32 {
+    std::fs::read_to_string(rt.join(layout::PID_FILE))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Runs `spec` on a thread; returns the join handle and a receiver that gets a
+/// message when the run returns (so a test can give up on a run that hangs).
+type Running = (
+    std::thread::JoinHandle<Result<udos_vmm::VmOutcome, VmmError>>,
+    std::sync::mpsc::Receiver<()>,
+);
+
+fn run_in_thread(ch: &CloudHypervisor, spec: VmSpec, halt: Arc<AtomicBool>) -> Running {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ch = ch.clone();
+    let h = std::thread::spawn(move || {
+        let r = ch.run_until(spec, &halt);
+        let _ = tx.send(());
+        r
+    });
+    (h, rx)
+}
+
 #[test]
 fn api_lifecycle_create_boot_info_shutdown_delete() {
     let Some(ch) = ch() else { return };
     let fx = fixture();
     let kernel = fx.root.join("halt.elf");
-    pvh_kernel(&kernel, "UDOS-PVH-HALT\n", false);
+    pvh_kernel(&kernel, "UDOS-PVH-HALT\n", End::Halt);
     let (spec, _) = spec(&fx, &kernel, "lifecycle");
     let rt = spec.runtime_dir.clone();
     let mut vmm = ch.start_vmm(&rt).unwrap();
@@ -202,8 +316,9 @@ fn guest_power_off_ends_the_run_with_its_console() {
     let Some(ch) = ch() else { return };
     let fx = fixture();
     let kernel = fx.root.join("poweroff.elf");
-    pvh_kernel(&kernel, "UDOS-PVH-OK\nsecond line\n", true);
+    pvh_kernel(&kernel, "UDOS-PVH-OK\nsecond line\n", End::PowerOff);
     let (spec, lines) = spec(&fx, &kernel, "poweroff");
+    let rt = spec.runtime_dir.clone();
     let outcome = ch.run(spec).unwrap();
     assert_eq!(
         outcome.exit,
@@ -216,6 +331,8 @@ fn guest_power_off_ends_the_run_with_its_console() {
     assert!(log.contains("UDOS-PVH-OK"));
     assert!(outcome.first_console_line_after.is_some());
     assert!(gone(outcome.pid));
+    assert!(reaped(outcome.pid));
+    assert_cleaned_up(&rt);
     println!(
         "cloud-hypervisor PVH stub: first line after {:?}, exit after {:?}",
         outcome.first_console_line_after.unwrap(),
@@ -228,9 +345,10 @@ fn a_hanging_guest_is_stopped_at_the_timeout() {
     let Some(ch) = ch() else { return };
     let fx = fixture();
     let kernel = fx.root.join("halt.elf");
-    pvh_kernel(&kernel, "UDOS-PVH-HALT\n", false);
+    pvh_kernel(&kernel, "UDOS-PVH-HALT\n", End::Halt);
     let (mut spec, lines) = spec(&fx, &kernel, "hang");
     spec.timeout = Duration::from_secs(3);
+    let rt = spec.runtime_dir.clone();
     let t0 = Instant::now();
     let outcome = ch.run(spec).unwrap();
     assert_eq!(outcome.exit, VmExit::TimedOut);
@@ -246,6 +364,11 @@ fn a_hanging_guest_is_stopped_at_the_timeout() {
         .with_file_name(layout::HYPERVISOR_STDERR);
     let log = std::fs::read_to_string(notes).unwrap();
     assert!(log.contains("vm.shutdown, vmm.shutdown"), "{log}");
+    assert_cleaned_up(&rt);
+    // Nothing polls the API while the VM runs (each request is a line in its log).
+    let ch_log =
+        String::from_utf8_lossy(&std::fs::read(&outcome.hypervisor_log).unwrap()).into_owned();
+    assert!(!ch_log.contains("VmInfo"), "vm.info was polled:\n{ch_log}");
     // The API stop is normally enough; SIGKILL is only the fallback.
     println!(
         "stopped {}",
@@ -270,6 +393,212 @@ fn an_invalid_config_is_an_api_error_and_leaves_nothing() {
     assert!(matches!(err, udos_vmm::VmmError::Api { .. }), "{err}");
     assert!(!rt.join(layout::PID_FILE).exists());
     assert!(!rt.join(layout::API_SOCKET).exists());
+}
+
+#[test]
+fn a_vcpu_error_is_a_crash_not_a_power_off() {
+    let Some(ch) = ch() else { return };
+    let fx = fixture();
+    let kernel = fx.root.join("vcpu-error.elf");
+    pvh_kernel(&kernel, "UDOS-PVH-CRASH\n", End::VcpuError);
+    let (spec, lines) = spec(&fx, &kernel, "vcpuerr");
+    let rt = spec.runtime_dir.clone();
+    let outcome = ch.run(spec).unwrap();
+    let VmExit::Crashed { detail, .. } = &outcome.exit else {
+        panic!("a vCPU error reported as {}", outcome.exit);
+    };
+    assert!(detail.contains("VCPU generated error"), "{detail}");
+    assert!(outcome.wall < Duration::from_secs(10), "{:?}", outcome.wall);
+    assert_eq!(*lines.lock().unwrap(), ["UDOS-PVH-CRASH"]);
+    assert!(reaped(outcome.pid));
+    assert_cleaned_up(&rt);
+    println!("vCPU error: {}", outcome.exit);
+}
+
+#[test]
+fn a_guest_reset_is_a_crash_and_not_a_reboot_loop() {
+    let Some(ch) = ch() else { return };
+    let fx = fixture();
+    let kernel = fx.root.join("triple-fault.elf");
+    pvh_kernel(&kernel, "UDOS-PVH-RESET\n", End::TripleFault);
+    let (spec, lines) = spec(&fx, &kernel, "reset");
+    let rt = spec.runtime_dir.clone();
+    let outcome = ch.run(spec).unwrap();
+    let VmExit::Crashed { detail, .. } = &outcome.exit else {
+        panic!("a triple fault reported as {}", outcome.exit);
+    };
+    assert!(
+        detail.contains("triple-faulted") || detail.contains("VM reset event"),
+        "{detail}"
+    );
+    // Ended at the first reset, not at the 30 s timeout after thousands of reboots.
+    assert!(outcome.wall < Duration::from_secs(10), "{:?}", outcome.wall);
+    let boots = lines.lock().unwrap().len();
+    assert!((1..=3).contains(&boots), "booted {boots} times");
+    assert!(reaped(outcome.pid));
+    assert_cleaned_up(&rt);
+    println!("reset after {boots} boot(s): {}", outcome.exit);
+}
+
+/// The margin a test allows past a bound: scheduling on a busy 2-core host.
+const MARGIN: Duration = Duration::from_millis(1500);
+
+#[test]
+fn a_stopped_vmm_cannot_stretch_the_timeout() {
+    let Some(ch) = ch() else { return };
+    let fx = fixture();
+    let kernel = fx.root.join("halt.elf");
+    pvh_kernel(&kernel, "UDOS-PVH-HALT\n", End::Halt);
+    let (mut spec, lines) = spec(&fx, &kernel, "sigstop");
+    let timeout = Duration::from_secs(3);
+    spec.timeout = timeout;
+    let rt = spec.runtime_dir.clone();
+    let t0 = Instant::now();
+    let (run, done) = run_in_thread(&ch, spec, Arc::new(AtomicBool::new(false)));
+    wait_for_line(&lines, "UDOS-PVH-HALT", Duration::from_secs(10));
+    let pid = hypervisor_pid(&rt);
+    let frozen = Frozen::new(pid);
+    // The deadline, plus the 1 s a VMM gets to answer `vm.shutdown`, plus a margin.
+    let bound = timeout + Duration::from_secs(1) + MARGIN;
+    let returned = done.recv_timeout(bound + Duration::from_secs(20)).is_ok();
+    let took = t0.elapsed();
+    drop(frozen);
+    assert!(returned, "run_until did not return");
+    let outcome = run.join().unwrap().unwrap();
+    assert_eq!(outcome.exit, VmExit::TimedOut);
+    assert!(took < bound, "returned after {took:?}, bound {bound:?}");
+    assert!(reaped(pid));
+    assert_cleaned_up(&rt);
+    let notes = std::fs::read_to_string(rt.join(layout::HYPERVISOR_STDERR)).unwrap();
+    assert!(
+        notes.contains("cloud-hypervisor is not responding; SIGKILL"),
+        "{notes}"
+    );
+    println!("stopped VMM: run_until returned after {took:?}");
+}
+
+#[test]
+fn a_stop_request_is_honoured_while_the_vmm_is_stopped() {
+    let Some(ch) = ch() else { return };
+    let fx = fixture();
+    let kernel = fx.root.join("halt.elf");
+    pvh_kernel(&kernel, "UDOS-PVH-HALT\n", End::Halt);
+    let (mut spec, lines) = spec(&fx, &kernel, "sigstop-halt");
+    spec.timeout = Duration::from_secs(120);
+    let rt = spec.runtime_dir.clone();
+    let halt = Arc::new(AtomicBool::new(false));
+    let (run, done) = run_in_thread(&ch, spec, halt.clone());
+    wait_for_line(&lines, "UDOS-PVH-HALT", Duration::from_secs(10));
+    let pid = hypervisor_pid(&rt);
+    let frozen = Frozen::new(pid);
+    // Long enough for any API call the driver makes meanwhile to be stuck.
+    std::thread::sleep(Duration::from_millis(1500));
+    let asked = Instant::now();
+    halt.store(true, Ordering::Release);
+    let returned = done.recv_timeout(Duration::from_secs(40)).is_ok();
+    let took = asked.elapsed();
+    drop(frozen);
+    assert!(returned, "run_until did not return");
+    let outcome = run.join().unwrap().unwrap();
+    assert_eq!(outcome.exit, VmExit::Stopped);
+    assert!(took < MARGIN, "the stop took {took:?}");
+    assert!(reaped(pid));
+    assert_cleaned_up(&rt);
+    println!("stop request honoured after {took:?}");
+}
+
+/// A cloud-hypervisor whose API socket exists and listens but which is stopped
+/// (SIGSTOP) before it can answer: connections land in the backlog and are never
+/// answered. Made deterministic by a small Python front: it creates the listening
+/// socket, stops itself, and (if ever continued) execs cloud-hypervisor on that socket
+/// (`--api-socket fd=N`). Stopping cloud-hypervisor itself once its socket appears
+/// races with the driver's first ping.
+fn freezing_wrapper(fx: &Fixture, ch: &CloudHypervisor) -> CloudHypervisor {
+    use std::os::unix::fs::PermissionsExt;
+    let script = fx.root.join("frozen-cloud-hypervisor");
+    std::fs::write(
+        &script,
+        format!(
+            r#"#!/usr/bin/python3
+import os, signal, socket, sys
+args = sys.argv[1:]
+i = args.index("--api-socket") + 1
+s = socket.socket(socket.AF_UNIX)
+s.bind(args[i][len("path="):])
+s.listen(16)
+os.set_inheritable(s.fileno(), True)
+args[i] = "fd=%d" % s.fileno()
+os.kill(os.getpid(), signal.SIGSTOP)
+os.execv({real:?}, [{real:?}] + args)
+"#,
+            real = ch.binary().display().to_string()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    CloudHypervisor::with_binary(script)
+}
+
+#[test]
+fn the_readiness_wait_is_bounded_when_the_vmm_does_not_answer() {
+    let Some(ch) = ch() else { return };
+    let fx = fixture();
+    let frozen = freezing_wrapper(&fx, &ch);
+    let kernel = fx.root.join("halt.elf");
+    pvh_kernel(&kernel, "UDOS-PVH-HALT\n", End::Halt);
+    let (spec, _) = spec(&fx, &kernel, "frozen-ready");
+    let rt = spec.runtime_dir.clone();
+    let t0 = Instant::now();
+    let (run, done) = run_in_thread(&frozen, spec, Arc::new(AtomicBool::new(false)));
+    // The readiness wait is 10 s, the ping included.
+    let bound = Duration::from_secs(10) + MARGIN;
+    let returned = done.recv_timeout(bound + Duration::from_secs(30)).is_ok();
+    let took = t0.elapsed();
+    let pids = processes_in(&rt);
+    for p in &pids {
+        let _ = kill(Pid::from_raw(*p as i32), Signal::SIGCONT);
+        let _ = kill(Pid::from_raw(*p as i32), Signal::SIGKILL);
+    }
+    assert!(returned, "run_until did not return");
+    let err = run.join().unwrap().unwrap_err();
+    println!("expected error after {took:?}: {err}");
+    assert!(
+        matches!(&err, VmmError::Api { endpoint, .. } if endpoint == "vmm.ping"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("not responding"), "{err}");
+    assert!(took < bound, "returned after {took:?}");
+    assert_eq!(pids, Vec::<u32>::new(), "processes left behind");
+    assert_cleaned_up(&rt);
+}
+
+#[test]
+fn a_stop_request_during_startup_is_honoured() {
+    let Some(ch) = ch() else { return };
+    let fx = fixture();
+    let frozen = freezing_wrapper(&fx, &ch);
+    let kernel = fx.root.join("halt.elf");
+    pvh_kernel(&kernel, "UDOS-PVH-HALT\n", End::Halt);
+    let (spec, _) = spec(&fx, &kernel, "frozen-halt");
+    let rt = spec.runtime_dir.clone();
+    let halt = Arc::new(AtomicBool::new(false));
+    let (run, done) = run_in_thread(&frozen, spec, halt.clone());
+    std::thread::sleep(Duration::from_millis(500));
+    let asked = Instant::now();
+    halt.store(true, Ordering::Release);
+    let returned = done.recv_timeout(Duration::from_secs(40)).is_ok();
+    let took = asked.elapsed();
+    let pids = processes_in(&rt);
+    for p in &pids {
+        let _ = kill(Pid::from_raw(*p as i32), Signal::SIGCONT);
+        let _ = kill(Pid::from_raw(*p as i32), Signal::SIGKILL);
+    }
+    assert!(returned, "run_until did not return");
+    let outcome = run.join().unwrap().unwrap();
+    assert_eq!(outcome.exit, VmExit::Stopped);
+    assert!(took < MARGIN, "the stop took {took:?}");
+    assert_eq!(pids, Vec::<u32>::new(), "processes left behind");
+    assert_cleaned_up(&rt);
 }
 
 #[test]

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use udos_vmm::{
-    probe_kvm, select, Accel, Hypervisor, HypervisorChoice, ProbeInput, Qemu, VmExit, VmSpec,
-    VmmError, CLOUD_HYPERVISOR_ENV, PROBE_MARKER, PROBE_TIMEOUT,
+    cache_path, choose, probe_kvm, probe_kvm_with, select, Accel, CloudHypervisor, Hypervisor,
+    HypervisorChoice, ProbeInput, Qemu, VmExit, VmSpec, VmmError, CLOUD_HYPERVISOR_ENV,
+    PROBE_MARKER, PROBE_TIMEOUT,
 };
 
 /// kvm-pvm (a VM without nested VT-x/SVM) runs no stock kernel.
@@ -100,33 +101,77 @@ fn selection_on_this_host() {
     let dir = tempfile::tempdir().unwrap();
     let input = probe_input(dir.path());
     let kvm = probe_kvm(&input).works;
+    let ch = CloudHypervisor::find().ok();
+    let ch_kvm = ch.as_ref().map(|c| probe_kvm_with(c, &input).works);
 
-    let auto = select(HypervisorChoice::Auto, &input).unwrap();
-    println!("auto -> {}", auto.describe());
-    if kvm {
-        assert_eq!(auto.accel(), Accel::Kvm);
+    let auto = choose(HypervisorChoice::Auto, &input).unwrap();
+    println!("auto -> {} ({})", auto.hypervisor.describe(), auto.why);
+    if ch_kvm == Some(true) {
+        assert_eq!(auto.hypervisor.name(), "cloud-hypervisor");
     } else {
-        assert_eq!((auto.name(), auto.accel()), ("qemu", Accel::Tcg));
+        // Whenever auto does not take cloud-hypervisor, it says why.
+        let expected = if ch.is_some() {
+            "cloud-hypervisor is installed but KVM cannot run the kernel under it"
+        } else {
+            "cloud-hypervisor is not installed"
+        };
+        assert!(auto.why.contains(expected), "{}", auto.why);
+        assert_eq!(auto.hypervisor.name(), "qemu");
+        assert_eq!(
+            auto.hypervisor.accel(),
+            if kvm { Accel::Kvm } else { Accel::Tcg }
+        );
     }
 
     let q = select(HypervisorChoice::Qemu, &input).unwrap();
     assert_eq!(q.name(), "qemu");
     assert_eq!(q.accel(), if kvm { Accel::Kvm } else { Accel::Tcg });
 
-    let ch_installed = udos_vmm::CloudHypervisor::find().is_ok();
     match select(HypervisorChoice::CloudHypervisor, &input) {
         Ok(h) => {
-            assert!(ch_installed && kvm);
+            assert_eq!(ch_kvm, Some(true));
             assert_eq!(h.name(), "cloud-hypervisor");
         }
         Err(VmmError::NotInstalled { hint, .. }) => {
-            assert!(!ch_installed);
+            assert!(ch.is_none());
             assert!(hint.contains(CLOUD_HYPERVISOR_ENV), "{hint}");
         }
         Err(VmmError::KvmUnavailable { reason, .. }) => {
-            assert!(ch_installed && !kvm);
+            assert_eq!(ch_kvm, Some(false));
+            // The verdict is cloud-hypervisor's own, not QEMU's.
+            assert!(reason.starts_with("cloud-hypervisor "), "{reason}");
             assert!(reason.contains("--hypervisor qemu"), "{reason}");
         }
         Err(e) => panic!("unexpected error: {e}"),
     }
+}
+
+#[test]
+fn cloud_hypervisor_is_checked_by_cloud_hypervisor_itself() {
+    let Ok(ch) = CloudHypervisor::find() else {
+        println!("SKIP: cloud-hypervisor not found (set {CLOUD_HYPERVISOR_ENV})");
+        return;
+    };
+    if !Path::new("/dev/kvm").exists() {
+        println!("SKIP: no /dev/kvm");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let input = probe_input(dir.path());
+    let q = probe_kvm(&input);
+    let c = probe_kvm_with(&ch, &input);
+    println!("qemu: {q:?}\ncloud-hypervisor: {c:?}");
+    assert_eq!(q.hypervisor, "qemu");
+    assert_eq!(c.hypervisor, "cloud-hypervisor");
+    assert!(c.reason.starts_with("cloud-hypervisor "), "{}", c.reason);
+    // Two verdicts, two cache files: neither overwrites the other.
+    let (qf, cf) = (
+        cache_path(&input, "qemu"),
+        cache_path(&input, "cloud-hypervisor"),
+    );
+    assert_eq!(qf, input.cache);
+    assert_eq!(cf.file_name().unwrap(), "kvm-probe.cloud-hypervisor.json");
+    assert!(qf.is_file() && cf.is_file());
+    assert!(probe_kvm_with(&ch, &input).cached);
+    assert!(probe_kvm(&input).cached);
 }
