@@ -44,6 +44,8 @@ pub struct RunSettings {
     /// Set to true (from another thread) to cancel the run: running legs are stopped,
     /// nothing new starts but steps that ask for it (`if: always()`).
     pub cancel: Option<Arc<AtomicBool>>,
+    /// The steps' network: NAT egress and the named host ports, or none.
+    pub network: Option<udos_vmm::Network>,
 }
 
 impl Default for RunSettings {
@@ -55,7 +57,22 @@ impl Default for RunSettings {
             disk_bytes: 4 << 30,
             stream_console: true,
             cancel: None,
+            network: None,
         }
+    }
+}
+
+/// The network a step gets with `--network nat`: the guest's side is
+/// [`udos_layer::boot::NetConfig::USER_MODE`]; `host_ports` are the host's own ports it
+/// may reach, at its gateway address.
+pub fn nat_network(host_ports: Vec<u16>) -> udos_vmm::Network {
+    let c = udos_layer::boot::NetConfig::USER_MODE;
+    udos_vmm::Network {
+        host_ports,
+        address: c.address,
+        prefix_len: c.prefix_len,
+        gateway: c.gateway,
+        dns: c.dns,
     }
 }
 

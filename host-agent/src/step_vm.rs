@@ -222,6 +222,11 @@ impl StepVm<'_> {
                 udos_layer::boot::DeviceRef::Serial(udos_layer::boot::SERIAL_SECRETS.into())
             }),
             timeout: Some(guest_timeout),
+            net: self
+                .settings
+                .network
+                .as_ref()
+                .map(|_| udos_layer::boot::NetConfig::USER_MODE),
             ..udos_layer::boot::BootConfig::default()
         };
         let cmdline = format!(
@@ -251,6 +256,7 @@ impl StepVm<'_> {
                     );
                 }
             })),
+            network: self.settings.network.clone(),
             log_filter: Some(Arc::new(move |line: &str| {
                 let m = filter_masks.read().map(|m| m.clone()).unwrap_or_default();
                 mask(line, &m)

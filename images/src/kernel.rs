@@ -22,6 +22,8 @@ pub const WANTED_MODULES: &[&str] = &[
     "virtio_pci_legacy_dev",
     "virtio_pci_modern_dev",
     "virtio_blk",
+    // The NIC of VMs with a network (`udos.net`); brings failover and net_failover.
+    "virtio_net",
     "overlay",
     "libcrc32c",
     "erofs",

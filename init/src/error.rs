@@ -69,6 +69,26 @@ pub enum Error {
     #[error("start {}: {error}", path.display())]
     Spawn { path: PathBuf, error: io::Error },
 
+    /// `udos.net` is set but no Ethernet interface appeared.
+    #[error("udos.net is set but no network interface appeared within {waited:?} (is virtio_net in /udos/modules?)")]
+    NoNetworkInterface { waited: std::time::Duration },
+
+    /// An interface or route ioctl failed while configuring the network.
+    #[error("network: {call} on {iface}: {error}")]
+    NetIoctl {
+        call: &'static str,
+        iface: String,
+        error: Errno,
+    },
+
+    /// `udos.net` in harness mode, where PID 1 shares the host's network.
+    #[error("udos.net does not apply in harness mode (udos.root): it would configure the host's interfaces")]
+    NetInHarness,
+
+    /// The step root's `/etc` is not a directory, so it cannot get a `resolv.conf`.
+    #[error("the step root's /etc is not a directory: no place for resolv.conf")]
+    EtcNotADirectory,
+
     /// Manager mode with neither a shell requested nor an agent in the image.
     #[error("no /.actrc and no agent: nothing to run")]
     NothingToRun,

@@ -15,6 +15,7 @@ mod devices;
 mod error;
 mod modules;
 mod mounts;
+mod net;
 mod reaper;
 mod report;
 mod root;
@@ -106,15 +107,20 @@ impl Init {
         }
         let root = match harness_dir {
             // HARNESS: the test's directory is the root; nothing to load or assemble.
+            Some(_) if self.cfg.net.is_some() => return Err(Error::NetInHarness),
             Some(dir) => root::prepare_harness(&self.cfg, &dir, &mut self.mounts)?,
             None => {
                 self.load_modules()?;
+                self.configure_network()?;
                 root::assemble_and_switch(&self.cfg, &mut self.mounts)?
             }
         };
-        let modules = self.timings.get("modules").copied().unwrap_or(0);
+        let before: u64 = ["modules", "net"]
+            .iter()
+            .filter_map(|k| self.timings.get(*k))
+            .sum();
         self.timings
-            .insert("mount".into(), ms(boot.elapsed()).saturating_sub(modules));
+            .insert("mount".into(), ms(boot.elapsed()).saturating_sub(before));
         let root = self.root.insert(root).clone();
         if self.cfg.mode == Mode::Service {
             return self.run_service(&root);
@@ -168,6 +174,23 @@ impl Init {
                 loaded.loaded.join(" ")
             );
         }
+        Ok(())
+    }
+
+    /// `udos.net`: the NIC and `lo` up with the host's addresses (the step root's
+    /// `resolv.conf` comes with the root, `root::assemble_and_switch`).
+    fn configure_network(&mut self) -> Result<(), Error> {
+        let Some(cfg) = self.cfg.net else {
+            return Ok(());
+        };
+        let t = Instant::now();
+        let iface = net::configure(&cfg, self.cfg.device_timeout)?;
+        let took = ms(t.elapsed());
+        self.timings.insert("net".into(), took);
+        info!(
+            "network: {iface} {}/{} via {}, DNS {} ({took} ms)",
+            cfg.address, cfg.prefix_len, cfg.gateway, cfg.dns
+        );
         Ok(())
     }
 

@@ -10,6 +10,7 @@ use crate::console::info;
 use crate::devices;
 use crate::error::Error;
 use crate::mounts::{mkdir_p, mount_api_filesystems, Mounts};
+use crate::net;
 
 /// Where the overlay is assembled before it becomes `/`.
 const NEWROOT: &str = "/newroot";
@@ -104,43 +105,73 @@ pub fn assemble_and_switch(cfg: &BootConfig, mounts: &mut Mounts) -> Result<Step
     }
 
     let newroot = Path::new(NEWROOT);
-    let mut upper_dir = None;
-    if let Some(dev) = upper_dev {
-        let fs = Path::new("/run/udos/upperfs");
-        mounts.mount(
-            &dev.display().to_string(),
-            fs,
-            "ext4",
-            MsFlags::empty(),
-            None,
-        )?;
-        let (upper, work) = (fs.join("upper"), fs.join("work"));
-        mkdir_p(&upper, 0o755)?;
-        mkdir_p(&work, 0o755)?;
-        let opts = overlay_options(&lowers, Some((&upper, &work)));
-        mounts.mount("overlay", newroot, "overlay", MsFlags::empty(), Some(&opts))?;
-        upper_dir = Some(PathBuf::from("/run/udos/upperfs/upper"));
+    let upper = match upper_dev {
+        Some(dev) => Some(mount_upper(mounts, &dev)?),
+        None => None,
+    };
+    let layers = lowers.len();
+    let upper_pair = upper.as_ref().map(|(u, w)| (u.as_path(), w.as_path()));
+    mount_merged(mounts, &lowers, upper_pair, newroot)?;
+    if let Some(net) = &cfg.net {
+        // The network's files go in a layer on top, made to match what the merged
+        // root holds; then the root is mounted again with it.
+        lowers.push(net::mount_layer(net, newroot, mounts)?);
+        mounts.unmount(newroot)?;
+        mount_merged(mounts, &lowers, upper_pair, newroot)?;
+    }
+    let upper_dir = upper.map(|(u, _)| u);
+    mounts.mark_root(newroot);
+    switch_root(mounts, newroot)?;
+    info!("step root assembled from {layers} layer(s)");
+    Ok(StepRoot {
+        dir: PathBuf::from("/"),
+        chroot_child: false,
+        upper: upper_dir,
+    })
+}
+
+/// Mounts the upper disk at `/run/udos/upperfs`; returns its `upper` and `work` dirs.
+fn mount_upper(mounts: &mut Mounts, dev: &Path) -> Result<(PathBuf, PathBuf), Error> {
+    let fs = Path::new("/run/udos/upperfs");
+    mounts.mount(
+        &dev.display().to_string(),
+        fs,
+        "ext4",
+        MsFlags::empty(),
+        None,
+    )?;
+    let (upper, work) = (fs.join("upper"), fs.join("work"));
+    mkdir_p(&upper, 0o755)?;
+    mkdir_p(&work, 0o755)?;
+    Ok((upper, work))
+}
+
+/// Mounts the step root at `newroot`: overlay over the upper, read-only overlay of
+/// several lowers, or the one lower itself.
+fn mount_merged(
+    mounts: &mut Mounts,
+    lowers: &[PathBuf],
+    upper: Option<(&Path, &Path)>,
+    newroot: &Path,
+) -> Result<(), Error> {
+    if upper.is_some() {
+        let opts = overlay_options(lowers, upper);
+        mounts.mount("overlay", newroot, "overlay", MsFlags::empty(), Some(&opts))
     } else if lowers.len() >= 2 {
         // Read-only root: overlayfs needs two lowers when there is no upper.
-        let opts = overlay_options(&lowers, None);
+        let opts = overlay_options(lowers, None);
         mounts.mount(
             "overlay",
             newroot,
             "overlay",
             MsFlags::MS_RDONLY,
             Some(&opts),
-        )?;
+        )
     } else if let Some(only) = lowers.first() {
-        mounts.bind_ro(only, newroot)?;
+        mounts.bind_ro(only, newroot)
+    } else {
+        Err(Error::NoLowers)
     }
-    mounts.mark_root(newroot);
-    switch_root(mounts, newroot)?;
-    info!("step root assembled from {} layer(s)", lowers.len());
-    Ok(StepRoot {
-        dir: PathBuf::from("/"),
-        chroot_child: false,
-        upper: upper_dir,
-    })
 }
 
 /// Moves the API filesystems and `/run` (with the layer mounts under it) into `newroot`,

@@ -337,6 +337,23 @@ fn bad_command_line_value_still_seals_an_error_record() {
 }
 
 #[test]
+fn a_network_in_harness_mode_is_an_error_record_not_the_hosts_interfaces() {
+    let h = Harness::new();
+    h.workflow(&workflow("      - id: never\n        run: true\n"));
+    let done = h
+        .spawn(&h.cmdline("udos.net=10.0.2.15/24,10.0.2.2,10.0.2.3"))
+        .wait(LIMIT);
+    done.assert_powered_off();
+    let r = h.sealed().record;
+    assert_eq!(r.status, RecordStatus::Error);
+    assert!(
+        r.error.as_deref().unwrap_or("").contains("harness mode"),
+        "{r:?}"
+    );
+    assert!(r.steps.is_empty(), "act ran: {r:?}");
+}
+
+#[test]
 fn manager_mode_without_shell_or_agent_has_nothing_to_run() {
     let h = Harness::new();
     // An .actrc is there, but manager mode skips act.

@@ -7,6 +7,7 @@
 //! PID 1 still needs the output device to seal the error record.
 
 use std::fmt;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -107,6 +108,101 @@ impl fmt::Display for DeviceRef {
     }
 }
 
+/// `udos.net=ADDRESS/PREFIX,GATEWAY,DNS`: the guest's static IPv4 configuration. The
+/// host's hypervisor driver puts the VM on a network with exactly these addresses
+/// (`udos_vmm::Network`), and PID 1 configures the NIC with them; absent means no
+/// network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NetConfig {
+    /// The guest's own address.
+    pub address: Ipv4Addr,
+    /// The prefix length of the guest's subnet (`/24`).
+    pub prefix_len: u8,
+    /// The default gateway; the host's named ports are reached at this address.
+    pub gateway: Ipv4Addr,
+    /// The one DNS server in the guest's `/etc/resolv.conf`.
+    pub dns: Ipv4Addr,
+}
+
+impl NetConfig {
+    /// What QEMU's user-mode network (slirp) uses: the guest at 10.0.2.15/24, the
+    /// gateway (the host) at 10.0.2.2, its DNS forwarder at 10.0.2.3.
+    pub const USER_MODE: NetConfig = NetConfig {
+        address: Ipv4Addr::new(10, 0, 2, 15),
+        prefix_len: 24,
+        gateway: Ipv4Addr::new(10, 0, 2, 2),
+        dns: Ipv4Addr::new(10, 0, 2, 3),
+    };
+
+    /// The subnet mask, e.g. 255.255.255.0 for `/24`.
+    pub fn netmask(&self) -> Ipv4Addr {
+        prefix_mask(self.prefix_len)
+    }
+
+    /// Whether the values can configure a NIC: a prefix of 1 to 30 bits, the gateway
+    /// on the guest's subnet (the default route goes through it), and the address,
+    /// gateway and DNS server distinct and none of them the subnet's network or
+    /// broadcast address.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if !(1..=30).contains(&self.prefix_len) {
+            return Err("the prefix length must be 1 to 30");
+        }
+        let mask = u32::from(self.netmask());
+        let net = u32::from(self.address) & mask;
+        if u32::from(self.gateway) & mask != net {
+            return Err("the gateway must be on the guest's subnet");
+        }
+        let special = [net, net | !mask];
+        let addrs = [self.address, self.gateway, self.dns].map(u32::from);
+        if addrs.iter().any(|a| special.contains(a)) {
+            return Err("an address is the subnet's network or broadcast address");
+        }
+        if addrs[0] == addrs[1] || addrs[0] == addrs[2] || addrs[1] == addrs[2] {
+            return Err("the address, gateway and DNS server must differ");
+        }
+        Ok(())
+    }
+}
+
+fn prefix_mask(prefix_len: u8) -> Ipv4Addr {
+    let bits = u32::from(prefix_len.min(32));
+    Ipv4Addr::from(u32::MAX.checked_shl(32 - bits).unwrap_or(0))
+}
+
+impl fmt::Display for NetConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}/{},{},{}",
+            self.address, self.prefix_len, self.gateway, self.dns
+        )
+    }
+}
+
+impl FromStr for NetConfig {
+    type Err = &'static str;
+
+    /// `ADDRESS/PREFIX,GATEWAY,DNS`, checked with [`NetConfig::check`].
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        const SHAPE: &str = "expected ADDRESS/PREFIX,GATEWAY,DNS (IPv4)";
+        let parts: Vec<&str> = value.split(',').collect();
+        let [cidr, gateway, dns] = parts[..] else {
+            return Err(SHAPE);
+        };
+        let (address, prefix) = cidr.split_once('/').ok_or(SHAPE)?;
+        // u8's parser takes a leading '+'; the command line's form has digits only.
+        let digits = !prefix.is_empty() && prefix.bytes().all(|b| b.is_ascii_digit());
+        let config = NetConfig {
+            address: address.parse().map_err(|_| SHAPE)?,
+            prefix_len: prefix.parse().ok().filter(|_| digits).ok_or(SHAPE)?,
+            gateway: gateway.parse().map_err(|_| SHAPE)?,
+            dns: dns.parse().map_err(|_| SHAPE)?,
+        };
+        config.check()?;
+        Ok(config)
+    }
+}
+
 /// The `udos.*` keys of the kernel command line (docs/pid1.md has the table).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootConfig {
@@ -133,6 +229,8 @@ pub struct BootConfig {
     pub device_timeout: Duration,
     /// `udos.root`: harness mode (tests only): the step root as-is.
     pub root: Option<PathBuf>,
+    /// `udos.net`: configure the NIC with these addresses; `None`: no network.
+    pub net: Option<NetConfig>,
 }
 
 impl Default for BootConfig {
@@ -149,6 +247,7 @@ impl Default for BootConfig {
             act: PathBuf::from(DEFAULT_ACT),
             device_timeout: DEFAULT_DEVICE_TIMEOUT,
             root: None,
+            net: None,
         }
     }
 }
@@ -182,7 +281,8 @@ impl BootConfig {
     /// when it differs from its default. Values with spaces are quoted. Fails on values
     /// that would not parse back the same: a serial that is empty, longer than
     /// [`MAX_SERIAL_LEN`] or not `[A-Za-z0-9._-]`; a path that is not absolute, not
-    /// printable ASCII or contains `"` (or `,` in `udos.lowers`).
+    /// printable ASCII or contains `"` (or `,` in `udos.lowers`); a [`NetConfig`] that
+    /// fails [`NetConfig::check`].
     pub fn render(&self) -> Result<String, RenderError> {
         let mut words = vec![format!("udos.mode={}", self.mode.as_str())];
         if !self.lowers.is_empty() {
@@ -221,6 +321,14 @@ impl BootConfig {
         }
         if let Some(root) = &self.root {
             words.push(pair("udos.root", &path_value("udos.root", root)?));
+        }
+        if let Some(net) = &self.net {
+            net.check().map_err(|reason| RenderError {
+                key: "udos.net",
+                value: net.to_string(),
+                reason,
+            })?;
+            words.push(pair("udos.net", &net.to_string()));
         }
         Ok(words.join(" "))
     }
@@ -285,6 +393,7 @@ impl BootConfig {
             "udos.shell" => self.shell = matches!(value, "1" | "true" | "yes" | "on"),
             "udos.act" => self.act = absolute(value)?,
             "udos.root" => self.root = Some(absolute(value)?),
+            "udos.net" => self.net = Some(value.parse()?),
             _ => {}
         }
         Ok(())
@@ -420,7 +529,7 @@ mod tests {
             "console=ttyS0 quiet udos.mode=manager udos.lowers=udos-l0,udos-l1,udos-l2 \
              udos.upper=udos-up udos.output=/tmp/out udos.secrets=udos-secrets \
              udos.timeout=1.5 udos.grace=2 udos.shell=1 udos.act=/bin/true \
-             udos.devtimeout=0.5 udos.root=\"/tmp/a b\" -- x",
+             udos.devtimeout=0.5 udos.root=\"/tmp/a b\" udos.net=10.0.2.15/24,10.0.2.2,10.0.2.3 -- x",
         )
         .unwrap();
         let expected = BootConfig {
@@ -435,6 +544,7 @@ mod tests {
             act: PathBuf::from("/bin/true"),
             device_timeout: Duration::from_millis(500),
             root: Some(PathBuf::from("/tmp/a b")),
+            net: Some(NetConfig::USER_MODE),
         };
         assert_eq!(cfg, expected);
     }
@@ -466,6 +576,8 @@ mod tests {
             "udos.devtimeout=1.2.3",
             "udos.act=act",
             "udos.root=relative",
+            "udos.net=10.0.2.15,10.0.2.2,10.0.2.3",
+            "udos.net=10.0.2.15/24,10.0.2.2",
         ] {
             assert!(BootConfig::parse(bad).is_err(), "{bad}");
         }
@@ -540,6 +652,65 @@ mod tests {
         assert_eq!(act.render().unwrap_err().key, "udos.act");
     }
 
+    #[test]
+    fn net_renders_and_parses_the_user_mode_addresses() {
+        let cfg = BootConfig {
+            net: Some(NetConfig::USER_MODE),
+            ..BootConfig::default()
+        };
+        assert_eq!(
+            cfg.render().unwrap(),
+            "udos.mode=step udos.net=10.0.2.15/24,10.0.2.2,10.0.2.3"
+        );
+        assert_eq!(
+            NetConfig::USER_MODE.netmask(),
+            Ipv4Addr::new(255, 255, 255, 0)
+        );
+        assert_eq!(prefix_mask(1), Ipv4Addr::new(128, 0, 0, 0));
+        assert_eq!(prefix_mask(30), Ipv4Addr::new(255, 255, 255, 252));
+        assert_eq!(BootConfig::parse("console=ttyS0").unwrap().net, None);
+    }
+
+    #[test]
+    fn net_values_that_cannot_configure_a_nic_are_refused() {
+        for (value, why) in [
+            ("10.0.2.15/24,10.0.2.2", "expected ADDRESS/PREFIX"),
+            (
+                "10.0.2.15/24,10.0.2.2,10.0.2.3,10.0.2.4",
+                "expected ADDRESS/PREFIX",
+            ),
+            ("10.0.2.15,10.0.2.2,10.0.2.3", "expected ADDRESS/PREFIX"),
+            ("10.0.2.15/+24,10.0.2.2,10.0.2.3", "expected ADDRESS/PREFIX"),
+            ("10.0.2.15/24,10.0.2.2,dns", "expected ADDRESS/PREFIX"),
+            ("::1/24,10.0.2.2,10.0.2.3", "expected ADDRESS/PREFIX"),
+            ("10.0.2.15/31,10.0.2.14,10.0.2.3", "prefix length"),
+            ("10.0.2.15/0,10.0.2.2,10.0.2.3", "prefix length"),
+            ("10.0.2.15/24,10.0.3.2,10.0.2.3", "gateway must be on"),
+            ("10.0.2.15/24,10.0.2.15,10.0.2.3", "must differ"),
+            ("10.0.2.15/24,10.0.2.2,10.0.2.2", "must differ"),
+            ("10.0.2.255/24,10.0.2.2,10.0.2.3", "broadcast"),
+            ("10.0.2.15/24,10.0.2.0,10.0.2.3", "broadcast"),
+        ] {
+            let err = BootConfig::parse(&format!("udos.net={value}")).unwrap_err();
+            assert_eq!(err.key, "udos.net");
+            assert!(err.reason.contains(why), "{value}: {}", err.reason);
+        }
+        // A DNS server off the subnet is fine: it is routed through the gateway.
+        let off = "udos.net=192.168.7.10/24,192.168.7.1,9.9.9.9";
+        assert_eq!(
+            BootConfig::parse(off).unwrap().net.unwrap().dns,
+            Ipv4Addr::new(9, 9, 9, 9)
+        );
+        let bad = BootConfig {
+            net: Some(NetConfig {
+                prefix_len: 32,
+                ..NetConfig::USER_MODE
+            }),
+            ..BootConfig::default()
+        };
+        assert_eq!(bad.render().unwrap_err().key, "udos.net");
+    }
+
     fn arb_path() -> impl Strategy<Value = PathBuf> {
         // Printable ASCII without '"' and ',' (a ',' is refused in lowers).
         "/[ !#-+\\--~]{0,24}".prop_map(PathBuf::from)
@@ -556,6 +727,29 @@ mod tests {
         (0u64..=u64::from(u32::MAX), 0u32..1_000_000_000).prop_map(|(s, n)| Duration::new(s, n))
     }
 
+    /// Valid configurations: a host part of each address inside the subnet.
+    fn arb_net() -> impl Strategy<Value = NetConfig> {
+        (
+            any::<u32>(),
+            1u8..=30,
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>(),
+        )
+            .prop_map(|(net, prefix_len, a, g, d)| {
+                let mask = u32::from(prefix_mask(prefix_len));
+                let hosts = !mask - 1; // usable host numbers: 1..=hosts
+                let host = |n: u32, k: u32| (net & mask) | (1 + (n.wrapping_add(k)) % hosts);
+                NetConfig {
+                    address: host(a, 0).into(),
+                    prefix_len,
+                    gateway: host(g, 1).into(),
+                    dns: host(d, 2).into(),
+                }
+            })
+            .prop_filter("distinct addresses", |n| n.check().is_ok())
+    }
+
     prop_compose! {
         fn arb_config()(
             mode in prop_oneof![Just(Mode::Step), Just(Mode::Probe), Just(Mode::Manager), Just(Mode::Service)],
@@ -569,9 +763,10 @@ mod tests {
             act in arb_path(),
             device_timeout in arb_duration(),
             root in prop::option::of(arb_path()),
+            net in prop::option::of(arb_net()),
         ) -> BootConfig {
             BootConfig { mode, lowers, upper, output, secrets, timeout, grace, shell, act,
-                         device_timeout, root }
+                         device_timeout, root, net }
         }
     }
 

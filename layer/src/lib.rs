@@ -28,7 +28,7 @@ pub mod squash;
 pub mod unpack;
 
 pub use apply::{apply, ApplyError, ApplyStats};
-pub use boot::{BootConfig, DeviceRef, Mode};
+pub use boot::{BootConfig, DeviceRef, Mode, NetConfig};
 pub use format::SealedHeader;
 pub use mask::Masker;
 pub use output::{read_output, OutputError, ReadLimits, SealedOutput};

@@ -24,6 +24,7 @@ mod cloud_hypervisor;
 mod console;
 mod detect;
 mod http;
+mod net;
 mod process;
 mod qemu;
 
@@ -33,6 +34,7 @@ pub use detect::{
     cache_path, choose, kvm_works, probe_kvm, probe_kvm_with, select, KvmVerdict, ProbeInput,
     Selection, PROBE_MARKER, PROBE_TIMEOUT, PROBE_TIMEOUT_ENV,
 };
+pub use net::{layout as net_layout, Network, PASTA_ENV, PASTA_READY_TIMEOUT};
 pub use qemu::{host_tsc_khz, Qemu, QEMU_ENV};
 
 /// A virtio-blk serial is at most this many bytes (`VIRTIO_BLK_ID_BYTES`).
@@ -119,6 +121,9 @@ pub struct VmSpec {
     /// raw bytes. (cloud-hypervisor writes the file itself: it is rewritten through the
     /// filter when the VM ends.)
     pub log_filter: Option<LineFilter>,
+    /// A virtio-net NIC with NAT egress on a network of the VM's own; `None`: no NIC.
+    /// Only QEMU implements it so far; other drivers refuse a spec that asks for one.
+    pub network: Option<Network>,
 }
 
 impl fmt::Debug for VmSpec {
@@ -135,13 +140,14 @@ impl fmt::Debug for VmSpec {
             .field("timeout", &self.timeout)
             .field("console", &self.console.as_ref().map(|_| "callback"))
             .field("log_filter", &self.log_filter.as_ref().map(|_| "filter"))
+            .field("network", &self.network)
             .finish()
     }
 }
 
 impl VmSpec {
     /// A spec with 1 vCPU, 512 MiB, `console=ttyS0 panic=-1`, no disks, a 10-minute
-    /// timeout and no console callback.
+    /// timeout, no console callback and no network.
     pub fn new(
         name: impl Into<String>,
         kernel: impl Into<PathBuf>,
@@ -160,12 +166,28 @@ impl VmSpec {
             timeout: Duration::from_secs(600),
             console: None,
             log_filter: None,
+            network: None,
         }
     }
 
     /// Checks what both drivers need: files exist, serials fit and are unique, sizes
-    /// are sane.
+    /// are sane; and refuses a [`VmSpec::network`] ([`VmmError::Unsupported`]), so a
+    /// driver that does not implement networking never boots a VM without the network
+    /// its caller asked for. Drivers that do call [`VmSpec::validate_with_network`].
     pub fn validate(&self) -> Result<(), VmmError> {
+        self.validate_with_network()?;
+        if self.network.is_some() {
+            return Err(VmmError::Unsupported {
+                what: "a network for the VM",
+                hint: "only the qemu driver gives VMs a network so far (--hypervisor qemu); see docs/hypervisors.md".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// [`VmSpec::validate`] for drivers that implement [`VmSpec::network`]: also checks
+    /// the network's addresses and ports.
+    pub fn validate_with_network(&self) -> Result<(), VmmError> {
         let bad = |reason: String| {
             Err(VmmError::InvalidSpec {
                 name: self.name.clone(),
@@ -212,6 +234,12 @@ impl VmSpec {
             if !d.path.is_file() {
                 return bad(format!("disk {} is not a file", d.path.display()));
             }
+        }
+        if let Some(net) = &self.network {
+            net.check().map_err(|reason| VmmError::InvalidSpec {
+                name: self.name.clone(),
+                reason: format!("network: {reason}"),
+            })?;
         }
         Ok(())
     }
@@ -372,6 +400,12 @@ pub enum VmmError {
 
     #[error("{what} not found: {hint}")]
     NotInstalled { what: &'static str, hint: String },
+
+    #[error("{what} is not supported by this hypervisor driver: {hint}")]
+    Unsupported { what: &'static str, hint: String },
+
+    #[error("cannot set up the VM's network: {detail}")]
+    Network { detail: String },
 
     #[error("{what} needs a working KVM, which this host does not have: {reason}")]
     KvmUnavailable { what: &'static str, reason: String },

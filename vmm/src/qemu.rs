@@ -1,5 +1,6 @@
 //! QEMU `microvm` driver: the console is the first serial port on QEMU's stdout,
-//! read line by line; disks are `virtio-blk-device`s (virtio-mmio) with serials.
+//! read line by line; disks are `virtio-blk-device`s (virtio-mmio) with serials; a
+//! network is a `virtio-net-device` on slirp, inside a namespace of its own (`net`).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -9,6 +10,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::console::{Pump, StderrWatch};
+use crate::net;
 use crate::process::{code_and_signal, note, Proc, RuntimeDir};
 use crate::{layout, Accel, Hypervisor, VmExit, VmOutcome, VmSpec, VmmError};
 
@@ -130,6 +132,9 @@ impl Qemu {
                 .into(),
             );
         }
+        if let Some(network) = &spec.network {
+            a.extend(network.qemu_args().into_iter().map(OsString::from));
+        }
         a
     }
 }
@@ -144,8 +149,14 @@ impl Hypervisor for Qemu {
     }
 
     fn run_until(&self, mut spec: VmSpec, stop: &AtomicBool) -> Result<VmOutcome, VmmError> {
-        spec.validate()?;
+        spec.validate_with_network()?;
         let rt = RuntimeDir::prepare(&spec.runtime_dir)?;
+        // Before QEMU starts: its namespace must be connected when the guest boots.
+        let network = match &spec.network {
+            Some(n) => Some(net::Attached::start(n, &rt.path)?),
+            None => None,
+        };
+        let netns = network.as_ref().map(net::Attached::netns_fd);
         let console_log = rt.file(layout::CONSOLE_LOG);
         let stderr_path = rt.file(layout::HYPERVISOR_STDERR);
         let log = rt.create(layout::CONSOLE_LOG)?;
@@ -156,6 +167,15 @@ impl Hypervisor for Qemu {
         let boot_started = Instant::now();
         let mut proc = Proc::spawn(&self.binary, &args, &rt.path, |c| {
             c.stdout(Stdio::piped()).stderr(Stdio::piped());
+            if let Some(fd) = netns {
+                // SAFETY: the closure only calls setns(2), async-signal-safe, on a
+                // descriptor `network` keeps open until QEMU is reaped.
+                unsafe {
+                    std::os::unix::process::CommandExt::pre_exec(c, move || {
+                        net::enter_in_child(fd)
+                    });
+                }
+            }
         })?;
         let pid = proc.pid();
         let io_err = |what: &str, e: std::io::Error| VmmError::io(what, &self.binary, e);
@@ -229,6 +249,10 @@ impl Hypervisor for Qemu {
             }
         };
         tracing::debug!(vm = spec.name, %exit, ?wall, "qemu finished");
+        // pasta and the namespace go only after QEMU is reaped.
+        if let Some(network) = network {
+            network.finish(&stderr_path);
+        }
         Ok(VmOutcome {
             exit,
             console_log,
