@@ -1,7 +1,8 @@
-//! `hashFiles()` on the host: the workspace as the step will see it (the workspace
-//! layer with the earlier steps' layers over it, whiteouts and opaque directories
-//! applied), matched with the patterns and hashed as GitHub does: the SHA-256 of
-//! each matching file, in path order, hashed together; `''` when nothing matches.
+//! The workspace as a step will see it, read on the host: the workspace layer with the
+//! earlier steps' layers over it, whiteouts and opaque directories applied. It answers
+//! `hashFiles()` (the SHA-256 of each matching file, in path order, hashed together, as
+//! GitHub does; `''` when nothing matches) and, for the step cache, what a path is now
+//! ([`LayeredWorkspace::seen`]).
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use globset::{GlobBuilder, GlobSetBuilder};
 use sha2::{Digest, Sha256};
+use udos_core::cache::{listing_hash, Seen};
 use udos_core::expr::HashFiles;
 
 /// Where the workspace is inside each layer directory.
@@ -46,11 +48,35 @@ fn xattr_is_y(path: &Path, name: &str) -> bool {
     n == 1 && buf[0] == b'y'
 }
 
+/// An entry of the merged workspace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    /// A regular file: the host file holding its content.
+    File(PathBuf),
+    /// A directory.
+    Dir,
+    /// A symlink and its target.
+    Symlink(PathBuf),
+}
+
+fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(hex::encode(h.finalize()));
+        }
+        h.update(&buf[..n]);
+    }
+}
+
 impl LayeredWorkspace {
-    /// Regular files of the merged workspace: relative path → the host file holding
-    /// its content (from the topmost layer that has it).
-    pub fn files(&self) -> std::io::Result<BTreeMap<String, PathBuf>> {
-        let mut files: BTreeMap<String, PathBuf> = BTreeMap::new();
+    /// Every entry of the merged workspace by relative path (the root is `""`).
+    pub fn entries(&self) -> std::io::Result<BTreeMap<String, Entry>> {
+        let mut all: BTreeMap<String, Entry> = BTreeMap::new();
+        all.insert(String::new(), Entry::Dir);
         for layer in &self.layers {
             let top = layer.join(WORKSPACE);
             if !top.is_dir() {
@@ -60,34 +86,79 @@ impl LayeredWorkspace {
             while let Some((dir, rel)) = todo.pop() {
                 if !rel.is_empty() && is_opaque(&dir) {
                     let prefix = format!("{rel}/");
-                    files.retain(|k, _| !k.starts_with(&prefix));
+                    all.retain(|k, _| !k.starts_with(&prefix));
                 }
                 for e in std::fs::read_dir(&dir)? {
                     let e = e?;
                     let name = e.file_name().to_string_lossy().into_owned();
-                    let r = if rel.is_empty() {
-                        name
-                    } else {
-                        format!("{rel}/{name}")
-                    };
+                    let r = if rel.is_empty() { name } else { format!("{rel}/{name}") };
                     let md = e.path().symlink_metadata()?;
                     let prefix = format!("{r}/");
                     if is_whiteout(&md) {
-                        files.remove(&r);
-                        files.retain(|k, _| !k.starts_with(&prefix));
+                        all.remove(&r);
+                        all.retain(|k, _| !k.starts_with(&prefix));
                     } else if md.is_dir() {
-                        files.remove(&r);
+                        if all.get(&r) != Some(&Entry::Dir) {
+                            all.retain(|k, _| !k.starts_with(&prefix));
+                        }
+                        all.insert(r.clone(), Entry::Dir);
                         todo.push((e.path(), r));
-                    } else if md.is_file() {
-                        files.retain(|k, _| !k.starts_with(&prefix));
-                        files.insert(r, e.path());
                     } else {
-                        files.remove(&r);
+                        all.retain(|k, _| !k.starts_with(&prefix));
+                        let entry = if md.file_type().is_symlink() {
+                            Entry::Symlink(std::fs::read_link(e.path())?)
+                        } else {
+                            Entry::File(e.path())
+                        };
+                        all.insert(r, entry);
                     }
                 }
             }
         }
-        Ok(files)
+        Ok(all)
+    }
+
+    /// What `rel` is in the merged workspace, given its `entries`.
+    pub fn seen(entries: &BTreeMap<String, Entry>, rel: &str) -> std::io::Result<Seen> {
+        let rel = rel.trim_matches('/');
+        Ok(match entries.get(rel) {
+            None => Seen::Absent,
+            Some(Entry::File(p)) => Seen::File {
+                sha256: sha256_file(p)?,
+            },
+            Some(Entry::Symlink(t)) => Seen::Symlink {
+                target: t.display().to_string(),
+            },
+            Some(Entry::Dir) => {
+                let prefix = if rel.is_empty() {
+                    String::new()
+                } else {
+                    format!("{rel}/")
+                };
+                let names = entries
+                    .range::<str, _>((std::ops::Bound::Excluded(rel), std::ops::Bound::Unbounded))
+                    .map(|(k, _)| k.as_str())
+                    .take_while(|k| k.starts_with(&prefix))
+                    .filter_map(|k| k.strip_prefix(&prefix))
+                    .filter(|rest| !rest.is_empty() && !rest.contains('/'));
+                Seen::Dir {
+                    sha256: listing_hash(names),
+                }
+            }
+        })
+    }
+
+    /// Regular files of the merged workspace: relative path → the host file holding
+    /// its content (from the topmost layer that has it).
+    pub fn files(&self) -> std::io::Result<BTreeMap<String, PathBuf>> {
+        Ok(self
+            .entries()?
+            .into_iter()
+            .filter_map(|(k, e)| match e {
+                Entry::File(p) => Some((k, p)),
+                _ => None,
+            })
+            .collect())
     }
 }
 
@@ -117,23 +188,12 @@ impl HashFiles for LayeredWorkspace {
             .map_err(|e| format!("hashFiles: reading the workspace: {e}"))?;
         let mut outer = Sha256::new();
         let mut any = false;
-        let mut buf = vec![0u8; 1 << 16];
         for (rel, path) in files {
             if !include.is_match(&rel) || exclude.is_match(&rel) {
                 continue;
             }
-            let mut f = std::fs::File::open(&path).map_err(|e| format!("hashFiles: {rel}: {e}"))?;
-            let mut h = Sha256::new();
-            loop {
-                let n = f
-                    .read(&mut buf)
-                    .map_err(|e| format!("hashFiles: {rel}: {e}"))?;
-                if n == 0 {
-                    break;
-                }
-                h.update(&buf[..n]);
-            }
-            outer.update(h.finalize());
+            let digest = sha256_file(&path).map_err(|e| format!("hashFiles: {rel}: {e}"))?;
+            outer.update(hex::decode(digest).unwrap_or_default());
             any = true;
         }
         Ok(if any {
@@ -151,6 +211,28 @@ mod tests {
     fn write(p: &Path, content: &str) {
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, content).unwrap();
+    }
+
+    #[test]
+    fn seen_reads_files_listings_and_absences_through_the_layers() {
+        let d = tempfile::tempdir().unwrap();
+        let (ws, l1) = (d.path().join("ws"), d.path().join("l1"));
+        write(&ws.join("workspace/src/a.rs"), "a");
+        write(&ws.join("workspace/src/b.rs"), "b");
+        write(&l1.join("workspace/src/c.rs"), "c");
+        let view = LayeredWorkspace {
+            layers: vec![ws.clone(), l1.clone()],
+        };
+        let e = view.entries().unwrap();
+        let file = LayeredWorkspace::seen(&e, "src/a.rs").unwrap();
+        assert!(matches!(file, Seen::File { .. }));
+        assert_eq!(LayeredWorkspace::seen(&e, "nope").unwrap(), Seen::Absent);
+        let dir = LayeredWorkspace::seen(&e, "src").unwrap();
+        assert_eq!(dir, Seen::Dir { sha256: listing_hash(["a.rs", "b.rs", "c.rs"]) });
+        // Only the base layer: the listing differs, the file does not.
+        let e0 = LayeredWorkspace { layers: vec![ws] }.entries().unwrap();
+        assert_ne!(LayeredWorkspace::seen(&e0, "src").unwrap(), dir);
+        assert_eq!(LayeredWorkspace::seen(&e0, "src/a.rs").unwrap(), file);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use udos_core::engine::Conclusion;
 use udos_layer::RecordStatus;
 
 use crate::hashfiles::LayeredWorkspace;
-use crate::report::StepReport;
+use crate::report::{CachedFrom, StepReport};
 use crate::restic::Tags;
 use crate::runner::{Prepared, RunSettings};
 use crate::snapshots::Queue;
@@ -218,6 +218,7 @@ pub fn run_leg(
     let mut notices = Vec::new();
     let mut cancelled = false;
     let mut timed_out = false;
+    let mut missed = false;
     let mut parent = shared.workspace.clone();
     loop {
         if !cancelled && cancel.load(Ordering::Acquire) {
@@ -257,6 +258,77 @@ pub fn run_leg(
             Next::Run(step) => step,
         };
         *masks.write().unwrap_or_else(|e| e.into_inner()) = leg.masks();
+        let secrets = leg
+            .ticket()
+            .contexts
+            .get("secrets")
+            .and_then(|s| s.as_object())
+            .cloned();
+        // The workspace as this step starts on it: for its key, and for what it reads.
+        let entries = match view.entries() {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!("reading the workspace for the step cache: {e}");
+                Default::default()
+            }
+        };
+        let key = crate::cache::key(
+            &shared.prep.image.id,
+            &shared.prep.base.id,
+            &step,
+            &lowers.steps,
+            secrets.as_ref(),
+            &entries,
+        )
+        .unwrap_or_default();
+        let cacheable = shared.settings.use_cache && !missed && !udos_core::cache::opted_out(&step);
+        if cacheable && !key.is_empty() {
+            match crate::cache::lookup(shared.store, shared.prep.state, &key, &entries) {
+                Ok(Some(hit)) => {
+                    let summary = leg.record(&step, hit.run.clone());
+                    let m = leg.masks();
+                    let mut r = report(&summary, &m, None, Some(0));
+                    r.cache_key = Some(key.clone());
+                    r.cached_from = Some(CachedFrom {
+                        run_id: hit.from.0,
+                        leg: hit.from.1,
+                        step: hit.from.2,
+                    });
+                    r.summary = hit.summary.as_deref().map(|t| mask(t, &m));
+                    r.note = Some(format!(
+                        "cached: its inputs are those of run {} step {}",
+                        hit.from.0, hit.from.2
+                    ));
+                    if let Some(layer) = &hit.layer_id {
+                        r.layer_id = Some(layer.clone());
+                        r.snapshot_id = shared
+                            .store
+                            .lock()
+                            .ok()
+                            .and_then(|st| st.layer_snapshot(layer).ok().flatten());
+                        if let Err(e) = lowers.push(shared, layer) {
+                            r.error = Some(crate::errors::describe(&e));
+                        }
+                        parent = layer.clone();
+                    }
+                    eprintln!(
+                        "udos: {} step {} {:?}: cached (run {} step {})",
+                        leg.ticket().name,
+                        step.number,
+                        step.name,
+                        hit.from.0,
+                        hit.from.2
+                    );
+                    persist(shared, leg_index, leg.ticket(), &r);
+                    reports.push(r);
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!("looking up the step cache: {e:#}"),
+            }
+        }
+        // Once a step runs, every later step of the leg runs too: its inputs changed.
+        missed = true;
         eprintln!(
             "udos: {} step {} {:?}: starting VM",
             leg.ticket().name,
@@ -317,18 +389,37 @@ pub fn run_leg(
                 leg.ticket().timeout_minutes
             ));
         }
-        let summary = leg.record(&step, run);
+        let summary = leg.record(&step, run.clone());
+        if shared.settings.use_cache && !udos_core::cache::opted_out(&step) && !key.is_empty() {
+            let kept = out.record.as_ref().and_then(|rec| {
+                let reads = crate::cache::reads_of(rec, &entries)?;
+                let text = rec.step(synth::act_id(&step)).and_then(|a| a.summary.clone());
+                crate::cache::keep(
+                    shared.store,
+                    &key,
+                    &reads,
+                    out.layer.as_ref().map(|l| l.id.as_str()),
+                    &run,
+                    text.as_deref(),
+                    secrets.as_ref(),
+                    (shared.run_id, leg_index as i64, step.number as i64),
+                )
+                .map_err(|e| tracing::warn!("keeping a step result: {e:#}"))
+                .ok()
+            });
+            tracing::debug!(step = step.number, kept = ?kept, "step cache");
+        }
         *masks.write().unwrap_or_else(|e| e.into_inner()) = leg.masks();
         let m = leg.masks();
         let mut r = report(&summary, &m, Some(&out), exit_code);
+        r.cache_key = Some(key.clone()).filter(|k| !k.is_empty());
         if let Some(layer) = &out.layer {
             match lowers.push(shared, &layer.id) {
                 Ok(()) => {}
                 Err(e) => r.error = Some(crate::errors::describe(&e)),
             }
-            let key = format!("leg-{leg_index}-step-{}", step.number);
             queue.add(
-                key,
+                format!("leg-{leg_index}-step-{}", step.number),
                 &shared.prep.state.layer_dir(&layer.id),
                 Tags::default()
                     .with("udos", "layer")
@@ -339,7 +430,7 @@ pub fn run_leg(
                     .with("leg", leg_index)
                     .with("step", step.number)
                     .with("parent", &parent)
-                    .with("key", &out.cache_key)
+                    .with("key", &key)
                     .with("layer", &layer.id),
             );
             parent = layer.id.clone();
@@ -395,13 +486,14 @@ fn report(
         exit_code,
         snapshot_id: None,
         layer_id: vm.and_then(|o| o.layer.as_ref()).map(|l| l.id.clone()),
-        cache_key: vm.map(|o| o.cache_key.clone()).filter(|k| !k.is_empty()),
+        cache_key: None,
         outputs: s
             .outputs
             .iter()
             .map(|(k, v)| (k.clone(), mask(v, masks)))
             .collect(),
         summary: None,
+        cached_from: None,
         phases_ms: vm.map(|o| o.phases.clone()).unwrap_or_default(),
         error: s.error.as_deref().map(|e| mask(e, masks)),
         note: s.note.clone(),

@@ -14,6 +14,7 @@
 //! - [`cluster`]: the master, the worker agent and the cluster CLI.
 
 pub mod bench;
+pub mod cache;
 pub mod cluster;
 pub mod errors;
 pub mod hashfiles;

@@ -175,6 +175,9 @@ struct RunArgs {
     /// Don't stream the guests' consoles to the terminal
     #[arg(long)]
     no_console: bool,
+    /// Run every step, even those whose inputs are unchanged since a recorded run
+    #[arg(long)]
+    no_cache: bool,
 }
 
 #[derive(Subcommand)]
@@ -488,6 +491,7 @@ fn run(state: &StateDir, a: RunArgs) -> Result<ExitCode, SetupFailed> {
         step_timeout: Duration::from_secs(a.timeout.max(1)),
         stream_console: !a.no_console,
         cancel: Some(cancel),
+        use_cache: !a.no_cache,
         ..runner::RunSettings::default()
     };
     let env = setup::prepare_env(state, a.kernel, choice(a.hypervisor), &progress)

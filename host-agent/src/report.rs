@@ -76,6 +76,17 @@ pub struct JobReport {
     pub steps: Vec<StepReport>,
 }
 
+/// Where a cached step's result was made.
+#[derive(Debug, Clone, Serialize)]
+pub struct CachedFrom {
+    /// Run number.
+    pub run_id: i64,
+    /// The leg's number in that run.
+    pub leg: i64,
+    /// Step number.
+    pub step: i64,
+}
+
 /// One step of a leg.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepReport {
@@ -103,6 +114,9 @@ pub struct StepReport {
     pub outputs: IndexMap<String, String>,
     /// `$GITHUB_STEP_SUMMARY`, if the step wrote one.
     pub summary: Option<String>,
+    /// Set when the step was not run but its recorded result reused (the step cache):
+    /// where that result was made.
+    pub cached_from: Option<CachedFrom>,
     /// Phase timings, ms: materialize, boot, guest, seal, unpack, snapshot, vm.
     pub phases_ms: BTreeMap<String, u64>,
     /// What went wrong, when udos (not the step's program) failed it.

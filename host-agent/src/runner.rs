@@ -46,6 +46,8 @@ pub struct RunSettings {
     pub cancel: Option<Arc<AtomicBool>>,
     /// The steps' network: NAT egress and the named host ports, or none.
     pub network: Option<udos_vmm::Network>,
+    /// Reuse recorded results of steps whose inputs are unchanged (`--no-cache`: no).
+    pub use_cache: bool,
 }
 
 impl Default for RunSettings {
@@ -58,6 +60,7 @@ impl Default for RunSettings {
             stream_console: true,
             cancel: None,
             network: None,
+            use_cache: true,
         }
     }
 }

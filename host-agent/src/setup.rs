@@ -181,7 +181,7 @@ pub fn prepare_env(
     }
     let (image, base) = build_images(state, kernel, progress)?;
     progress("choosing a hypervisor");
-    let hypervisor = udos_vmm::select(
+    let chosen = udos_vmm::choose(
         choice,
         &udos_vmm::ProbeInput {
             kernel: image.vmlinux.clone(),
@@ -189,7 +189,12 @@ pub fn prepare_env(
             cache: state.root().join("kvm-probe.json"),
         },
     )?;
-    progress(&format!("hypervisor: {}", hypervisor.describe()));
+    let hypervisor = chosen.hypervisor;
+    progress(&format!(
+        "hypervisor: {} ({})",
+        hypervisor.describe(),
+        chosen.why
+    ));
     let repo = Repo::from_env_or_default(state.root())?;
     repo.ensure_initialized()?;
     Ok(Env {

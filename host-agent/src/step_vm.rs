@@ -45,8 +45,6 @@ pub struct StepVmOutcome {
     pub layer: Option<LayerDone>,
     /// Phase timings, ms.
     pub phases: BTreeMap<String, u64>,
-    /// The step's cache key.
-    pub cache_key: String,
     /// The console log.
     pub console_log: PathBuf,
     /// What went wrong on udos's side, if anything.
@@ -113,7 +111,6 @@ impl StepVm<'_> {
             record: None,
             layer: None,
             phases: BTreeMap::new(),
-            cache_key: String::new(),
             console_log,
             error: None,
             timed_out: false,
@@ -157,7 +154,6 @@ impl StepVm<'_> {
         std::fs::create_dir_all(&self.dir)
             .with_context(|| format!("creating {}", self.dir.display()))?;
         let control_img = self.control_layer(files, step)?;
-        out.cache_key = self.cache_key(lowers, files)?;
 
         let upper = self.dir.join("upper.img");
         let output = self.dir.join("output.img");
@@ -277,24 +273,6 @@ impl StepVm<'_> {
             _ => {}
         }
         self.read_back(&output, &outcome.exit, vm_wall, out)
-    }
-
-    /// The step's cache key: image, input layers, control files.
-    fn cache_key(&self, lowers: &[PathBuf], files: &StepFiles) -> Result<String> {
-        let layer_ids: Vec<String> = lowers
-            .iter()
-            .map(|p| {
-                p.file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_default()
-            })
-            .collect();
-        Ok(udos_core::cache::step_key(&udos_core::cache::StepInputs {
-            image_id: &self.prep.image.id,
-            layers: &layer_ids,
-            actrc: &files.actrc,
-            workflow_yaml: &files.workflow_yaml,
-        }))
     }
 
     /// Reads what the guest sealed. Nothing from it is believed before its checksums

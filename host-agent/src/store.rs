@@ -93,7 +93,7 @@ pub struct InputRow {
 }
 
 /// The schema version this code writes.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Version 1: one job per run, steps numbered within the run.
 const SCHEMA_V1: &str = r#"
@@ -190,10 +190,39 @@ DROP TABLE steps;
 ALTER TABLE steps_v2 RENAME TO steps;
 "#;
 
+/// Version 3: the step cache.
+const V2_TO_V3: &str = r#"
+CREATE TABLE step_cache (
+    id         INTEGER PRIMARY KEY,
+    key        TEXT NOT NULL,
+    reads      TEXT NOT NULL,
+    layer_id   TEXT REFERENCES layers(id),
+    result     TEXT NOT NULL,
+    run_id     INTEGER NOT NULL,
+    leg        INTEGER NOT NULL,
+    number     INTEGER NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX step_cache_key ON step_cache(key);
+"#;
+
 /// Migrations: `MIGRATIONS[v]` takes a database at version `v` to `v + 1`. A database
 /// made before versions existed has `user_version` 0 and the version 1 tables (or
 /// none, when new).
-const MIGRATIONS: &[&str] = &[SCHEMA_V1, V1_TO_V2];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, V1_TO_V2, V2_TO_V3];
+
+/// A recorded step result the cache may reuse.
+#[derive(Debug, Clone)]
+pub struct CacheRow {
+    /// The reads, as JSON (`udos_core::cache::ReadEntry` list).
+    pub reads: String,
+    /// The layer the step made, if any.
+    pub layer_id: Option<String>,
+    /// The result, as JSON.
+    pub result: String,
+    /// Where it was made: run, leg, step number.
+    pub from: (i64, i64, i64),
+}
 
 impl Store {
     /// Open (and create or migrate) the store at `path`.
@@ -340,6 +369,41 @@ impl Store {
             params![run_id, status, report_json],
         )?;
         Ok(())
+    }
+
+    /// Records a step result under `key`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn cache_put(
+        &self,
+        key: &str,
+        reads_json: &str,
+        layer_id: Option<&str>,
+        result_json: &str,
+        from: (i64, i64, i64),
+    ) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO step_cache (key, reads, layer_id, result, run_id, leg, number, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, strftime('%Y-%m-%dT%H:%M:%SZ','now'))",
+            params![key, reads_json, layer_id, result_json, from.0, from.1, from.2],
+        )?;
+        Ok(())
+    }
+
+    /// The results recorded under `key`, newest first.
+    pub fn cache_candidates(&self, key: &str) -> Result<Vec<CacheRow>> {
+        let mut st = self.conn.prepare(
+            "SELECT reads, layer_id, result, run_id, leg, number FROM step_cache
+             WHERE key = ?1 ORDER BY id DESC LIMIT 16",
+        )?;
+        let rows = st.query_map(params![key], |r| {
+            Ok(CacheRow {
+                reads: r.get(0)?,
+                layer_id: r.get(1)?,
+                result: r.get(2)?,
+                from: (r.get(3)?, r.get(4)?, r.get(5)?),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// All runs, newest first.

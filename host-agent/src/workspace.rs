@@ -38,6 +38,9 @@ pub enum GitDir {
     },
 }
 
+/// How long a git query on the working tree may take.
+const GIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// `.git/index` is git's stat cache: it changes on every `git status` and says nothing
 /// about the content, so it is left out of the layer id (but copied).
 const GIT_INDEX: &str = "index";
@@ -48,27 +51,32 @@ pub fn discover(workflow: &Path) -> Result<WorkingTree> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let top = duct::cmd!("git", "rev-parse", "--show-toplevel")
-        .dir(dir)
-        .stdout_capture()
-        .stderr_null()
-        .unchecked()
-        .run();
+    let top = crate::proc::run_bounded(
+        &duct::cmd!("git", "rev-parse", "--show-toplevel")
+            .dir(dir)
+            .stdout_capture()
+            .stderr_null()
+            .unchecked(),
+        GIT_LIMIT,
+        "git rev-parse",
+    );
     let mut git = None;
     let (root, files) = match top {
         Ok(out) if out.status.success() => {
             let root = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-            let listed = duct::cmd!(
-                "git",
-                "ls-files",
-                "-z",
-                "--cached",
-                "--others",
-                "--exclude-standard"
+            let listed = crate::proc::read_bounded(
+                &duct::cmd!(
+                    "git",
+                    "ls-files",
+                    "-z",
+                    "--cached",
+                    "--others",
+                    "--exclude-standard"
+                )
+                .dir(&root),
+                GIT_LIMIT,
+                "git ls-files",
             )
-            .dir(&root)
-            .stdout_capture()
-            .read()
             .with_context(|| format!("listing the files of {}", root.display()))?;
             let files = listed
                 .split('\0')

@@ -491,6 +491,8 @@ jobs:
 /// the `on:` filters pick the workflows.
 #[test]
 fn list_and_dry_run_show_what_the_event_runs_and_boot_nothing() {
+    // Not for the VMs: so that no other test's run lands between the two counts.
+    let _g = serial();
     let (dir, _wf) = repo(
         ON_MAIN,
         &[(".github/workflows/pr.yml", ON_PR), ("src/a.rs", "x")],
@@ -652,4 +654,41 @@ fn two_runs_at_once_on_one_state_dir_keep_their_own_restore_points() {
         );
         assert!(!target.join(".udos-layer.json").exists());
     }
+}
+
+/// A step reaches a port of the host only when `--host-port` names it, at its gateway.
+#[test]
+fn a_step_reaches_a_host_port_only_when_it_is_named() {
+    let _g = serial();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        // Answer one request: the named run.
+        if let Ok((mut s, _)) = listener.accept() {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 12\r\n\r\nhost-token-7");
+        }
+    });
+    let wf_text = format!(
+        "on: push\njobs:\n  net:\n    runs-on: ubuntu-latest\n    steps:\n      - run: |\n          grep -q nameserver /etc/resolv.conf\n          wget -q -T 10 -O got.txt http://10.0.2.2:{port}/\n          grep -q host-token-7 got.txt\n"
+    );
+    let (_dir, wf) = repo(&wf_text, &[]);
+    let wf = wf.to_str().unwrap();
+    let port_s = port.to_string();
+    let named = udos(&["run", "--hypervisor", "qemu", "--json", "--host-port", &port_s, wf]);
+    let report = json(&named);
+    assert_eq!(named.status.code(), Some(0), "{report:#}");
+    server.join().unwrap();
+    // Not named: the same step cannot reach it (the listener is gone, so a refusal
+    // either way; the host's other ports are just as unreachable).
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let unnamed = udos(&["run", "--hypervisor", "qemu", "--json", "--no-cache", wf]);
+    assert_eq!(unnamed.status.code(), Some(1), "{:#}", json(&unnamed));
+    listener.set_nonblocking(true).unwrap();
+    assert!(listener.accept().is_err(), "the unnamed run reached the host");
+    // --network none: no NIC at all.
+    let none = udos(&["run", "--hypervisor", "qemu", "--json", "--network", "none", "--no-cache", wf]);
+    assert_eq!(none.status.code(), Some(1));
 }

@@ -114,12 +114,11 @@ pub struct VmSpec {
     pub runtime_dir: PathBuf,
     /// The hypervisor is killed when the VM runs longer than this.
     pub timeout: Duration,
-    /// Called per console line, live; the full log is also kept in
-    /// `runtime_dir/console.log`.
+    /// Called per console line, live; the log is also kept in
+    /// `runtime_dir/console.log`, bounded ([`CONSOLE_LOG_MAX`]: its head and its tail).
     pub console: Option<ConsoleCallback>,
     /// When set, `console.log` keeps each line as this function returns it, not the
-    /// raw bytes. (cloud-hypervisor writes the file itself: it is rewritten through the
-    /// filter when the VM ends.)
+    /// raw bytes (both hypervisors' consoles go through the same reader).
     pub log_filter: Option<LineFilter>,
     /// A virtio-net NIC with NAT egress on a network of the VM's own; `None`: no NIC.
     /// Only QEMU implements it so far; other drivers refuse a spec that asks for one.
