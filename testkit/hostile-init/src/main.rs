@@ -24,7 +24,7 @@
 //! too-many-entries        1,000,001 members (the host's default max_entries + 1)
 //! ```
 //!
-//! The record always says the user's step (act id `udos-step`: give the test's steps
+//! The record always says the user's step (act id `_udos_step`: give the test's steps
 //! no `id:`) succeeded, so whatever the host accepts becomes that step's layer.
 //! `udos.mode=probe` prints `UDOS-PROBE-OK` like `udos-init`.
 //!
