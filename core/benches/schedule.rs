@@ -90,6 +90,7 @@ fn spec(rng: &mut Rng, i: usize) -> DesiredSpec {
         SpecKind::WorkflowRun {
             workflow: ".github/workflows/ci.yml".into(),
             job: Some(format!("job-{}", rng.below(20))),
+            repository: None,
         }
     };
     DesiredSpec {

@@ -36,6 +36,13 @@ pub enum SpecKind {
         /// The job to run; `None` when the workflow has exactly one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         job: Option<String>,
+        /// Where workers fetch the publication's commit from (`https://`, `http://`,
+        /// `ssh://`, `git://`, `file://` or scp-like `host:path`, see
+        /// [`check_repository`]); `None`: the worker's own `--repository`, else its
+        /// `--workdir`. Part of the signed intent when set; left out of the canonical
+        /// JSON when not, so publications without it keep their intent hash.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        repository: Option<String>,
     },
 }
 
@@ -111,6 +118,16 @@ pub enum Invalid {
         /// What is wrong with it.
         why: &'static str,
     },
+    /// A repository URL workers could not fetch from safely.
+    #[error("spec `{id}`: repository `{url}` {why}; give an https://, http://, ssh://, git:// or file:// URL, or host:path")]
+    Repository {
+        /// Spec id.
+        id: String,
+        /// The URL as published.
+        url: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
     /// A field is missing or empty.
     #[error("spec `{id}`: {what}")]
     Incomplete {
@@ -158,6 +175,54 @@ pub fn check_workflow_path(path: &str) -> Result<(), &'static str> {
         }
     }
     Ok(())
+}
+
+/// Longest repository URL a workflow run may name.
+pub const MAX_REPOSITORY_LEN: usize = 2048;
+
+/// URL schemes a workflow run's repository may use: git's own transports. Remote
+/// helpers (`ext::`, `fd::`, `transport::address`) are refused: `ext::` runs a command.
+pub const REPOSITORY_SCHEMES: [&str; 5] = ["https", "http", "ssh", "git", "file"];
+
+/// Why a repository URL is refused, if it is. Workers pass it to `git fetch`, so it
+/// must not read as an option (leading `-`), hold whitespace or control characters,
+/// or name a remote helper: it is `scheme://...` with a scheme of
+/// [`REPOSITORY_SCHEMES`], or scp-like `[user@]host:path`. Workers check it again.
+pub fn check_repository(url: &str) -> Result<(), &'static str> {
+    if url.is_empty() {
+        return Err("is empty");
+    }
+    if url.len() > MAX_REPOSITORY_LEN {
+        return Err("is longer than 2048 bytes");
+    }
+    if url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err("contains whitespace or a control character");
+    }
+    if url.starts_with('-') {
+        return Err("starts with `-`");
+    }
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if !REPOSITORY_SCHEMES.contains(&scheme) {
+            return Err("has an unsupported scheme");
+        }
+        if rest.is_empty() {
+            return Err("names no host or path");
+        }
+        return Ok(());
+    }
+    // scp-like: a host before the first `:`, no `/` in it, and not `::` (a helper).
+    match url.split_once(':') {
+        Some((host, path)) if !host.is_empty() && !host.contains('/') => {
+            if path.starts_with(':') {
+                Err("names a remote helper (`transport::address`)")
+            } else if path.is_empty() {
+                Err("names no path")
+            } else {
+                Ok(())
+            }
+        }
+        _ => Err("is not a URL"),
+    }
 }
 
 /// Check that a publication is small enough to schedule: no service above
@@ -223,7 +288,11 @@ pub fn validate(commit: &str, specs: &[DesiredSpec]) -> Result<(), Invalid> {
                     ));
                 }
             }
-            SpecKind::WorkflowRun { workflow, .. } => {
+            SpecKind::WorkflowRun {
+                workflow,
+                repository,
+                ..
+            } => {
                 if workflow.is_empty() {
                     return Err(incomplete("a workflow run needs a `workflow` path"));
                 }
@@ -232,6 +301,13 @@ pub fn validate(commit: &str, specs: &[DesiredSpec]) -> Result<(), Invalid> {
                     path: workflow.clone(),
                     why,
                 })?;
+                if let Some(url) = repository {
+                    check_repository(url).map_err(|why| Invalid::Repository {
+                        id: s.id.clone(),
+                        url: url.clone(),
+                        why,
+                    })?;
+                }
             }
         }
     }
@@ -319,6 +395,7 @@ mod tests {
                 kind: SpecKind::WorkflowRun {
                     workflow: ".github/workflows/ci.yml".into(),
                     job: Some("build".into()),
+                    repository: None,
                 },
                 labels: BTreeMap::new(),
                 selector: BTreeMap::from([("kvm".into(), "true".into())]),
@@ -388,8 +465,93 @@ mod tests {
         s.kind = SpecKind::WorkflowRun {
             workflow: workflow.into(),
             job: None,
+            repository: None,
         };
         s
+    }
+
+    fn from_repo(url: &str) -> DesiredSpec {
+        let mut s = run("r", "ci.yml");
+        if let SpecKind::WorkflowRun { repository, .. } = &mut s.kind {
+            *repository = Some(url.into());
+        }
+        s
+    }
+
+    #[test]
+    fn a_repository_is_signed_intent_and_absent_means_the_old_hash() {
+        // Without a repository the canonical JSON has no `repository` key at all, so
+        // every publication made before the field existed keeps its hash (and its
+        // signature); `intent_hash_is_pinned` holds the full golden value.
+        let plain = golden_publication();
+        assert!(!canonical_specs_json(&plain).contains("repository"));
+        let mut with = plain.clone();
+        if let SpecKind::WorkflowRun { repository, .. } = &mut with[1].kind {
+            *repository = Some("https://example.com/o/r.git".into());
+        }
+        let json = canonical_specs_json(&with);
+        assert!(
+            json.contains(r#""repository":"https://example.com/o/r.git""#),
+            "{json}"
+        );
+        assert_ne!(intent_hash(COMMIT, &plain), intent_hash(COMMIT, &with));
+        // And it reads back.
+        let back: Vec<DesiredSpec> = serde_json::from_str(&json).unwrap();
+        let mut sorted = with.clone();
+        sorted.sort_by(|a, b| a.id.cmp(&b.id));
+        assert_eq!(back, sorted);
+    }
+
+    #[test]
+    fn repositories_are_git_urls_and_never_options_or_helpers() {
+        for ok in [
+            "https://github.com/o/r.git",
+            "http://127.0.0.1:8080/r",
+            "git://127.0.0.1:9418/r.git",
+            "ssh://git@host:22/o/r",
+            "file:///srv/git/r.git",
+            "git@github.com:o/r.git",
+            "host:r",
+        ] {
+            assert_eq!(validate(COMMIT, &[from_repo(ok)]), Ok(()), "{ok}");
+        }
+        let long = format!("https://h/{}", "a".repeat(MAX_REPOSITORY_LEN));
+        for (bad, why) in [
+            ("", "is empty"),
+            (long.as_str(), "is longer than 2048 bytes"),
+            (
+                "https://h/r --upload-pack=x",
+                "contains whitespace or a control character",
+            ),
+            (
+                "https://h/r
+",
+                "contains whitespace or a control character",
+            ),
+            ("--upload-pack=touch%20/tmp/x", "starts with `-`"),
+            ("-oProxyCommand=x:y", "starts with `-`"),
+            (
+                "ext::sh -c touch% /tmp/x",
+                "contains whitespace or a control character",
+            ),
+            ("ext::sh", "names a remote helper (`transport::address`)"),
+            ("fd::3", "names a remote helper (`transport::address`)"),
+            ("ftp://h/r", "has an unsupported scheme"),
+            ("https://", "names no host or path"),
+            ("/srv/git/r.git", "is not a URL"),
+            ("relative/path", "is not a URL"),
+            ("host:", "names no path"),
+        ] {
+            assert_eq!(
+                validate(COMMIT, &[from_repo(bad)]),
+                Err(Invalid::Repository {
+                    id: "r".into(),
+                    url: bad.into(),
+                    why
+                }),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

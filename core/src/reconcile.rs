@@ -15,6 +15,11 @@
 //!     until replaced) is `Replace`d with itself (`old_hash == new hash`): a restart;
 //!   - an instance that is `Stopping` with that hash is `Replace`d too: it is on its
 //!     way out, so the worker lets the stop finish and creates it again;
+//!   - a **workflow run** of that hash that runs (or ran) another commit than the
+//!     generation's is `Replace`d with itself: a publication runs its own commit's
+//!     files, whatever the publisher's hash covers. A run that recorded no commit (an
+//!     agent from before commits were recorded), or a generation without one, is
+//!     compared by hash alone;
 //! - running but not assigned (any state) → [`Action::Stop`]; so is any extra entry
 //!   with another hash for an assigned `(spec, replica)` (only one is kept).
 //!
@@ -25,8 +30,9 @@
 //! Degenerate inputs are handled deterministically: a `(spec, replica)` assigned
 //! twice keeps the assignment with the smallest hash; a `(spec, replica, hash)`
 //! reported twice counts once, with the liveliest state (running, starting,
-//! succeeded, failed, stopping); when several hashes run for one assigned instance
-//! and none is the desired one, the smallest hash is replaced and the others stopped.
+//! succeeded, failed, stopping), then the entry at the generation's commit; when
+//! several hashes run for one assigned instance and none is the desired one, the
+//! smallest hash is replaced and the others stopped.
 
 use std::collections::BTreeMap;
 
@@ -44,6 +50,8 @@ pub struct Running {
     pub hash: String,
     /// Its state.
     pub state: InstanceState,
+    /// For a workflow run, the commit it runs or ran (`None`: not recorded).
+    pub commit: Option<String>,
 }
 
 /// What to do for one instance.
@@ -126,9 +134,19 @@ fn settled(kind: &SpecKind, state: InstanceState) -> bool {
     }
 }
 
-/// Compare the assignment with what runs; see the module docs for the rules and the
-/// order of the result.
-pub fn reconcile(desired: &[Assignment], running: &[Running]) -> Vec<Action> {
+/// Whether an instance of `kind` that ran `ran` is of the generation's `commit`. Only
+/// workflow runs execute the commit's files; a missing commit on either side cannot
+/// be compared and counts as current.
+fn at_commit(kind: &SpecKind, commit: Option<&str>, ran: Option<&str>) -> bool {
+    match (kind, commit, ran) {
+        (SpecKind::WorkflowRun { .. }, Some(want), Some(ran)) => want.eq_ignore_ascii_case(ran),
+        _ => true,
+    }
+}
+
+/// Compare the assignment of the generation at `commit` with what runs; see the
+/// module docs for the rules and the order of the result.
+pub fn reconcile(desired: &[Assignment], commit: Option<&str>, running: &[Running]) -> Vec<Action> {
     // (spec, replica) -> assignment; a duplicate keeps the smallest hash.
     let mut want: BTreeMap<(&str, u32), &Assignment> = BTreeMap::new();
     for a in desired {
@@ -140,18 +158,32 @@ pub fn reconcile(desired: &[Assignment], running: &[Running]) -> Vec<Action> {
             })
             .or_insert(a);
     }
-    // (spec, replica) -> hash -> state (the liveliest when reported twice).
-    let mut have: BTreeMap<(&str, u32), BTreeMap<&str, InstanceState>> = BTreeMap::new();
+    // (spec, replica) -> hash -> (state, commit) (when reported twice: the liveliest,
+    // then the one at `commit`, then the smallest commit; whatever the input order).
+    type Seen<'a> = (InstanceState, Option<&'a str>);
+    let rank = |(state, ran): Seen<'_>| {
+        let current = match (commit, ran) {
+            (Some(want), Some(ran)) => want.eq_ignore_ascii_case(ran),
+            _ => true,
+        };
+        (
+            liveliness(state),
+            !current,
+            ran.map(str::to_ascii_lowercase),
+        )
+    };
+    let mut have: BTreeMap<(&str, u32), BTreeMap<&str, Seen>> = BTreeMap::new();
     for r in running {
+        let seen = (r.state, r.commit.as_deref());
         have.entry((r.spec.as_str(), r.replica))
             .or_default()
             .entry(r.hash.as_str())
             .and_modify(|s| {
-                if liveliness(r.state) < liveliness(*s) {
-                    *s = r.state;
+                if rank(seen) < rank(*s) {
+                    *s = seen;
                 }
             })
-            .or_insert(r.state);
+            .or_insert(seen);
     }
 
     let stop = |(spec, replica): (&str, u32), hash: &str| Action::Stop {
@@ -173,8 +205,9 @@ pub fn reconcile(desired: &[Assignment], running: &[Running]) -> Vec<Action> {
         let desired_hash = a.spec.hash.as_str();
         // The entry that stays (noop) or is replaced; every other entry is stopped.
         let kept = match hashes.get(desired_hash) {
-            Some(&state) => {
-                actions.push(if settled(&a.spec.kind, state) {
+            Some(&(state, ran)) => {
+                let current = at_commit(&a.spec.kind, commit, ran);
+                actions.push(if current && settled(&a.spec.kind, state) {
                     Action::Noop {
                         spec: key.0.to_string(),
                         replica: key.1,
@@ -223,6 +256,7 @@ mod tests {
                 SpecKind::WorkflowRun {
                     workflow: "ci.yml".into(),
                     job: None,
+                    repository: None,
                 }
             },
             labels: BTreeMap::new(),
@@ -247,7 +281,13 @@ mod tests {
             replica,
             hash: hash.into(),
             state,
+            commit: None,
         }
+    }
+
+    fn at(mut r: Running, commit: &str) -> Running {
+        r.commit = Some(commit.into());
+        r
     }
 
     fn noop(id: &str, replica: u32) -> Action {
@@ -276,7 +316,7 @@ mod tests {
             running("db", 0, "d1", Failed),
             running("old", 0, "o1", Running), // not assigned -> stop
         ];
-        let actions = reconcile(&desired, &run);
+        let actions = reconcile(&desired, None, &run);
         assert_eq!(
             actions,
             vec![
@@ -311,7 +351,7 @@ mod tests {
             running("x", 0, "x1", Stopping),
             running("x", 0, "x0", Running),
         ];
-        let actions = reconcile(&desired, &run);
+        let actions = reconcile(&desired, None, &run);
         assert_eq!(
             actions,
             vec![
@@ -335,7 +375,69 @@ mod tests {
                 },
             ]
         );
-        assert!(reconcile(&[], &[]).is_empty());
+        assert!(reconcile(&[], None, &[]).is_empty());
+    }
+
+    #[test]
+    fn a_workflow_run_of_another_commit_is_run_again() {
+        use InstanceState::*;
+        let desired = vec![
+            assign("ci", 0, "c1", false), // succeeded at A, generation at B -> replace
+            assign("lint", 0, "l1", false), // failed at A -> replace
+            assign("e2e", 0, "e1", false), // running at A -> replace (cancel, run B)
+            assign("doc", 0, "d1", false), // succeeded at B -> noop
+            assign("old", 0, "o1", false), // no commit recorded -> noop
+            assign("web", 0, "w1", true), // a service runs no commit's files -> noop
+        ];
+        let run = vec![
+            at(running("ci", 0, "c1", Succeeded), "aa"),
+            at(running("lint", 0, "l1", Failed), "aa"),
+            at(running("e2e", 0, "e1", Running), "aa"),
+            at(running("doc", 0, "d1", Succeeded), "BB"),
+            running("old", 0, "o1", Succeeded),
+            at(running("web", 0, "w1", Running), "aa"),
+        ];
+        let replace = |i: usize, h: &str| Action::Replace {
+            old_hash: h.into(),
+            new: desired[i].clone(),
+        };
+        assert_eq!(
+            reconcile(&desired, Some("bb"), &run),
+            vec![
+                replace(0, "c1"),
+                replace(2, "e1"),
+                replace(1, "l1"),
+                noop("doc", 0),
+                noop("old", 0),
+                noop("web", 0),
+            ]
+        );
+        // Without a generation commit nothing can be compared: by hash alone.
+        assert!(reconcile(&desired, None, &run)
+            .iter()
+            .all(|a| matches!(a, Action::Noop { .. })));
+        // The old run on its way out and the new one at the commit: the new one counts.
+        let replacing = vec![
+            at(running("ci", 0, "c1", Stopping), "aa"),
+            at(running("ci", 0, "c1", Running), "bb"),
+        ];
+        assert_eq!(
+            reconcile(&desired[..1], Some("bb"), &replacing),
+            vec![noop("ci", 0)]
+        );
+        // Reported twice in the same state: the entry at the commit counts, in
+        // whichever order they come (a case proptest found).
+        let mut twice = vec![
+            at(running("ci", 0, "c1", Running), "aa"),
+            running("ci", 0, "c1", Running),
+        ];
+        for _ in 0..2 {
+            assert_eq!(
+                reconcile(&desired[..1], Some("bb"), &twice),
+                vec![noop("ci", 0)]
+            );
+            twice.reverse();
+        }
     }
 
     // ------------------------------------------------------------------ properties
@@ -351,11 +453,16 @@ mod tests {
     }
 
     /// Small id / replica / hash spaces so desired and running overlap often.
+    /// No commit, or one of two.
+    fn commit_of(c: u8) -> Option<String> {
+        (c > 0).then(|| format!("c{c}"))
+    }
+
     fn arb_case() -> impl Strategy<Value = (Vec<Assignment>, Vec<Running>)> {
         let key = (0u8..5, 0u32..3);
         (
             prop::collection::vec((key.clone(), 0u8..3), 0..12),
-            prop::collection::vec((key, 0u8..3, arb_state()), 0..12),
+            prop::collection::vec((key, 0u8..3, arb_state(), 0u8..3), 0..12),
         )
             .prop_map(|(d, r)| {
                 // The kind is a property of the spec id, as it is in a real publication.
@@ -368,7 +475,11 @@ mod tests {
                     .collect();
                 let running = r
                     .into_iter()
-                    .map(|((s, rep), h, st)| running(&format!("s{s}"), rep, &format!("h{h}"), st))
+                    .map(|((s, rep), h, st, c)| {
+                        let mut r = running(&format!("s{s}"), rep, &format!("h{h}"), st);
+                        r.commit = commit_of(c);
+                        r
+                    })
                     .collect();
                 (desired, running)
             })
@@ -392,9 +503,11 @@ mod tests {
         #[test]
         fn applying_the_actions_yields_the_desired_hashes(
             (desired, run) in arb_case(),
+            commit in 0u8..3,
             seed in any::<u64>(),
         ) {
-            let actions = reconcile(&desired, &run);
+            let commit = commit_of(commit);
+            let actions = reconcile(&desired, commit.as_deref(), &run);
             // The world as the worker sees it: a set of (spec, replica, hash).
             let mut world: BTreeSet<(String, u32, String)> =
                 run.iter().map(|r| (r.spec.clone(), r.replica, r.hash.clone())).collect();
@@ -438,15 +551,19 @@ mod tests {
             prop_assert_eq!(&world, &want);
             // Stops, then replaces, creates, noops; and input order does not matter.
             prop_assert!(ranks.windows(2).all(|w| w[0] <= w[1]));
-            let again = reconcile(&shuffled(&desired, seed), &shuffled(&run, seed ^ 0x5555));
+            let again = reconcile(&shuffled(&desired, seed), commit.as_deref(), &shuffled(&run, seed ^ 0x5555));
             prop_assert_eq!(&actions, &again);
             // Converged: reconciling the result again only yields noops (restarted
-            // instances are reported as starting).
+            // instances are reported as starting, at the generation's commit).
             let after: Vec<Running> = world
                 .iter()
-                .map(|(s, r, h)| running(s, *r, h, InstanceState::Starting))
+                .map(|(s, r, h)| {
+                    let mut x = running(s, *r, h, InstanceState::Starting);
+                    x.commit = commit.clone();
+                    x
+                })
                 .collect();
-            let settled = reconcile(&desired, &after).iter().all(|a| matches!(a, Action::Noop { .. }));
+            let settled = reconcile(&desired, commit.as_deref(), &after).iter().all(|a| matches!(a, Action::Noop { .. }));
             prop_assert!(settled, "not converged after one round");
         }
     }

@@ -414,6 +414,7 @@ mod tests {
             kind: SpecKind::WorkflowRun {
                 workflow: "ci.yml".into(),
                 job: None,
+                repository: None,
             },
             ..svc(id, 1, selector, cpu, mem)
         }
@@ -699,6 +700,7 @@ mod tests {
                         SpecKind::WorkflowRun {
                             workflow: "w.yml".into(),
                             job: None,
+                            repository: None,
                         }
                     },
                     labels: BTreeMap::new(),

@@ -174,6 +174,11 @@ pub struct RunningInstance {
     /// Short explanation for a failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// For a workflow run: the published commit it runs (or ran), checked out and
+    /// verified before anything runs; a run whose checkout fails runs nothing and says
+    /// why in `message`. `None` for services, and from agents that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
 }
 
 /// `POST /v1/heartbeat` (worker token).

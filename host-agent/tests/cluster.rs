@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -799,6 +800,8 @@ fn a_workflow_run_spec_runs_in_vms_and_reports_its_snapshots() {
     std::fs::write(repo.join(".github/workflows/slow.yml"), SLOW).unwrap();
     std::fs::write(repo.join("README"), "cluster test\n").unwrap();
     common::commit_all(&repo);
+    // The agent fetches the published commit from its --workdir (no --repository).
+    let head = git(&repo, &["rev-parse", "HEAD"]);
     let repo_s = repo.display().to_string();
     c.agent("w1", "", &["--workdir", &repo_s]);
     let spec = json!([{
@@ -806,7 +809,7 @@ fn a_workflow_run_spec_runs_in_vms_and_reports_its_snapshots() {
         "workflow": ".github/workflows/ci.yml", "job": "build",
         "resources": {"cpu_millis": 1000, "memory_mib": 512},
     }]);
-    assert!(c.publish(&commit(0xc1), &spec, &[]).status.success());
+    assert!(c.publish(&head, &spec, &[]).status.success());
     // (The master counts a workflow run in progress as converged: wait for its end.)
     let s = wait_for("the workflow run succeeded", CONVERGE, || {
         c.status().filter(|s| {
@@ -817,6 +820,7 @@ fn a_workflow_run_spec_runs_in_vms_and_reports_its_snapshots() {
     });
     let inst = &s["workers"][0]["instances"][0];
     assert_eq!(inst["state"], "succeeded", "{s:#}");
+    assert_eq!(inst["commit"], head.as_str(), "{s:#}");
     let snaps: Vec<String> = inst["snapshot_ids"]
         .as_array()
         .unwrap()
@@ -879,7 +883,7 @@ fn a_workflow_run_spec_runs_in_vms_and_reports_its_snapshots() {
         "workflow": ".github/workflows/slow.yml",
         "resources": {"cpu_millis": 1000, "memory_mib": 512},
     }]);
-    assert!(c.publish(&commit(0x51), &slow, &[]).status.success());
+    assert!(c.publish(&head, &slow, &[]).status.success());
     let runs_dir = w1.join("runs");
     wait_for("the slow run's step VM runs", CONVERGE, || {
         let pid_files: Vec<PathBuf> = std::fs::read_dir(&runs_dir)
@@ -930,4 +934,267 @@ fn a_workflow_run_spec_runs_in_vms_and_reports_its_snapshots() {
         steps[1]["status"], "skipped",
         "the second step never started"
     );
+}
+
+/// `git ARGS` in `dir` as a user would run it; its trimmed stdout.
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@example.invalid")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@example.invalid")
+        .output()
+        .expect("run git");
+    assert!(
+        out.status.success(),
+        "git {args:?} in {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// `git daemon` serving the repositories under `base` on a free loopback port;
+/// killed when dropped.
+struct GitDaemon {
+    child: Child,
+    port: u16,
+}
+
+impl GitDaemon {
+    fn start(base: &Path) -> GitDaemon {
+        for _ in 0..20 {
+            // A port the kernel just handed out; taken again by the time git binds it
+            // only by bad luck, and then we try another.
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut child = Command::new("git")
+                .arg("daemon")
+                .arg("--listen=127.0.0.1")
+                .arg(format!("--port={port}"))
+                .arg(format!("--base-path={}", base.display()))
+                .arg("--export-all")
+                .arg("--reuseaddr")
+                .arg(base)
+                .stdin(Stdio::null())
+                .stderr(Stdio::null())
+                .process_group(0)
+                .spawn()
+                .expect("spawn git daemon");
+            for _ in 0..100 {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return GitDaemon { child, port };
+                }
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            kill_group(&mut child);
+        }
+        panic!("git daemon did not start");
+    }
+
+    fn url(&self, repo: &str) -> String {
+        format!("git://127.0.0.1:{}/{repo}", self.port)
+    }
+}
+
+impl Drop for GitDaemon {
+    fn drop(&mut self) {
+        kill_group(&mut self.child);
+    }
+}
+
+/// `git daemon` is `git` running `git-daemon`, which forks per connection: kill the
+/// whole process group (the child's own, `process_group(0)`), not just `git`.
+fn kill_group(child: &mut Child) {
+    signal_group(child.id(), libc::SIGKILL);
+    let _ = child.wait();
+}
+
+fn signal_group(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) on the process group of a child this test started and has not
+    // reaped yet.
+    unsafe {
+        libc::kill(-(pid as libc::pid_t), sig);
+    }
+}
+
+/// The workflow of commit `which`: its one step records the commit's `message.txt`,
+/// which workflow ran, and the `github.sha` the run was given.
+fn recording_workflow(which: &str) -> String {
+    format!(
+        r#"
+name: ci
+on: push
+jobs:
+  build:
+    runs-on: ubuntu-latest
+    steps:
+      - name: record {which}
+        run: |
+          cat message.txt > recorded.txt
+          echo "workflow {which} at $GITHUB_SHA" >> recorded.txt
+"#
+    )
+}
+
+/// `udos --state-dir STATE ARGS`, which must succeed; its stdout.
+fn udos_at(state: &Path, args: &[&str]) -> Vec<u8> {
+    let out = Command::new(udos_bin())
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .output()
+        .expect("spawn udos");
+    assert!(
+        out.status.success(),
+        "udos {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// The instance of `spec` the first worker reports, once it has finished at `commit`.
+fn finished_at(c: &Cluster, spec: &str, commit: &str) -> Value {
+    wait_for(
+        &format!("{spec} finished at {}", &commit[..12]),
+        CONVERGE,
+        || {
+            let s = c.status()?;
+            let i = s["workers"][0]["instances"]
+                .as_array()?
+                .iter()
+                .find(|i| i["spec"] == spec)?
+                .clone();
+            let done = matches!(i["state"].as_str(), Some("succeeded" | "failed"));
+            (done && i["commit"] == commit).then_some(i)
+        },
+    )
+}
+
+/// What the run named in a finished instance's message (`run N`) recorded: the
+/// worker's `recorded.txt` as step 1 left it, restored from its snapshots.
+fn recorded_by(c: &Cluster, worker: &str, inst: &Value) -> String {
+    let msg = inst["message"].as_str().unwrap_or_default();
+    let run = msg
+        .strip_prefix("run ")
+        .unwrap_or_else(|| panic!("no run in {inst:#}"));
+    let target = c.path(&format!("restored-{worker}-{run}"));
+    let t = target.display().to_string();
+    udos_at(&c.path(worker), &["restore", run, "1", "--target", &t]);
+    std::fs::read_to_string(target.join("workspace/recorded.txt")).unwrap()
+}
+
+#[test]
+fn the_published_commit_is_what_runs() {
+    let (_g, _image) = serial();
+    let mut c = Cluster::new(&[]);
+    // Two commits whose workflow and files differ, served by a real git server:
+    // `repo.git` has A and B, `mirror.git` only A.
+    let src = c.path("src");
+    std::fs::create_dir_all(src.join(".github/workflows")).unwrap();
+    let commit_as = |which: &str| {
+        std::fs::write(
+            src.join(".github/workflows/ci.yml"),
+            recording_workflow(which),
+        )
+        .unwrap();
+        std::fs::write(src.join("message.txt"), format!("from commit {which}\n")).unwrap();
+        if !src.join(".git").exists() {
+            git(&src, &["init", "-q", "."]);
+        }
+        git(&src, &["add", "-A"]);
+        git(&src, &["commit", "-q", "-m", which]);
+        git(&src, &["rev-parse", "HEAD"])
+    };
+    let a = commit_as("A");
+    let b = commit_as("B");
+    let served = c.path("served");
+    std::fs::create_dir_all(&served).unwrap();
+    let src_s = src.display().to_string();
+    git(&served, &["clone", "-q", "--bare", &src_s, "repo.git"]);
+    git(&served, &["init", "-q", "--bare", "mirror.git"]);
+    let mirror_dir = served.join("mirror.git").display().to_string();
+    git(
+        &src,
+        &["push", "-q", &mirror_dir, &format!("{a}:refs/heads/main")],
+    );
+    let daemon = GitDaemon::start(&served);
+    let (repo, mirror) = (daemon.url("repo.git"), daemon.url("mirror.git"));
+    // The agent's own working tree is at neither commit's content: what runs must
+    // never come from it. Specs without a `repository` use its --repository.
+    std::fs::write(src.join("message.txt"), "from the agent's workdir\n").unwrap();
+    c.agent("w1", "", &["--workdir", &src_s, "--repository", &mirror]);
+
+    // One spec id and hash throughout (the publisher's hash need not cover the
+    // commit): A from the agent's repository, B from the one the spec names.
+    let spec = |repository: Option<&str>| {
+        let mut s = json!({
+            "id": "ci", "hash": format!("{:032x}", 0xc0),
+            "kind": "workflow_run", "workflow": ".github/workflows/ci.yml",
+            "resources": {"cpu_millis": 1000, "memory_mib": 512},
+        });
+        if let Some(r) = repository {
+            s["repository"] = json!(r);
+        }
+        json!([s])
+    };
+    for (n, commit, which, specs) in [(1, &a, "A", spec(None)), (2, &b, "B", spec(Some(&repo)))] {
+        let out = c.publish(commit, &specs, &[]);
+        assert_eq!(json_out(&out)["generation"], n);
+        let inst = finished_at(&c, "ci", commit);
+        assert_eq!(inst["state"], "succeeded", "{inst:#}");
+        assert_eq!(
+            recorded_by(&c, "w1", &inst),
+            format!("from commit {which}\nworkflow {which} at {commit}\n")
+        );
+        let s = c.converged(n);
+        let st = &s["specs"][0]["instances"][0];
+        assert_eq!(st["running_commit"], commit.as_str(), "{s:#}");
+        let text = String::from_utf8_lossy(&c.udos(&["status"]).stdout).into_owned();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("ci "))
+            .unwrap_or_else(|| panic!("no ci line in\n{text}"));
+        assert!(line.contains(&commit[..12]), "{text}");
+    }
+    let runs = |c: &Cluster| -> usize {
+        let v: Value =
+            serde_json::from_slice(&udos_at(&c.path("w1"), &["runs", "--json"])).unwrap();
+        v.as_array().unwrap().len()
+    };
+    assert_eq!(runs(&c), 2);
+    let checkouts = c.path("w1").join("agent/checkouts");
+    let left = |d: &Path| std::fs::read_dir(d).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(left(&checkouts), 0, "every run's worktree is removed");
+
+    // A commit the repository does not have: refused with a clear message, nothing runs.
+    let missing = "c0ffee".repeat(7)[..40].to_string();
+    let out = c.publish(&missing, &spec(None), &[]);
+    assert_eq!(json_out(&out)["generation"], 3);
+    let inst = finished_at(&c, "ci", &missing);
+    assert_eq!(inst["state"], "failed", "{inst:#}");
+    let msg = inst["message"].as_str().unwrap();
+    eprintln!("the missing commit: {msg}");
+    assert!(
+        msg.contains("nothing ran")
+            && msg.contains(&format!("cannot fetch commit {missing} from {mirror}")),
+        "{msg}"
+    );
+    assert_eq!(
+        runs(&c),
+        2,
+        "a run was started for a commit that does not exist"
+    );
+    assert_eq!(left(&checkouts), 0);
+    let text = String::from_utf8_lossy(&c.udos(&["status"]).stdout).into_owned();
+    assert!(text.contains("cannot fetch commit"), "{text}");
+    drop(daemon);
 }

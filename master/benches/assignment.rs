@@ -27,6 +27,7 @@ fn spec(i: usize) -> DesiredSpec {
         SpecKind::WorkflowRun {
             workflow: format!(".github/workflows/job-{i}.yml"),
             job: Some("build".into()),
+            repository: None,
         }
     } else {
         SpecKind::Service {
@@ -140,6 +141,7 @@ fn main() -> anyhow::Result<()> {
                     uptime_s: 1,
                     snapshot_ids: vec![],
                     message: None,
+                    commit: None,
                 })
                 .collect(),
             used: Resources::default(),

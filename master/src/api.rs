@@ -140,7 +140,8 @@ pub enum InstanceHealth {
     Starting,
     /// Reported failed with the desired hash.
     Failed,
-    /// The worker runs another hash of it.
+    /// The worker runs another hash of it (or, for a workflow run, ran it at another
+    /// commit than the active generation's).
     Outdated,
     /// The worker has seen the active generation but does not report the instance.
     Missing,
@@ -165,6 +166,10 @@ pub struct InstanceStatus {
     /// The hash the worker reports for it, when it reports it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub running_hash: Option<String>,
+    /// The commit the worker reports for it (workflow runs: the commit checked out and
+    /// run), when it reports one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_commit: Option<String>,
     /// The worker's message (failures) or the scheduler's reason (unschedulable).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use udos_core::desired::{Resources, SpecKind};
+use udos_core::desired::{DesiredSpec, Resources, SpecKind};
 use udos_core::schedule::Placement;
 use udos_core::wire::{Heartbeat, InstanceState, RunningInstance, SignatureState};
 
@@ -54,6 +54,22 @@ fn kind_name(kind: &SpecKind) -> &'static str {
         SpecKind::Service { .. } => "service",
         SpecKind::WorkflowRun { .. } => "workflow_run",
     }
+}
+
+/// For a workflow run reported at another commit than the active generation's: (the
+/// commit it ran, the one wanted). Services run no commit's files; a run that reports
+/// no commit (an older agent) is judged by its hash alone.
+fn other_commit<'a>(
+    spec: &DesiredSpec,
+    active: Option<&'a GenerationRecord>,
+    r: &'a RunningInstance,
+) -> Option<(&'a str, &'a str)> {
+    if !matches!(spec.kind, SpecKind::WorkflowRun { .. }) {
+        return None;
+    }
+    let want = active?.commit.as_str();
+    let ran = r.commit.as_deref()?;
+    (!ran.eq_ignore_ascii_case(want)).then_some((ran, want))
 }
 
 /// Compute the status report. `workers` in any order; the report lists them by id.
@@ -147,6 +163,7 @@ pub fn compute_status(
                     worker: None,
                     state: InstanceHealth::Unschedulable,
                     running_hash: None,
+                    running_commit: None,
                     message: Some(reason.to_string()),
                 });
                 continue;
@@ -156,6 +173,7 @@ pub fn compute_status(
                 worker: Some(worker_id.to_string()),
                 state: InstanceHealth::WorkerDown,
                 running_hash: None,
+                running_commit: None,
                 message: None,
             };
             let worker = by_id.get(worker_id);
@@ -179,13 +197,22 @@ pub fn compute_status(
                         }
                         Some(r) => {
                             st.running_hash = Some(r.hash.clone());
+                            st.running_commit = r.commit.clone();
                             st.message = r.message.clone();
+                            let other_commit = other_commit(spec, active, r);
                             if r.hash != spec.hash {
                                 st.state = InstanceHealth::Outdated;
                                 drift_instances.push(format!(
                                     "worker {worker_id} runs {name} hash {}, wants {}",
                                     short(&r.hash),
                                     short(&spec.hash)
+                                ));
+                            } else if let Some((ran, want)) = other_commit {
+                                st.state = InstanceHealth::Outdated;
+                                drift_instances.push(format!(
+                                    "worker {worker_id} runs {name} at commit {}, wants {}",
+                                    short(ran),
+                                    short(want)
                                 ));
                             } else {
                                 // A workflow run converges when it has finished well; a
@@ -326,7 +353,6 @@ pub fn compute_status(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use udos_core::desired::DesiredSpec;
     use udos_core::wire::Unschedulable;
 
     const H1: &str = "1111111111111111aaaa";
@@ -376,6 +402,7 @@ mod tests {
                         uptime_s: 1,
                         snapshot_ids: vec![],
                         message: None,
+                        commit: None,
                     })
                     .collect(),
                 used: Resources::default(),
@@ -456,6 +483,7 @@ mod tests {
         run.kind = SpecKind::WorkflowRun {
             workflow: "w.yml".into(),
             job: None,
+            repository: None,
         };
         let gen = GenerationRecord {
             number: 1,
@@ -496,6 +524,73 @@ mod tests {
         let r = status(InstanceState::Succeeded, InstanceState::Succeeded);
         assert_eq!(r.converged_instances, 1);
         assert_eq!(r.specs[1].instances[0].state, InstanceHealth::Missing);
+    }
+
+    #[test]
+    fn a_workflow_run_at_another_commit_is_outdated() {
+        let mut run = svc("ci", H1, 1);
+        run.kind = SpecKind::WorkflowRun {
+            workflow: "w.yml".into(),
+            job: None,
+            repository: None,
+        };
+        let gen = GenerationRecord {
+            number: 2,
+            commit: "b".repeat(40),
+            intent_hash: "i".repeat(64),
+            specs: vec![run, svc("web", H1, 1)],
+            signature: None,
+            published_at_ms: 0,
+            publisher: "ci".into(),
+        };
+        let placement = Placement {
+            by_worker: BTreeMap::from([(
+                "w1".to_string(),
+                vec![("ci".to_string(), 0), ("web".to_string(), 0)],
+            )]),
+            unschedulable: vec![],
+        };
+        // The same hash, run at `ran` (None: an agent that does not say).
+        let status = |ran: Option<String>| {
+            let mut w = worker(
+                "w1",
+                5,
+                Some((
+                    2,
+                    vec![
+                        ("ci", 0, H1, InstanceState::Succeeded),
+                        ("web", 0, H1, InstanceState::Running),
+                    ],
+                )),
+            );
+            if let Some(hb) = w.heartbeat.as_mut() {
+                for i in hb.instances.iter_mut() {
+                    // A service reporting a commit is not judged by it.
+                    i.commit = ran.clone();
+                }
+            }
+            compute_status(Some(&gen), &placement, &[w], 5, 30_000, None)
+        };
+        let r = status(Some("a".repeat(40)));
+        assert_eq!(r.specs[0].instances[0].state, InstanceHealth::Outdated);
+        assert_eq!(
+            r.specs[0].instances[0].running_commit.as_deref(),
+            Some("a".repeat(40).as_str())
+        );
+        assert_eq!(r.converged_instances, 1, "only the service: {:?}", r.drift);
+        assert!(
+            r.drift.contains(
+                &"worker w1 runs ci@0 at commit aaaaaaaaaaaa, wants bbbbbbbbbbbb".to_string()
+            ),
+            "{:?}",
+            r.drift
+        );
+        let r = status(Some("B".repeat(40)));
+        assert_eq!(r.specs[0].instances[0].state, InstanceHealth::Converged);
+        assert_eq!(r.converged_instances, 2);
+        let r = status(None);
+        assert_eq!(r.converged_instances, 2);
+        assert_eq!(r.specs[0].instances[0].running_commit, None);
     }
 
     #[test]

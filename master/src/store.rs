@@ -632,6 +632,7 @@ mod tests {
             kind: SpecKind::WorkflowRun {
                 workflow: "ci.yml".into(),
                 job: None,
+                repository: None,
             },
             labels: BTreeMap::new(),
             selector: BTreeMap::new(),

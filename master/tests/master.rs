@@ -119,6 +119,7 @@ fn rejected_publication_changes_nothing() {
         escaping.kind = udos_core::desired::SpecKind::WorkflowRun {
             workflow: path.into(),
             job: None,
+            repository: None,
         };
         let e = bad(commit(2), vec![escaping]);
         assert!(
@@ -788,6 +789,7 @@ fn status_explains_drift_and_metrics_expose_gauges() {
                     uptime_s: 5,
                     snapshot_ids: vec![],
                     message: None,
+                    commit: None,
                 },
                 RunningInstance {
                     spec: "web".into(),
@@ -797,6 +799,7 @@ fn status_explains_drift_and_metrics_expose_gauges() {
                     uptime_s: 5,
                     snapshot_ids: vec![],
                     message: None,
+                    commit: None,
                 },
             ],
             used: Resources::default(),

@@ -388,6 +388,7 @@ type Summary = Vec<(
     &'static str,
     Vec<String>,
     Option<String>,
+    Option<String>,
 )>;
 
 fn summary(instances: &[RunningInstance]) -> Summary {
@@ -401,6 +402,7 @@ fn summary(instances: &[RunningInstance]) -> Summary {
                 super::state_name(i.state),
                 i.snapshot_ids.clone(),
                 i.message.clone(),
+                i.commit.clone(),
             )
         })
         .collect();
@@ -599,6 +601,7 @@ pub fn run(cfg: &AgentConfig, exec: &mut dyn Executor, stop: Arc<AtomicBool>) ->
 
         // Reconcile.
         let assignments: &[Assignment] = desired.as_ref().map_or(&[], |d| &d.assignments);
+        let commit: Option<&str> = desired.as_ref().and_then(|d| d.commit.as_deref());
         let mut instances = exec.poll();
         let now = Instant::now();
         backoff.settle(&instances, now);
@@ -609,10 +612,11 @@ pub fn run(cfg: &AgentConfig, exec: &mut dyn Executor, stop: Arc<AtomicBool>) ->
                 replica: i.replica,
                 hash: i.hash.clone(),
                 state: i.state,
+                commit: i.commit.clone(),
             })
             .collect();
         let mut acted = false;
-        for action in reconcile(assignments, &running) {
+        for action in reconcile(assignments, commit, &running) {
             match action {
                 Action::Noop { .. } => {}
                 Action::Stop {
@@ -638,15 +642,28 @@ pub fn run(cfg: &AgentConfig, exec: &mut dyn Executor, stop: Arc<AtomicBool>) ->
                 }
                 Action::Replace { old_hash, new } => {
                     let key = (new.spec.id.clone(), new.replica);
-                    let restart = old_hash == new.spec.hash;
+                    let old = instances
+                        .iter()
+                        .find(|i| i.spec == key.0 && i.replica == key.1 && i.hash == old_hash);
+                    // Same hash: a restart, or a workflow run of an earlier commit.
+                    let ran = old.and_then(|i| i.commit.clone());
+                    let new_commit = ran
+                        .as_deref()
+                        .is_some_and(|r| commit.is_some_and(|c| !c.eq_ignore_ascii_case(r)));
+                    let restart = old_hash == new.spec.hash && !new_commit;
                     if restart && !backoff.ready(&key, now) {
                         continue;
                     }
-                    let why = instances
-                        .iter()
-                        .find(|i| i.spec == key.0 && i.replica == key.1 && i.hash == old_hash)
-                        .and_then(|i| i.message.clone());
-                    if restart {
+                    let why = old.and_then(|i| i.message.clone());
+                    if new_commit {
+                        cfg.log(&format!(
+                            "run {}@{} again: it ran commit {}, the generation is at {}",
+                            key.0,
+                            key.1,
+                            short(ran.as_deref().unwrap_or("-")),
+                            short(commit.unwrap_or("-"))
+                        ));
+                    } else if restart {
                         backoff.note(key.clone(), now);
                         cfg.log(&format!(
                             "restart {}@{}{}",
@@ -666,7 +683,7 @@ pub fn run(cfg: &AgentConfig, exec: &mut dyn Executor, stop: Arc<AtomicBool>) ->
                     if let Err(e) = exec.stop(&key.0, key.1, &old_hash) {
                         cfg.log(&format!("error: stopping {}@{}: {e:#}", key.0, key.1));
                     }
-                    if let Err(e) = exec.create(&new) {
+                    if let Err(e) = exec.create(&new, commit) {
                         backoff.note(key.clone(), now);
                         cfg.log(&format!("error: creating {}@{}: {e:#}", key.0, key.1));
                     }
@@ -677,13 +694,19 @@ pub fn run(cfg: &AgentConfig, exec: &mut dyn Executor, stop: Arc<AtomicBool>) ->
                     if !backoff.ready(&key, now) {
                         continue;
                     }
+                    let at = match (&a.spec.kind, commit) {
+                        (udos_core::desired::SpecKind::WorkflowRun { .. }, Some(c)) => {
+                            format!(" at commit {}", short(c))
+                        }
+                        _ => String::new(),
+                    };
                     cfg.log(&format!(
-                        "create {}@{} (hash {})",
+                        "create {}@{} (hash {}){at}",
                         key.0,
                         key.1,
                         short(&a.spec.hash)
                     ));
-                    if let Err(e) = exec.create(&a) {
+                    if let Err(e) = exec.create(&a, commit) {
                         backoff.note(key.clone(), now);
                         cfg.log(&format!("error: creating {}@{}: {e:#}", key.0, key.1));
                     }
@@ -772,15 +795,20 @@ mod tests {
     #[derive(Default)]
     struct FakeState {
         running: Vec<RunningInstance>,
-        created: Vec<(String, u32, String)>,
+        created: Vec<(String, u32, String, Option<String>)>,
         stopped: Vec<(String, u32, String)>,
     }
 
     impl Executor for Fake {
-        fn create(&mut self, a: &Assignment) -> Result<()> {
+        fn create(&mut self, a: &Assignment, commit: Option<&str>) -> Result<()> {
             let mut g = self.inner.lock().unwrap();
-            g.created
-                .push((a.spec.id.clone(), a.replica, a.spec.hash.clone()));
+            g.created.push((
+                a.spec.id.clone(),
+                a.replica,
+                a.spec.hash.clone(),
+                commit.map(str::to_string),
+            ));
+            let is_run = matches!(a.spec.kind, SpecKind::WorkflowRun { .. });
             let state = match a.spec.kind {
                 SpecKind::Service { .. } => InstanceState::Running,
                 SpecKind::WorkflowRun { .. } => InstanceState::Succeeded,
@@ -797,6 +825,7 @@ mod tests {
                     vec![]
                 },
                 message: None,
+                commit: is_run.then(|| commit.map(str::to_string)).flatten(),
             });
             Ok(())
         }
@@ -827,6 +856,9 @@ mod tests {
         fn created(&self) -> usize {
             self.inner.lock().unwrap().created.len()
         }
+        fn created_list(&self) -> Vec<(String, u32, String, Option<String>)> {
+            self.inner.lock().unwrap().created.clone()
+        }
     }
 
     fn svc(id: &str, hash: &str) -> DesiredSpec {
@@ -853,6 +885,7 @@ mod tests {
             kind: SpecKind::WorkflowRun {
                 workflow: ".github/workflows/ci.yml".into(),
                 job: None,
+                repository: None,
             },
             labels: BTreeMap::new(),
             selector: BTreeMap::new(),
@@ -1082,6 +1115,56 @@ mod tests {
     }
 
     #[test]
+    fn a_workflow_run_runs_again_for_a_new_commit_and_reports_it() {
+        let m = Master::new(None);
+        let server = spawn(m.config.clone(), 1).unwrap();
+        let url = server.url();
+        let publisher = m.publisher(&url);
+        let cfg = agent_cfg(&m, &url, "w1");
+        let fake = Fake::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let agent = {
+            let (cfg, mut fake, stop) = (cfg.clone(), fake.clone(), stop.clone());
+            std::thread::spawn(move || run(&cfg, &mut fake, stop))
+        };
+        // The publisher's hash covers the spec, not the commit's files: the same hash.
+        let specs = vec![wf("ci", &"c1".repeat(8)), svc("web", &"a1".repeat(8))];
+        let reported_commit = |c: &Client| -> Option<String> {
+            let s = c.status().ok()?;
+            let i = s
+                .workers
+                .first()?
+                .instances
+                .iter()
+                .find(|i| i.spec == "ci")?;
+            i.commit.clone()
+        };
+        for (n, commit) in [(1, COMMIT_A), (2, COMMIT_B)] {
+            publisher
+                .publish(&PublishRequest {
+                    commit: commit.into(),
+                    specs: specs.clone(),
+                    signature: None,
+                })
+                .unwrap();
+            wait_until(&format!("generation {n}"), Duration::from_secs(20), || {
+                converged(&publisher, n) && reported_commit(&publisher).as_deref() == Some(commit)
+            });
+            let spec = &publisher.status().unwrap().specs[0];
+            assert_eq!(spec.instances[0].running_commit.as_deref(), Some(commit));
+        }
+        let created = fake.created_list();
+        let runs: Vec<_> = created.iter().filter(|c| c.0 == "ci").collect();
+        assert_eq!(runs.len(), 2, "{created:?}");
+        assert_eq!(runs[0].3.as_deref(), Some(COMMIT_A));
+        assert_eq!(runs[1].3.as_deref(), Some(COMMIT_B));
+        // The service was not touched by the new commit.
+        assert_eq!(created.iter().filter(|c| c.0 == "web").count(), 1);
+        stop.store(true, Ordering::Relaxed);
+        agent.join().unwrap().unwrap();
+    }
+
+    #[test]
     fn reports_leave_out_stopping_duplicates() {
         let mk = |hash: &str, state| RunningInstance {
             spec: "web".into(),
@@ -1091,6 +1174,7 @@ mod tests {
             uptime_s: 1,
             snapshot_ids: vec![],
             message: None,
+            commit: None,
         };
         let r = reportable(&[
             mk("a", InstanceState::Stopping),

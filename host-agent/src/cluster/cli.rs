@@ -134,8 +134,13 @@ pub struct AgentArgs {
     /// A heartbeat at least this often, seconds (and whenever an instance changes)
     #[arg(long, default_value_t = 10, value_name = "SECS")]
     pub heartbeat: u64,
-    /// Workflow paths of workflow_run specs are relative to this directory (a git
-    /// working tree)
+    /// Fetch the published commit of workflow_run specs that name no `repository`
+    /// from this URL (https://, http://, ssh://, git://, file://, or host:path)
+    #[arg(long, value_name = "URL")]
+    pub repository: Option<String>,
+    /// Without --repository, fetch the published commit from this local git
+    /// repository (each run checks the commit out into its own worktree; the
+    /// directory's own checkout is never run)
     #[arg(long, default_value = ".", value_name = "DIR")]
     pub workdir: PathBuf,
     /// Which hypervisor runs the VMs: auto, cloud-hypervisor or qemu
@@ -402,6 +407,10 @@ fn agent_inner(state: &StateDir, a: AgentArgs) -> Result<()> {
         .workdir
         .canonicalize()
         .with_context(|| format!("the working directory {}", a.workdir.display()))?;
+    if let Some(url) = &a.repository {
+        udos_core::desired::check_repository(url)
+            .map_err(|why| anyhow::anyhow!("--repository `{url}` {why}"))?;
+    }
     let mut cfg = AgentConfig::new(
         a.master,
         a.worker_id,
@@ -425,6 +434,7 @@ fn agent_inner(state: &StateDir, a: AgentArgs) -> Result<()> {
         state.clone(),
         env,
         VmExecutorConfig {
+            repository: a.repository,
             workdir,
             stream_console: a.console,
             ..VmExecutorConfig::default()
@@ -623,11 +633,15 @@ pub fn render_status(r: &StatusReport) -> String {
             .iter()
             .map(|i| {
                 format!(
-                    "{}@{} {} {}",
+                    "{}@{} {} {}{}",
                     t(&i.spec),
                     i.replica,
                     super::state_name(i.state),
-                    human_secs(i.uptime_s)
+                    human_secs(i.uptime_s),
+                    i.commit
+                        .as_deref()
+                        .map(|c| format!(" at {}", t(short(c))))
+                        .unwrap_or_default()
                 )
             })
             .collect::<Vec<_>>()
@@ -657,19 +671,20 @@ pub fn render_status(r: &StatusReport) -> String {
         let _ = writeln!(o);
         let _ = writeln!(
             o,
-            "{:<20} {:<13} {:<13} {:>7}  {:<16} STATE",
-            "SPEC", "KIND", "HASH", "REPLICA", "WORKER"
+            "{:<20} {:<13} {:<13} {:>7}  {:<16} {:<13} STATE",
+            "SPEC", "KIND", "HASH", "REPLICA", "WORKER", "COMMIT"
         );
         for s in &r.specs {
             for i in &s.instances {
                 let _ = writeln!(
                     o,
-                    "{:<20} {:<13} {:<13} {:>7}  {:<16} {}{}",
+                    "{:<20} {:<13} {:<13} {:>7}  {:<16} {:<13} {}{}",
                     t(&s.id),
                     t(&s.kind),
                     t(short(&s.hash)),
                     i.replica,
                     t(i.worker.as_deref().unwrap_or("-")),
+                    t(short(i.running_commit.as_deref().unwrap_or("-"))),
                     health_name(i.state),
                     i.message
                         .as_deref()
@@ -800,12 +815,13 @@ mod tests {
             "assigned": ["web@0"],
             "instances": [{
                 "spec": "web\u001b[1A", "replica": 0, "hash": "ab", "state": "failed",
-                "uptime_s": 3, "snapshot_ids": ["\u001b[31mdeadbeef"],
+                "uptime_s": 3, "snapshot_ids": ["\u001b[31mdeadbeef"], "commit": "\u001b[2Jc0ffee",
                 "message": "died\nspec web: all fine\r\u202eenil"
             }]
         }],
         "specs": [{"id": "web", "hash": "ab", "kind": "service", "instances": [{
             "replica": 0, "worker": "w1\u001b]0;owned\u0007", "state": "failed",
+            "running_commit": "\u001b[2Jc0ffee",
             "message": "died\nspec web: all fine"
         }]}],
         "unschedulable": [],
@@ -902,6 +918,22 @@ mod tests {
     }
 
     #[test]
+    fn status_names_the_commit_each_run_ran() {
+        let a = "a".repeat(40);
+        let b = "b".repeat(40);
+        let text = HOSTILE.replace("\\u001b[2Jc0ffee", &a).replace(
+            "\"commit\": \"0123456789abcdef\"",
+            &format!("\"commit\": \"{b}\""),
+        );
+        let report: StatusReport = serde_json::from_str(&text).unwrap();
+        let out = render_status(&report);
+        assert!(out.contains(&format!("commit {}", &b[..12])), "{out}");
+        assert!(out.contains(&format!("failed 3s at {}", &a[..12])), "{out}");
+        let spec_line = out.lines().find(|l| l.starts_with("web ")).unwrap();
+        assert!(spec_line.contains(&a[..12]), "{out}");
+    }
+
+    #[test]
     fn status_prints_outside_text_escaped() {
         let report: StatusReport = serde_json::from_str(HOSTILE).unwrap();
         let out = render_status(&report);
@@ -911,6 +943,7 @@ mod tests {
             .collect();
         assert!(raw.is_empty(), "raw control characters {raw:?} in\n{out}");
         for shown in [
+            "\\x1b[2Jc0ffee",
             "w1\\x1b]0;owned\\x07",
             "zone\\x1b[2J=a\\u{9b}31m",
             "died\\nspec web",

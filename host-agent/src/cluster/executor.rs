@@ -1,11 +1,14 @@
 //! What a worker runs: the [`Executor`] trait the agent loop drives, and
 //! [`VmExecutor`], which runs spec instances in real VMs.
 //!
-//! - **workflow_run**: the workflow (a path relative to the agent's working directory)
-//!   runs through the step runner ([`crate::runner::run`]) on a thread of its own:
-//!   `Running`, then `Succeeded` or `Failed` with the restic snapshot ids of its layers.
-//!   Finished runs are remembered (`<state>/agent/finished.json`), so a restarted agent
-//!   does not run them again.
+//! - **workflow_run**: the generation's commit is fetched and checked out into a
+//!   worktree of the run's own ([`super::checkout`]: from the spec's `repository`, else
+//!   the agent's `--repository`, else its `--workdir`), verified, and the workflow (a
+//!   path relative to that worktree) runs through the step runner
+//!   ([`crate::runner::run`]) on a thread of its own: `Running`, then `Succeeded` or
+//!   `Failed` with the restic snapshot ids of its layers; the worktree is removed when
+//!   the run ends. Every report names the commit. Finished runs are remembered
+//!   (`<state>/agent/finished.json`), so a restarted agent does not run them again.
 //! - **service**: one long-running VM of the udos image with the base layer as its
 //!   root, kernel command line `udos.mode=service`; `Starting` until PID 1 prints
 //!   `udos-init: service up`, then `Running`; `Failed` when the VM ends by itself (the
@@ -13,7 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -24,6 +27,7 @@ use udos_core::desired::{DesiredSpec, SpecKind};
 use udos_core::wire::{Assignment, InstanceState, RunningInstance};
 use udos_vmm::{Disk, VmExit, VmSpec};
 
+use super::checkout::{Checkouts, Source};
 use crate::runner::{self, RunSettings};
 use crate::setup::Env;
 use crate::state::StateDir;
@@ -32,10 +36,11 @@ use crate::store::Store;
 /// What the agent loop needs from whatever runs instances. Implementations return
 /// quickly: work happens in the background and shows up in [`Executor::poll`].
 pub trait Executor {
-    /// Start an instance of `a.spec` (replica `a.replica`). An instance that cannot
+    /// Start an instance of `a.spec` (replica `a.replica`) of the generation at
+    /// `commit` (a workflow run runs that commit's files). An instance that cannot
     /// start is best reported by [`Executor::poll`] as `Failed` with a message; an
     /// `Err` is logged by the agent and retried later.
-    fn create(&mut self, a: &Assignment) -> Result<()>;
+    fn create(&mut self, a: &Assignment, commit: Option<&str>) -> Result<()>;
     /// Stop the instance `(spec, replica)` that runs `hash` (forget it, when it has
     /// finished). Stopping something that does not run is not an error.
     fn stop(&mut self, spec: &str, replica: u32, hash: &str) -> Result<()>;
@@ -76,6 +81,8 @@ struct Instance {
     spec: String,
     replica: u32,
     hash: String,
+    /// The commit a workflow run runs (services: none).
+    commit: Option<String>,
     workflow: bool,
     started_unix: u64,
     cell: SharedCell,
@@ -107,12 +114,19 @@ struct FinishedRun {
     snapshot_ids: Vec<String>,
     #[serde(default)]
     message: Option<String>,
+    /// Absent from runs an older agent finished.
+    #[serde(default)]
+    commit: Option<String>,
 }
 
 /// How [`VmExecutor`] runs things.
 #[derive(Debug, Clone)]
 pub struct VmExecutorConfig {
-    /// Workflow paths are relative to this directory (a git working tree).
+    /// The repository to fetch a workflow run's commit from when its spec names none
+    /// (the agent's `--repository`).
+    pub repository: Option<String>,
+    /// The repository to fetch from when neither the spec nor `repository` names one
+    /// (a local git repository: the agent's `--workdir`).
     pub workdir: PathBuf,
     /// Step VMs get this much memory when a workflow_run spec asks for none, MiB.
     pub default_step_memory_mib: u64,
@@ -125,6 +139,7 @@ pub struct VmExecutorConfig {
 impl Default for VmExecutorConfig {
     fn default() -> Self {
         VmExecutorConfig {
+            repository: None,
             workdir: PathBuf::from("."),
             default_step_memory_mib: 512,
             step_timeout: Duration::from_secs(600),
@@ -137,6 +152,9 @@ struct Shared {
     state: StateDir,
     env: Env,
     config: VmExecutorConfig,
+    checkouts: Checkouts,
+    /// Numbers the runs' checkouts.
+    runs: AtomicU64,
 }
 
 /// Runs spec instances in VMs (see the module docs).
@@ -191,6 +209,7 @@ impl VmExecutor {
                 spec: f.spec,
                 replica: f.replica,
                 hash: f.hash,
+                commit: f.commit,
                 workflow: true,
                 started_unix: f.started_unix,
                 cell: Arc::new(Mutex::new(Cell {
@@ -205,8 +224,15 @@ impl VmExecutor {
                 persisted: true,
             })
             .collect();
+        let checkouts = Checkouts::new(&agent_dir)?;
         Ok(VmExecutor {
-            shared: Arc::new(Shared { state, env, config }),
+            shared: Arc::new(Shared {
+                state,
+                env,
+                config,
+                checkouts,
+                runs: AtomicU64::new(0),
+            }),
             instances,
             finished_file,
             vms_dir,
@@ -234,6 +260,7 @@ impl VmExecutor {
                     started_unix: i.started_unix,
                     snapshot_ids: c.snapshot_ids,
                     message: c.message,
+                    commit: i.commit.clone(),
                 }
             })
             .collect();
@@ -245,15 +272,34 @@ impl VmExecutor {
     fn start_workflow(
         &self,
         spec: &DesiredSpec,
+        commit: Option<&str>,
         cell: SharedCell,
         halt: Arc<AtomicBool>,
     ) -> Result<JoinHandle<()>> {
-        let SpecKind::WorkflowRun { workflow, job } = &spec.kind else {
+        let SpecKind::WorkflowRun {
+            workflow,
+            job,
+            repository,
+        } = &spec.kind
+        else {
             unreachable!("only called for workflow runs")
         };
         let shared = self.shared.clone();
-        let workflow = workflow.clone();
-        let job = job.clone();
+        let run = RunOf {
+            source: Source::pick(
+                repository.as_deref(),
+                shared.config.repository.as_deref(),
+                &shared.config.workdir,
+            ),
+            commit: commit.map(str::to_string),
+            checkout_name: format!(
+                "run-{}-{}",
+                shared.runs.fetch_add(1, Ordering::Relaxed) + 1,
+                file_name_part(&spec.id)
+            ),
+            workflow: workflow.clone(),
+            job: job.clone(),
+        };
         let memory = if spec.resources.memory_mib > 0 {
             spec.resources.memory_mib
         } else {
@@ -264,15 +310,14 @@ impl VmExecutor {
             memory_mib: memory.max(64),
             step_timeout: shared.config.step_timeout,
             stream_console: shared.config.stream_console,
-            cancel: Some(halt),
+            cancel: Some(halt.clone()),
             ..RunSettings::default()
         };
         let name = format!("udos-run-{}", spec.id);
         std::thread::Builder::new()
             .name(name)
             .spawn(move || {
-                let result = workflow_file(&shared.config.workdir, &workflow)
-                    .and_then(|path| run_workflow(&shared, &path, job.as_deref(), &settings));
+                let result = run_at_commit(&shared, &run, &halt, &settings);
                 set(&cell, |c| match result {
                     Ok(report) => {
                         c.snapshot_ids = report
@@ -405,10 +450,11 @@ impl VmExecutor {
     }
 }
 
-/// The file a workflow_run spec names, inside `workdir`. The master refuses paths
-/// that leave the repository, but a worker does not trust the master: the path must
-/// be relative and normalised ([`udos_core::desired::check_workflow_path`]) and, with
-/// symlinks followed, still name a file inside `workdir`.
+/// The file a workflow_run spec names, inside `workdir` (the run's checkout). The
+/// master refuses paths that leave the repository, but a worker does not trust the
+/// master: the path must be relative and normalised
+/// ([`udos_core::desired::check_workflow_path`]) and, with symlinks followed, still
+/// name a file inside `workdir`.
 pub fn workflow_file(workdir: &Path, workflow: &str) -> Result<PathBuf> {
     udos_core::desired::check_workflow_path(workflow)
         .map_err(|why| anyhow::anyhow!("refusing the workflow path `{workflow}`: it {why}"))?;
@@ -429,10 +475,65 @@ pub fn workflow_file(workdir: &Path, workflow: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// What a workflow run runs: its commit, from where, and which workflow and job.
+struct RunOf {
+    source: Source,
+    commit: Option<String>,
+    /// The file name of its checkout.
+    checkout_name: String,
+    workflow: String,
+    job: Option<String>,
+}
+
+/// `id` as a safe part of a file name (spec ids are validated by the master; the
+/// agent does not rely on it).
+fn file_name_part(id: &str) -> String {
+    id.chars()
+        .take(64)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Check out the run's commit, run its workflow from that checkout, and remove the
+/// checkout (when it goes out of scope, whatever happened).
+fn run_at_commit(
+    shared: &Shared,
+    run: &RunOf,
+    halt: &AtomicBool,
+    settings: &RunSettings,
+) -> Result<crate::report::RunReport> {
+    let commit = run
+        .commit
+        .as_deref()
+        .context("the assignment names no commit to run")?;
+    let checkout = shared
+        .checkouts
+        .checkout(&run.source, commit, &run.checkout_name)
+        .context("nothing ran")?;
+    if halt.load(Ordering::Acquire) {
+        anyhow::bail!("stopped before it ran");
+    }
+    let path = workflow_file(checkout.path(), &run.workflow)?;
+    run_workflow(
+        shared,
+        &path,
+        run.job.as_deref(),
+        checkout.commit(),
+        settings,
+    )
+}
+
 fn run_workflow(
     shared: &Shared,
     path: &Path,
     job: Option<&str>,
+    commit: &str,
     settings: &RunSettings,
 ) -> Result<crate::report::RunReport> {
     let args = crate::plan::PlanArgs {
@@ -448,6 +549,13 @@ fn run_workflow(
             anyhow::bail!("the workflow does not run: {}", reasons.join("; "))
         }
     };
+    // What the run calls `github.sha` is what git says the tree is: the same commit.
+    if !req.config.facts.sha.eq_ignore_ascii_case(commit) {
+        anyhow::bail!(
+            "the planned run is at commit `{}`, not at the published {commit}",
+            req.config.facts.sha
+        );
+    }
     let store = Store::open(&shared.state.db())?;
     runner::run(&shared.env.prepared(&shared.state), store, *req, settings)
 }
@@ -470,7 +578,7 @@ fn last_console_line(path: &Path) -> Option<String> {
 }
 
 impl Executor for VmExecutor {
-    fn create(&mut self, a: &Assignment) -> Result<()> {
+    fn create(&mut self, a: &Assignment, commit: Option<&str>) -> Result<()> {
         let cell = Arc::new(Mutex::new(Cell {
             state: InstanceState::Starting,
             message: None,
@@ -481,7 +589,7 @@ impl Executor for VmExecutor {
         let (thread, dir) = if workflow {
             set(&cell, |c| c.state = InstanceState::Running);
             (
-                self.start_workflow(&a.spec, cell.clone(), halt.clone())?,
+                self.start_workflow(&a.spec, commit, cell.clone(), halt.clone())?,
                 None,
             )
         } else {
@@ -492,6 +600,9 @@ impl Executor for VmExecutor {
             spec: a.spec.id.clone(),
             replica: a.replica,
             hash: a.spec.hash.clone(),
+            commit: workflow
+                .then(|| commit.map(str::to_ascii_lowercase))
+                .flatten(),
             workflow,
             started_unix: unix_now(),
             cell,
@@ -565,6 +676,7 @@ impl Executor for VmExecutor {
                     uptime_s: now.saturating_sub(i.started_unix),
                     snapshot_ids: c.snapshot_ids,
                     message: c.message,
+                    commit: i.commit.clone(),
                 }
             })
             .collect()

@@ -5,9 +5,11 @@
 //! - [`agent`]: the worker loop: poll the assignment, reconcile, heartbeat;
 //! - [`executor`]: what runs the instances ([`executor::Executor`]; in VMs:
 //!   [`executor::VmExecutor`]);
+//! - [`checkout`]: a workflow run's own worktree at its published commit;
 //! - [`cli`]: the subcommands' arguments and their implementations.
 
 pub mod agent;
+pub mod checkout;
 pub mod cli;
 pub mod executor;
 

@@ -99,6 +99,7 @@ pub fn run(id: &str, h: u32) -> DesiredSpec {
         kind: SpecKind::WorkflowRun {
             workflow: ".github/workflows/ci.yml".into(),
             job: None,
+            repository: None,
         },
         labels: BTreeMap::new(),
         selector: BTreeMap::new(),
@@ -170,6 +171,7 @@ impl Worker {
                         uptime_s: 1,
                         snapshot_ids: vec![],
                         message: None,
+                        commit: None,
                     })
                     .collect(),
                 used: Resources::default(),
