@@ -43,9 +43,12 @@ pub const OPT_OUT_VAR: &str = "UDOS_CACHE";
 
 /// Does the step opt out of the cache?
 pub fn opted_out(step: &ResolvedStep) -> bool {
-    step.env
-        .get(OPT_OUT_VAR)
-        .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "false" | "0" | "off" | "no"))
+    step.env.get(OPT_OUT_VAR).is_some_and(|v| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "false" | "0" | "off" | "no"
+        )
+    })
 }
 
 /// What a step's key is made of, besides the step itself.
@@ -225,14 +228,23 @@ mod tests {
 
     #[test]
     fn the_key_follows_what_the_step_does_not_the_run_it_is_in() {
-        let a = step("make", &[("A", "1"), ("GITHUB_RUN_ID", "7"), ("GITHUB_SHA", "abc")]);
+        let a = step(
+            "make",
+            &[("A", "1"), ("GITHUB_RUN_ID", "7"), ("GITHUB_SHA", "abc")],
+        );
         let base = key(&a, &["l1"], &["TOKEN"]);
         assert_eq!(base.len(), 64);
         // Another run, another commit: same key.
-        let b = step("make", &[("GITHUB_SHA", "def"), ("A", "1"), ("GITHUB_RUN_ID", "8")]);
+        let b = step(
+            "make",
+            &[("GITHUB_SHA", "def"), ("A", "1"), ("GITHUB_RUN_ID", "8")],
+        );
         assert_eq!(base, key(&b, &["l1"], &["TOKEN"]));
         // What the step does, its inputs and the layers under it: other keys.
-        assert_ne!(base, key(&step("make all", &[("A", "1")]), &["l1"], &["TOKEN"]));
+        assert_ne!(
+            base,
+            key(&step("make all", &[("A", "1")]), &["l1"], &["TOKEN"])
+        );
         assert_ne!(base, key(&step("make", &[("A", "2")]), &["l1"], &["TOKEN"]));
         assert_ne!(base, key(&a, &["l2"], &["TOKEN"]));
         assert_ne!(base, key(&a, &["l1"], &["OTHER"]));
@@ -244,7 +256,9 @@ mod tests {
         let reads = vec![
             ReadEntry {
                 path: "src/a.rs".into(),
-                seen: Seen::File { sha256: "h1".into() },
+                seen: Seen::File {
+                    sha256: "h1".into(),
+                },
             },
             ReadEntry {
                 path: "gen".into(),
@@ -252,17 +266,23 @@ mod tests {
             },
         ];
         let same = |p: &str| match p {
-            "src/a.rs" => Seen::File { sha256: "h1".into() },
+            "src/a.rs" => Seen::File {
+                sha256: "h1".into(),
+            },
             _ => Seen::Absent,
         };
         assert!(reads_hold(&reads, same));
         let changed = |p: &str| match p {
-            "src/a.rs" => Seen::File { sha256: "h2".into() },
+            "src/a.rs" => Seen::File {
+                sha256: "h2".into(),
+            },
             _ => Seen::Absent,
         };
         assert!(!reads_hold(&reads, changed));
         let appeared = |p: &str| match p {
-            "src/a.rs" => Seen::File { sha256: "h1".into() },
+            "src/a.rs" => Seen::File {
+                sha256: "h1".into(),
+            },
             _ => Seen::File { sha256: "x".into() },
         };
         assert!(!reads_hold(&reads, appeared));

@@ -179,7 +179,12 @@ pub fn keep(
         return Ok(false);
     }
     let secret_values: Vec<&str> = secrets
-        .map(|s| s.values().filter_map(Value::as_str).filter(|v| !v.is_empty()).collect())
+        .map(|s| {
+            s.values()
+                .filter_map(Value::as_str)
+                .filter(|v| !v.is_empty())
+                .collect()
+        })
         .unwrap_or_default();
     let leaks = run
         .outputs

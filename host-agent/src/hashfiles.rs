@@ -91,7 +91,11 @@ impl LayeredWorkspace {
                 for e in std::fs::read_dir(&dir)? {
                     let e = e?;
                     let name = e.file_name().to_string_lossy().into_owned();
-                    let r = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+                    let r = if rel.is_empty() {
+                        name
+                    } else {
+                        format!("{rel}/{name}")
+                    };
                     let md = e.path().symlink_metadata()?;
                     let prefix = format!("{r}/");
                     if is_whiteout(&md) {
@@ -228,7 +232,12 @@ mod tests {
         assert!(matches!(file, Seen::File { .. }));
         assert_eq!(LayeredWorkspace::seen(&e, "nope").unwrap(), Seen::Absent);
         let dir = LayeredWorkspace::seen(&e, "src").unwrap();
-        assert_eq!(dir, Seen::Dir { sha256: listing_hash(["a.rs", "b.rs", "c.rs"]) });
+        assert_eq!(
+            dir,
+            Seen::Dir {
+                sha256: listing_hash(["a.rs", "b.rs", "c.rs"])
+            }
+        );
         // Only the base layer: the listing differs, the file does not.
         let e0 = LayeredWorkspace { layers: vec![ws] }.entries().unwrap();
         assert_ne!(LayeredWorkspace::seen(&e0, "src").unwrap(), dir);

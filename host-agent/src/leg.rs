@@ -407,7 +407,9 @@ pub fn run_leg(
         if shared.settings.use_cache && !udos_core::cache::opted_out(&step) && !key.is_empty() {
             let kept = out.record.as_ref().and_then(|rec| {
                 let reads = crate::cache::reads_of(rec, &entries)?;
-                let text = rec.step(synth::act_id(&step)).and_then(|a| a.summary.clone());
+                let text = rec
+                    .step(synth::act_id(&step))
+                    .and_then(|a| a.summary.clone());
                 crate::cache::keep(
                     shared.store,
                     &key,

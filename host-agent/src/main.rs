@@ -652,7 +652,10 @@ fn run(state: &StateDir, a: RunArgs) -> Result<ExitCode, SetupFailed> {
                     env.hypervisor.name()
                 )));
             }
-            progress(&format!("{} gives steps no network yet", env.hypervisor.name()));
+            progress(&format!(
+                "{} gives steps no network yet",
+                env.hypervisor.name()
+            ));
             None
         }
         NetworkArg::Nat => Some(runner::nat_network(a.host_port.clone())),

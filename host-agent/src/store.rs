@@ -384,7 +384,15 @@ impl Store {
         self.conn.execute(
             "INSERT INTO step_cache (key, reads, layer_id, result, run_id, leg, number, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, strftime('%Y-%m-%dT%H:%M:%SZ','now'))",
-            params![key, reads_json, layer_id, result_json, from.0, from.1, from.2],
+            params![
+                key,
+                reads_json,
+                layer_id,
+                result_json,
+                from.0,
+                from.1,
+                from.2
+            ],
         )?;
         Ok(())
     }
@@ -529,6 +537,7 @@ mod tests {
             cache_key: Some("k".into()),
             outputs: Default::default(),
             summary: None,
+            cached_from: None,
             phases_ms: Default::default(),
             error: None,
             note: None,

@@ -61,7 +61,11 @@ fn unchanged_steps_are_reused_and_changed_reads_rerun_from_there() {
     assert_eq!(ran_vm(&first), 5);
 
     let again = run(&[]);
-    assert_eq!(cached(&again), [true; 5], "an unchanged rerun reuses every step");
+    assert_eq!(
+        cached(&again),
+        [true; 5],
+        "an unchanged rerun reuses every step"
+    );
     assert_eq!(ran_vm(&again), 0, "and boots no VM");
     let steps = again["jobs"][0]["steps"].as_array().unwrap();
     assert_eq!(steps[2]["cached_from"]["run_id"], first["run_id"]);
@@ -88,7 +92,13 @@ fn unchanged_steps_are_reused_and_changed_reads_rerun_from_there() {
     let run_id = again["run_id"].as_i64().unwrap().to_string();
     let t = tempfile::tempdir().unwrap();
     let target = t.path().join("root");
-    let out = udos(&["restore", &run_id, "3", "--target", target.to_str().unwrap()]);
+    let out = udos(&[
+        "restore",
+        &run_id,
+        "3",
+        "--target",
+        target.to_str().unwrap(),
+    ]);
     assert!(out.status.success());
     assert_eq!(
         std::fs::read_to_string(target.join("workspace/out3.txt")).unwrap(),
@@ -109,7 +119,14 @@ fn a_step_that_opts_out_always_runs() {
         &[],
     );
     for _ in 0..2 {
-        let out = udos(&["run", "--hypervisor", "qemu", "--json", "--no-console", wf.to_str().unwrap()]);
+        let out = udos(&[
+            "run",
+            "--hypervisor",
+            "qemu",
+            "--json",
+            "--no-console",
+            wf.to_str().unwrap(),
+        ]);
         let report = json(&out);
         assert_eq!(out.status.code(), Some(0), "{report:#}");
         assert_eq!(cached(&report), [false]);

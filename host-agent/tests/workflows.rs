@@ -677,7 +677,15 @@ fn a_step_reaches_a_host_port_only_when_it_is_named() {
     let (_dir, wf) = repo(&wf_text, &[]);
     let wf = wf.to_str().unwrap();
     let port_s = port.to_string();
-    let named = udos(&["run", "--hypervisor", "qemu", "--json", "--host-port", &port_s, wf]);
+    let named = udos(&[
+        "run",
+        "--hypervisor",
+        "qemu",
+        "--json",
+        "--host-port",
+        &port_s,
+        wf,
+    ]);
     let report = json(&named);
     assert_eq!(named.status.code(), Some(0), "{report:#}");
     server.join().unwrap();
@@ -687,8 +695,20 @@ fn a_step_reaches_a_host_port_only_when_it_is_named() {
     let unnamed = udos(&["run", "--hypervisor", "qemu", "--json", "--no-cache", wf]);
     assert_eq!(unnamed.status.code(), Some(1), "{:#}", json(&unnamed));
     listener.set_nonblocking(true).unwrap();
-    assert!(listener.accept().is_err(), "the unnamed run reached the host");
+    assert!(
+        listener.accept().is_err(),
+        "the unnamed run reached the host"
+    );
     // --network none: no NIC at all.
-    let none = udos(&["run", "--hypervisor", "qemu", "--json", "--network", "none", "--no-cache", wf]);
+    let none = udos(&[
+        "run",
+        "--hypervisor",
+        "qemu",
+        "--json",
+        "--network",
+        "none",
+        "--no-cache",
+        wf,
+    ]);
     assert_eq!(none.status.code(), Some(1));
 }

@@ -7,8 +7,8 @@
 pub mod act;
 pub mod apt;
 pub mod base;
-pub mod bounded;
 pub mod bases;
+pub mod bounded;
 pub mod debian;
 pub mod erofs;
 pub mod import;

@@ -2,7 +2,8 @@
 //!
 //! Boot: API filesystems, kernel modules, the layered step root (`root`); then act
 //! (`act`, with the step's `secrets`, supervised by `reaper`, its log read and masked
-//! by `actlog`) — or, in service mode, nothing but reaping until
+//! by `actlog`, what the step opens under `/workspace` recorded by `reads`) — or, in
+//! service mode, nothing but reaping until
 //! SIGTERM, SIGINT or the power button (`reaper::idle`, `button`); then `shutdown`:
 //! kill everything, seal the output (`report`), unmount, power off. Every path, including errors and panics, ends in a
 //! step record, a `UDOS-RESULT` line and `reboot(RB_POWER_OFF)`: PID 1 never exits.
@@ -16,6 +17,7 @@ mod error;
 mod modules;
 mod mounts;
 mod net;
+mod reads;
 mod reaper;
 mod report;
 mod root;
@@ -53,6 +55,8 @@ struct Init {
     reaper: Reaper,
     root: Option<StepRoot>,
     timings: BTreeMap<String, u64>,
+    /// Step mode: what the step opens under `/workspace`, watched until shutdown.
+    reads: Option<reads::Watch>,
     /// Probe mode: no record, no seal, straight to power-off.
     probe: bool,
 }
@@ -71,6 +75,7 @@ impl Init {
             reaper: Reaper::default(),
             root: None,
             timings: BTreeMap::new(),
+            reads: None,
             probe: false,
         }
     }
@@ -207,13 +212,19 @@ impl Init {
             self.cfg.timeout,
             self.cfg.grace,
             log,
+            self.reads.as_mut(),
         ))
     }
 
     /// Step mode: act, with the step's secrets, supervised to the end.
     fn run_act(&mut self, root: &StepRoot) -> Result<StepRecord, Error> {
         let (args, mut log) = self.act_args_and_log()?;
+        let watch = start_watch(root);
         let running = act::spawn(&self.cfg.act, &args, root, Stdio3::Piped)?;
+        self.reads = watch.map(|mut w| {
+            w.ignore(running.pid);
+            w
+        });
         let init_to_act = self.started.elapsed();
         self.timings.insert("init_to_act".into(), ms(init_to_act));
         info!(
@@ -299,6 +310,7 @@ impl Init {
             steps: Vec::new(),
             timings_ms: BTreeMap::new(),
             layer: Default::default(),
+            reads: None,
         })
     }
 
@@ -316,8 +328,21 @@ impl Init {
             output: self.cfg.output.as_ref(),
             upper: upper.as_deref(),
             device_timeout: self.cfg.device_timeout,
+            reads: self.reads.take(),
         }
         .run(record);
+    }
+}
+
+/// The watch on what the step opens; without one (no fanotify in this kernel, no
+/// permission) the record's `reads` stays null and the step runs all the same.
+fn start_watch(root: &StepRoot) -> Option<reads::Watch> {
+    match reads::Watch::start(root) {
+        Ok(watch) => Some(watch),
+        Err(e) => {
+            warning!("cannot record what the step reads ({e}): reads will be null");
+            None
+        }
     }
 }
 
@@ -342,6 +367,7 @@ fn outcome(what: &str, done: &Supervised, timeout: Option<std::time::Duration>) 
         steps: Vec::new(),
         timings_ms: BTreeMap::new(),
         layer: Default::default(),
+        reads: None,
     };
     if done.timed_out {
         let secs = timeout.map(|t| t.as_secs_f64()).unwrap_or(0.0);

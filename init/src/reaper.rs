@@ -19,6 +19,7 @@ use crate::actlog::{ActLog, Lines};
 use crate::button::Buttons;
 use crate::console::{self, info, warning};
 use crate::error::Error;
+use crate::reads::Watch;
 
 /// The signals PID 1 handles itself.
 fn handled() -> SigSet {
@@ -152,7 +153,8 @@ struct Pipe {
 
 /// Waits for `child` to exit while reaping everything else, printing and parsing its
 /// output, forwarding SIGTERM/SIGINT/SIGHUP to its process group, and enforcing
-/// `timeout` (SIGTERM, then SIGKILL after `grace`).
+/// `timeout` (SIGTERM, then SIGKILL after `grace`). `reads`, when given, is fed the
+/// step's open events as they come.
 pub fn supervise(
     child: Running,
     signals: &Signals,
@@ -160,6 +162,7 @@ pub fn supervise(
     timeout: Option<Duration>,
     grace: Duration,
     log: &mut ActLog,
+    mut reads: Option<&mut Watch>,
 ) -> Supervised {
     let started = Instant::now();
     let group = child.pid;
@@ -201,6 +204,10 @@ pub fn supervise(
             term_at.filter(|_| !timed_out && exit.is_none()),
             kill_at.filter(|_| exit.is_none()),
             exit.map(|(_, at)| at + DRAIN),
+            reads
+                .as_ref()
+                .and_then(|w| w.paused_until())
+                .filter(|at| *at > now),
         ]
         .into_iter()
         .flatten()
@@ -213,13 +220,17 @@ pub fn supervise(
             None => PollTimeout::NONE,
         };
 
-        let (sig_ready, pipe_ready) = {
+        let (sig_ready, pipe_ready, reads_ready) = {
             let mut fds = vec![PollFd::new(signals.fd.as_fd(), PollFlags::POLLIN)];
             fds.extend(
                 pipes
                     .iter()
                     .map(|p| PollFd::new(p.fd.as_fd(), PollFlags::POLLIN)),
             );
+            let reads_fd = reads.as_ref().and_then(|w| w.poll_fd(now));
+            if let Some(fd) = reads_fd {
+                fds.push(PollFd::new(fd, PollFlags::POLLIN));
+            }
             match poll(&mut fds, wait) {
                 Ok(_) | Err(Errno::EINTR) => {}
                 Err(e) => {
@@ -230,10 +241,16 @@ pub fn supervise(
             }
             let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
             let sig_ready = fds.first().is_some_and(ready);
-            let pipe_ready: Vec<bool> = fds.iter().skip(1).map(ready).collect();
-            (sig_ready, pipe_ready)
+            let pipe_ready: Vec<bool> = fds.iter().skip(1).take(pipes.len()).map(ready).collect();
+            let reads_ready = reads_fd.is_some() && fds.last().is_some_and(ready);
+            (sig_ready, pipe_ready, reads_ready)
         };
 
+        if reads_ready {
+            if let Some(watch) = reads.as_deref_mut() {
+                watch.read_some();
+            }
+        }
         if sig_ready {
             for sig in signals.drain() {
                 if sig != Signal::SIGCHLD && exit.is_none() {

@@ -10,6 +10,7 @@ use udos_layer::StepRecord;
 
 use crate::console::{self, info, warning};
 use crate::mounts::Mounts;
+use crate::reads::Watch;
 use crate::reaper::{terminate_all, Reaper};
 use crate::report;
 
@@ -41,6 +42,9 @@ pub struct Shutdown<'a> {
     pub output: Option<&'a DeviceRef>,
     pub upper: Option<&'a Path>,
     pub device_timeout: Duration,
+    /// The watch on what the step opens: it also sees processes act left behind, so it
+    /// is read to its end only once they are gone.
+    pub reads: Option<Watch>,
 }
 
 impl Shutdown<'_> {
@@ -51,6 +55,9 @@ impl Shutdown<'_> {
         terminate_all(self.reaper, self.grace);
         if self.reaper.orphans > 0 {
             info!("reaped {} orphaned process(es)", self.reaper.orphans);
+        }
+        if let Some(watch) = self.reads {
+            record.reads = Some(watch.finish());
         }
         let sealed = report::seal(self.output, self.upper, &mut record, self.device_timeout);
         sync();

@@ -710,3 +710,107 @@ fn real_act_gets_the_secrets_and_the_console_is_masked() {
         );
     }
 }
+
+/// The stand-in act reads a workspace file itself (act's own reads are not the step's),
+/// then runs the step: it reads `a.txt`, `c.txt` through a symlink to the workspace
+/// (as act's scratch workspace is), and `d.txt`, which it then deletes; lists `dir`;
+/// writes `new.txt` and reads it back; never opens `b.txt`.
+const FAKE_ACT_READING: &str = r#"#!/bin/sh
+read -r own < /workspace/act-own.txt
+ln -s /workspace /run/udos/home/scratch
+sh -c '
+  cat /workspace/a.txt /run/udos/home/scratch/c.txt /workspace/d.txt > /dev/null
+  rm /workspace/d.txt
+  ls /workspace/dir > /dev/null
+  echo new > /workspace/new.txt
+  cat /workspace/new.txt > /dev/null
+  cat /opt/udos/act > /dev/null
+'
+"#;
+
+fn workspace_files(h: &Harness) {
+    let ws = h.base.join("workspace");
+    std::fs::create_dir_all(ws.join("dir")).unwrap();
+    for f in ["a.txt", "b.txt", "c.txt", "d.txt", "act-own.txt", "dir/x"] {
+        std::fs::write(ws.join(f), f).unwrap();
+    }
+}
+
+#[test]
+fn the_record_lists_the_workspace_files_and_dirs_the_step_opened() {
+    let mut h = Harness::new();
+    workspace_files(&h);
+    h.fake_act(FAKE_ACT_READING);
+    let done = h.spawn(&h.cmdline("")).wait(LIMIT);
+    done.assert_powered_off();
+    assert_eq!(done.result(), "success", "{}", done.console());
+    let r = h.sealed().record;
+    let reads = r.reads.expect("a read set");
+    // Files the step created count too (the host finds them absent from its input).
+    assert_eq!(reads.files, ["a.txt", "c.txt", "d.txt", "new.txt"]);
+    assert_eq!(reads.dirs, ["dir"]);
+    assert!(!reads.truncated);
+    let console = done.console();
+    assert!(
+        console.contains("udos-init: read 4 file(s) and 1 dir(s) under /workspace"),
+        "{console}"
+    );
+}
+
+#[test]
+fn without_fanotify_reads_are_null_and_the_step_runs() {
+    let mut h = Harness::new();
+    workspace_files(&h);
+    h.fake_act(FAKE_ACT_READING);
+    h.deny_fanotify = true;
+    let done = h.spawn(&h.cmdline("")).wait(LIMIT);
+    done.assert_powered_off();
+    assert_eq!(done.result(), "success", "{}", done.console());
+    let r = h.sealed().record;
+    assert_eq!(r.status, RecordStatus::Success, "{r:?}");
+    assert_eq!(r.reads, None);
+    let console = done.console();
+    assert!(
+        console.contains(
+            "udos-init: warning: cannot record what the step reads (fanotify_init: ENOSYS"
+        ),
+        "{console}"
+    );
+}
+
+#[test]
+fn real_act_records_the_step_reads_but_not_its_own() {
+    let h = Harness::new();
+    workspace_files(&h);
+    h.workflow(&workflow(
+        r#"      - id: read
+        run: |
+          cat /workspace/a.txt
+          ls /workspace/dir
+"#,
+    ));
+    let done = h.spawn(&h.cmdline("")).wait(LIMIT);
+    done.assert_powered_off();
+    assert_eq!(done.result(), "success", "{}", done.console());
+    let reads = h.sealed().record.reads.expect("a read set");
+    assert_eq!(reads.files, ["a.txt"], "{reads:?}");
+    assert_eq!(reads.dirs, ["dir"], "{reads:?}");
+}
+
+#[test]
+fn reads_of_processes_act_left_behind_count_until_they_are_gone() {
+    let mut h = Harness::new();
+    workspace_files(&h);
+    // The leftover reads b.txt only when shutdown's SIGTERM reaches it, after act exited.
+    h.fake_act(
+        r#"#!/bin/sh
+setsid sh -c 'trap "cat /workspace/b.txt > /dev/null; exit 0" TERM; echo > /run/udos/home/ready; while :; do sleep 0.05; done' </dev/null >/dev/null 2>&1 &
+while [ ! -e /run/udos/home/ready ]; do sleep 0.01; done
+"#,
+    );
+    let done = h.spawn(&h.cmdline("")).wait(LIMIT);
+    done.assert_powered_off();
+    assert_eq!(done.result(), "success", "{}", done.console());
+    let reads = h.sealed().record.reads.expect("a read set");
+    assert_eq!(reads.files, ["b.txt"], "{}", done.console());
+}

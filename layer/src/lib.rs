@@ -32,7 +32,10 @@ pub use boot::{BootConfig, DeviceRef, Mode, NetConfig};
 pub use format::SealedHeader;
 pub use mask::Masker;
 pub use output::{read_output, OutputError, ReadLimits, SealedOutput};
-pub use record::{ActResult, ActStep, LayerStats, RecordStatus, StepRecord, RECORD_VERSION};
+pub use record::{
+    ActResult, ActStep, LayerStats, ReadSet, RecordStatus, StepRecord, MAX_READ_BYTES,
+    MAX_READ_ENTRIES, RECORD_VERSION,
+};
 pub use seal::{seal_output, write_layer_tar, SealError, SealLimits, SealSummary};
 pub use secrets::{SecretsError, StepSecrets};
 pub use squash::{prune_whiteouts, squash, SquashError, SquashStats};

@@ -141,6 +141,29 @@ pub struct LayerStats {
     pub skipped: u64,
 }
 
+/// The most entries (files and directories together) a [`ReadSet`] holds.
+pub const MAX_READ_ENTRIES: usize = 100_000;
+/// The most bytes of paths a [`ReadSet`] holds (so the record stays far below the
+/// host's record limit however long the paths).
+pub const MAX_READ_BYTES: usize = 8 << 20;
+
+/// The workspace files and directories a step opened, as PID 1 saw them (fanotify):
+/// paths relative to `/workspace`, `.` for the workspace itself, sorted, without
+/// duplicates. The host keys the step cache on their content (docs/layer-format.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadSet {
+    /// Files (and anything else not a directory) opened under `/workspace`.
+    #[serde(default)]
+    pub files: Vec<String>,
+    /// Directories opened (listed) under `/workspace`.
+    #[serde(default)]
+    pub dirs: Vec<String>,
+    /// The set is incomplete (over [`MAX_READ_ENTRIES`] or [`MAX_READ_BYTES`], events
+    /// lost, a path that is not UTF-8): the step must never be taken from a cache.
+    #[serde(default)]
+    pub truncated: bool,
+}
+
 /// The versioned step record (see docs/layer-format.md).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepRecord {
@@ -161,6 +184,10 @@ pub struct StepRecord {
     /// The sealed layer's counts.
     #[serde(default)]
     pub layer: LayerStats,
+    /// What the step read under `/workspace`; `None` when PID 1 could not watch
+    /// (no fanotify) or act never ran.
+    #[serde(default)]
+    pub reads: Option<ReadSet>,
 }
 
 impl StepRecord {
@@ -174,6 +201,7 @@ impl StepRecord {
             steps: Vec::new(),
             timings_ms: BTreeMap::new(),
             layer: LayerStats::default(),
+            reads: None,
         }
     }
 
@@ -209,6 +237,17 @@ mod tests {
         assert_eq!((step.summary.as_deref(), step.masks.len()), (None, 0));
         let json = serde_json::to_string(&step).unwrap();
         assert_eq!(json, old);
+    }
+
+    #[test]
+    fn a_record_without_reads_parses_and_reads_are_written_as_null() {
+        let old = r#"{"version":1,"status":"success","error":null,"act_exit_code":0}"#;
+        let record: StepRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(record.reads, None);
+        let json = serde_json::to_value(&record).unwrap();
+        assert_eq!(json["reads"], serde_json::Value::Null);
+        let partial: ReadSet = serde_json::from_str(r#"{"files":["a"]}"#).unwrap();
+        assert_eq!((partial.dirs.len(), partial.truncated), (0, false));
     }
 
     #[test]

@@ -10,7 +10,8 @@ use common::*;
 use udos_layer::format::SealedHeader;
 use udos_layer::{
     read_output, seal_output, unpack, write_layer_tar, ActResult, ActStep, LayerStats, ReadLimits,
-    RecordStatus, SealLimits, StepRecord, UnpackLimits, RECORD_VERSION,
+    ReadSet, RecordStatus, SealLimits, StepRecord, UnpackLimits, MAX_READ_BYTES, MAX_READ_ENTRIES,
+    RECORD_VERSION,
 };
 
 const LONG_DIR: &str = "this-is-a-rather-long-directory-name-that-goes-on-and-on-and-on-and-on-xxxxxxxxxxxxxxxxxxxxxxx";
@@ -99,6 +100,11 @@ fn sample_record() -> StepRecord {
         }],
         timings_ms: BTreeMap::from([("act".to_string(), 1500)]),
         layer: LayerStats::default(),
+        reads: Some(ReadSet {
+            files: vec!["a.txt".to_string(), "src/main.rs".to_string()],
+            dirs: vec![".".to_string(), "src".to_string()],
+            truncated: false,
+        }),
     }
 }
 
@@ -213,6 +219,7 @@ fn seal_read_unpack_round_trip() {
         out.record.step("udos-step").unwrap().outputs["name"],
         "value"
     );
+    assert_eq!(out.record.reads, sample_record().reads);
     assert_eq!(out.layer_id, summary.layer_id);
     assert_eq!(out.layer_offset, 4096);
     assert_eq!(out.layer_len, summary.layer_len);
@@ -367,6 +374,12 @@ fn no_upper_seals_an_empty_layer() {
     assert_eq!(out.layer_len, 0);
     assert_eq!(out.record.status, RecordStatus::Error);
     assert_eq!(out.record.error.as_deref(), Some("act missing"));
+    // No read set is written as `null`, and reads back as none.
+    assert_eq!(out.record.reads, None);
+    let raw = std::fs::read(&device).unwrap();
+    let json = &raw[4096..4096 + out_record_len(&raw)];
+    let value: serde_json::Value = serde_json::from_slice(json).unwrap();
+    assert_eq!(value["reads"], serde_json::Value::Null);
     let target = tmp.path().join("t");
     std::fs::create_dir(&target).unwrap();
     let us = out
@@ -432,4 +445,37 @@ fn large_ids_round_trip_through_pax() {
     unpack(tar.as_slice(), &target, &UnpackLimits::default()).unwrap();
     let md = std::fs::metadata(target.join("f")).unwrap();
     assert_eq!((md.uid(), md.gid()), (3_000_000_000, 2_500_000));
+}
+
+fn out_record_len(raw: &[u8]) -> usize {
+    SealedHeader::decode(&raw[..4096]).unwrap().record_len as usize
+}
+
+/// PID 1 stops adding to a read set at its bounds; a set at both of them still seals
+/// into a record the host accepts under its default limits, and reads back whole.
+#[test]
+fn a_full_read_set_stays_within_the_record_limit() {
+    let per_path = MAX_READ_BYTES / MAX_READ_ENTRIES;
+    let path = |i: usize| format!("{i:0>width$}", width = per_path);
+    let files: Vec<String> = (0..MAX_READ_ENTRIES / 2).map(path).collect();
+    let dirs: Vec<String> = (MAX_READ_ENTRIES / 2..MAX_READ_ENTRIES).map(path).collect();
+    let mut record = sample_record();
+    record.reads = Some(ReadSet {
+        files,
+        dirs,
+        truncated: true,
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let device = tmp.path().join("out.img");
+    zero_device(&device, 32 << 20);
+    let s = seal_output(&device, None, &mut record, &SealLimits::default()).unwrap();
+    let limits = ReadLimits::default();
+    assert!(
+        s.record_len < limits.max_record_len,
+        "{} >= {}",
+        s.record_len,
+        limits.max_record_len
+    );
+    let out = read_output(&device, &limits).unwrap();
+    assert_eq!(out.record.reads, record.reads);
 }

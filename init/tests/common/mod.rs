@@ -84,6 +84,9 @@ pub struct Harness {
     pub output: PathBuf,
     /// Host file bind-mounted at [`ACT_IN_ROOT`].
     act: Option<PathBuf>,
+    /// PID 1 runs as on a kernel without fanotify: a seccomp filter makes
+    /// `fanotify_init` fail with `ENOSYS`.
+    pub deny_fanotify: bool,
 }
 
 impl Harness {
@@ -143,6 +146,7 @@ impl Harness {
             merged,
             output,
             act: Some(real_act()),
+            deny_fanotify: false,
         }
     }
 
@@ -245,6 +249,7 @@ impl Harness {
     /// Starts udos-init as PID 1 of a new PID + mount namespace with `cmdline`.
     pub fn spawn(&self, cmdline: &str) -> Running {
         let mounts = self.ns_mounts();
+        let deny_fanotify = self.deny_fanotify;
         // CLOEXEC: tests run in parallel threads; other tests' children must not hold it.
         let (reader, writer) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
         let (reader, writer) = (fs::File::from(reader), fs::File::from(writer));
@@ -256,7 +261,13 @@ impl Harness {
             .stderr(writer);
         // SAFETY: runs between fork and exec; only raw syscalls on pre-built C strings.
         unsafe {
-            cmd.pre_exec(move || become_namespace_init(&mounts));
+            cmd.pre_exec(move || {
+                become_namespace_init(&mounts)?;
+                if deny_fanotify {
+                    deny_fanotify_init()?;
+                }
+                Ok(())
+            });
         }
         let started = Instant::now();
         let child = cmd.spawn().expect("spawn udos-init in a namespace");
@@ -336,6 +347,56 @@ fn become_namespace_init(mounts: &[NsMount]) -> std::io::Result<()> {
                 return Err(err());
             }
         }
+    }
+    Ok(())
+}
+
+/// Makes `fanotify_init` fail with `ENOSYS` for this process and its children, as on a
+/// kernel built without fanotify: the real syscall failing, caused by the kernel's own
+/// seccomp filter (x86-64; any other architecture is let through unchanged).
+fn deny_fanotify_init() -> std::io::Result<()> {
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    // offsetof(struct seccomp_data, nr) and (..., arch).
+    const NR: u32 = 0;
+    const ARCH: u32 = 4;
+    let stmt = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jeq = |k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+        jt,
+        jf,
+        k,
+    };
+    let load = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
+    let ret = libc::BPF_RET | libc::BPF_K;
+    let filter = [
+        stmt(load, ARCH),
+        jeq(AUDIT_ARCH_X86_64, 0, 3),
+        stmt(load, NR),
+        jeq(libc::SYS_fanotify_init as u32, 0, 1),
+        stmt(ret, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
+        stmt(ret, libc::SECCOMP_RET_ALLOW),
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr().cast_mut(),
+    };
+    // SAFETY: seccomp(2) with a filter program that lives across the call; root has
+    // CAP_SYS_ADMIN, so no_new_privs is not needed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            0u32,
+            &prog as *const libc::sock_fprog,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }

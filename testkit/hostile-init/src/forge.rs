@@ -53,6 +53,7 @@ pub fn success_record() -> StepRecord {
         }],
         timings_ms: Default::default(),
         layer: LayerStats::default(),
+        reads: None,
     }
 }
 
