@@ -33,7 +33,9 @@ pub use format::SealedHeader;
 pub use mask::Masker;
 pub use output::{read_output, OutputError, ReadLimits, SealedOutput};
 pub use record::{ActResult, ActStep, LayerStats, RecordStatus, StepRecord, RECORD_VERSION};
-pub use seal::{seal_output, write_layer_tar, SealError, SealLimits, SealSummary};
+pub use seal::{
+    seal_output, write_layer_tar, write_layer_tar_skipping, SealError, SealLimits, SealSummary,
+};
 pub use secrets::{SecretsError, StepSecrets};
 pub use squash::{prune_whiteouts, squash, SquashError, SquashStats};
 pub use unpack::{unpack, UnpackError, UnpackLimits, UnpackSummary};
