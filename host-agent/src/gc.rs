@@ -880,6 +880,57 @@ mod tests {
         assert_eq!(s.cache_candidates("k").unwrap().len(), 1);
     }
 
+    /// The commit is read from the repository inside the run's workspace layer and
+    /// its tags from there and from the workflow's repository now (real git).
+    #[test]
+    fn a_runs_tags_come_from_its_workspace_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::resolve(Some(&dir.path().join("st"))).unwrap();
+        let live = dir.path().join("repo");
+        std::fs::create_dir_all(&live).unwrap();
+        let git = |args: &[&str]| {
+            let ok = std::process::Command::new("git")
+                .args(args)
+                .current_dir(&live)
+                .env("GIT_AUTHOR_NAME", "t")
+                .env("GIT_AUTHOR_EMAIL", "t@example.invalid")
+                .env("GIT_COMMITTER_NAME", "t")
+                .env("GIT_COMMITTER_EMAIL", "t@example.invalid")
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "git {args:?}");
+        };
+        std::fs::write(live.join("f"), "1").unwrap();
+        git(&["init", "-q", "."]);
+        git(&["add", "-A"]);
+        git(&["commit", "-q", "-m", "one"]);
+        // The run's workspace layer holds the tree and its repository as they were.
+        std::fs::create_dir_all(state.layer_dir("W")).unwrap();
+        let copied = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&live)
+            .arg(state.layer_dir("W").join("workspace"))
+            .status()
+            .unwrap()
+            .success();
+        assert!(copied);
+        let mut r = run(1, "success", &[("base", "B"), ("workspace", "W")], &[]);
+        r.row.workflow = live.join("wf.yml").display().to_string();
+        assert_eq!(run_tags(&state, &r), Ok(Vec::new()));
+        // A tag made after the run counts.
+        git(&["tag", "v1.0"]);
+        assert_eq!(run_tags(&state, &r), Ok(vec!["v1.0".to_string()]));
+        // A later commit is not the run's.
+        std::fs::write(live.join("f"), "2").unwrap();
+        git(&["commit", "-q", "-am", "two"]);
+        git(&["tag", "v2.0"]);
+        assert_eq!(run_tags(&state, &r), Ok(vec!["v1.0".to_string()]));
+        // No workspace layer in the state dir: it cannot be told.
+        let gone = run(2, "success", &[("workspace", "gone")], &[]);
+        assert!(run_tags(&state, &gone).is_err());
+    }
+
     #[test]
     fn freed_bytes_counts_shared_files_where_their_last_link_goes() {
         let dir = tempfile::tempdir().unwrap();
