@@ -9,6 +9,8 @@
 //! - [`restic`]: layer snapshots in a restic repository;
 //! - [`store`]: runs, steps and layers in SQLite;
 //! - [`restore`]: the root as a step left it, from the snapshots;
+//! - [`diff`], [`export`]: what a step changed; a restore point as an OCI layer tar;
+//! - [`gc`]: keep the runs that matter, free what only the others needed;
 //! - [`bench`]: per-phase figures against act on the host;
 //! - [`state`]: the state directory layout;
 //! - [`cluster`]: the master, the worker agent and the cluster CLI.
@@ -16,7 +18,10 @@
 pub mod bench;
 pub mod cache;
 pub mod cluster;
+pub mod diff;
 pub mod errors;
+pub mod export;
+pub mod gc;
 pub mod hashfiles;
 pub mod leg;
 pub mod plan;

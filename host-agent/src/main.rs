@@ -9,7 +9,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use udos_core::engine::Conclusion;
 use udos_host_agent::{
-    bench, plan, restic::Repo, restore, runner, setup, state::StateDir, store::Store,
+    bench, diff, export, gc, plan, restic::Repo, restore, runner, setup, state::StateDir,
+    store::Store,
 };
 
 #[derive(Parser)]
@@ -73,6 +74,68 @@ enum Command {
         /// Directory to restore into (new or empty)
         #[arg(long)]
         target: PathBuf,
+        /// JSON on stdout
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what a step added, changed and deleted, or how two restore points differ
+    ///
+    /// `udos diff RUN STEP`: the root as the step left it against the root it found.
+    /// `udos diff RUN STEP RUN2 STEP2`: the root after STEP against the root after STEP2.
+    Diff {
+        /// Run number
+        run: i64,
+        /// Step: 1-based number or the step's id
+        step: String,
+        /// A second restore point's run
+        #[arg(requires = "step2")]
+        run2: Option<i64>,
+        /// A second restore point's step
+        step2: Option<String>,
+        /// The job leg of the first point (needed when the run has several legs with layers)
+        #[arg(short, long)]
+        job: Option<String>,
+        /// The job leg of the second point
+        #[arg(long)]
+        job2: Option<String>,
+        /// JSON on stdout
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a restore point as an OCI layer tar
+    ///
+    /// The step's own layer (`.wh.` whiteouts), or with --flatten the whole root at that point.
+    Export {
+        /// Run number
+        run: i64,
+        /// Step: 1-based number or the step's id
+        step: String,
+        /// The job leg (needed when the run has several legs with layers)
+        #[arg(short, long)]
+        job: Option<String>,
+        /// The tar file to write (must not exist)
+        #[arg(short, long)]
+        output: PathBuf,
+        /// The whole root at that point (base, workspace, the steps' layers), no whiteouts
+        #[arg(long)]
+        flatten: bool,
+        /// JSON on stdout
+        #[arg(long)]
+        json: bool,
+    },
+    /// Free what only old runs need: their snapshots, layers and images
+    ///
+    /// Never removes what a kept run, a base layer or a tag needs (docs/restore-points.md).
+    Gc {
+        /// Keep the newest N runs [default: every run]
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        keep_last: Option<u64>,
+        /// Also keep runs whose workspace commit carries a git tag
+        #[arg(long)]
+        keep_tagged: bool,
+        /// Say what would be freed, change nothing
+        #[arg(long)]
+        dry_run: bool,
         /// JSON on stdout
         #[arg(long)]
         json: bool,
@@ -406,6 +469,61 @@ fn dispatch(cli: Cli) -> Result<ExitCode, SetupFailed> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Diff {
+            run,
+            step,
+            run2,
+            step2,
+            job,
+            job2,
+            json,
+        } => {
+            let second = run2.zip(step2);
+            let from = restore::Point {
+                run,
+                step: &step,
+                job: job.as_deref(),
+            };
+            let to = second.as_ref().map(|(run, step)| restore::Point {
+                run: *run,
+                step,
+                job: job2.as_deref(),
+            });
+            diff_command(&state, &from, to.as_ref(), json)
+        }
+        Command::Export {
+            run,
+            step,
+            job,
+            output,
+            flatten,
+            json,
+        } => {
+            let point = restore::Point {
+                run,
+                step: &step,
+                job: job.as_deref(),
+            };
+            let mode = if flatten {
+                export::Mode::Flatten
+            } else {
+                export::Mode::Layer
+            };
+            export_command(&state, &point, mode, &output, json)
+        }
+        Command::Gc {
+            keep_last,
+            keep_tagged,
+            dry_run,
+            json,
+        } => {
+            let opts = gc::Options {
+                keep_last: keep_last.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+                keep_tagged,
+                dry_run,
+            };
+            gc_command(&state, &opts, json)
+        }
         Command::Image {
             command: ImageCommand::Build { kernel, json },
         } => {
@@ -679,6 +797,182 @@ fn run(state: &StateDir, a: RunArgs) -> Result<ExitCode, SetupFailed> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// `udos diff`.
+fn diff_command(
+    state: &StateDir,
+    from: &restore::Point<'_>,
+    to: Option<&restore::Point<'_>>,
+    json: bool,
+) -> Result<ExitCode, SetupFailed> {
+    let store = Store::open(&state.db()).map_err(SetupFailed)?;
+    let repo = Repo::from_env_or_default(state.root()).map_err(SetupFailed)?;
+    let report = diff::diff(state, &store, &repo, from, to, &progress).map_err(SetupFailed)?;
+    if json {
+        print_json(&report);
+    } else {
+        print_diff(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_diff(r: &diff::DiffReport) {
+    let side = |s: &diff::Side| {
+        let at = match s.at {
+            diff::At::Before => "before",
+            diff::At::After => "after",
+        };
+        format!(
+            "run {} job {} {at} step {}",
+            s.run_id,
+            udos_core::text::sanitize_for_terminal(&s.job),
+            s.step
+        )
+    };
+    println!("{} -> {}", side(&r.from), side(&r.to));
+    let size = |n: Option<u64>| n.map(diff::human_bytes).unwrap_or_default();
+    for e in &r.entries {
+        let sizes = match e.change {
+            diff::Change::Added => size(e.size_after),
+            diff::Change::Deleted => size(e.size_before),
+            diff::Change::Changed if e.size_before != e.size_after => {
+                format!("{} -> {}", size(e.size_before), size(e.size_after))
+            }
+            diff::Change::Changed => size(e.size_after),
+        };
+        let path = udos_core::text::sanitize_for_terminal(&e.path);
+        let dir = if e.kind == diff::Kind::Dir { "/" } else { "" };
+        let line = format!("{}  {path}{dir}  {sizes}", e.change.letter());
+        println!("{}", line.trim_end());
+    }
+    println!(
+        "{} added ({}), {} changed, {} deleted ({})",
+        r.added,
+        diff::human_bytes(r.bytes_added),
+        r.changed,
+        r.deleted,
+        diff::human_bytes(r.bytes_deleted)
+    );
+}
+
+/// `udos export`.
+fn export_command(
+    state: &StateDir,
+    point: &restore::Point<'_>,
+    mode: export::Mode,
+    output: &std::path::Path,
+    json: bool,
+) -> Result<ExitCode, SetupFailed> {
+    let store = Store::open(&state.db()).map_err(SetupFailed)?;
+    let repo = Repo::from_env_or_default(state.root()).map_err(SetupFailed)?;
+    let r = export::export(state, &store, &repo, point, mode, output, &progress)
+        .map_err(SetupFailed)?;
+    if json {
+        print_json(&r);
+    } else {
+        let what = match r.mode {
+            export::Mode::Layer => format!(
+                "the layer {} of",
+                short(r.layer_id.as_deref().unwrap_or("-"))
+            ),
+            export::Mode::Flatten => "the root after".to_string(),
+        };
+        println!(
+            "wrote {what} run {} step {} to {} ({} entries, {}, sha256 {})",
+            r.run_id,
+            r.step,
+            r.output,
+            r.entries,
+            diff::human_bytes(r.bytes),
+            r.sha256
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `udos gc`.
+fn gc_command(state: &StateDir, opts: &gc::Options, json: bool) -> Result<ExitCode, SetupFailed> {
+    let mut store = Store::open(&state.db()).map_err(SetupFailed)?;
+    let repo = Repo::from_env_or_default(state.root()).map_err(SetupFailed)?;
+    let r = gc::gc(state, &mut store, &repo, opts, &progress).map_err(SetupFailed)?;
+    if json {
+        print_json(&r);
+    } else {
+        print_gc(&r);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_gc(r: &gc::GcReport) {
+    let verb = |done: &'static str, would: &'static str| if r.dry_run { would } else { done };
+    let list = |ids: &[i64]| {
+        ids.iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let kept: Vec<String> = r
+        .kept_runs
+        .iter()
+        .map(|k| {
+            let why = match &k.why {
+                gc::KeepReason::All => "no --keep-last".to_string(),
+                gc::KeepReason::Newest => "newest".to_string(),
+                gc::KeepReason::Running => "running".to_string(),
+                gc::KeepReason::Tagged(t) => format!("tagged {}", t.join(" ")),
+                gc::KeepReason::TagUnknown(why) => format!("tag unknown: {why}"),
+            };
+            format!("{} ({why})", k.run_id)
+        })
+        .collect();
+    println!("kept runs: {}", kept.join(", "));
+    let removed: Vec<i64> = r.removed_runs.clone();
+    println!(
+        "{} runs: {}",
+        verb("removed", "would remove"),
+        if removed.is_empty() {
+            "none".to_string()
+        } else {
+            list(&removed)
+        }
+    );
+    println!(
+        "{} {} snapshots, {} layer records and {} step cache entries",
+        verb("forgot", "would forget"),
+        r.forgotten_snapshots.len(),
+        r.removed_layers.len(),
+        r.cache_rows_removed
+    );
+    for f in &r.freed {
+        let what = serde_json::to_value(f.what)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        println!(
+            "  {what:<8} {:<14} {}",
+            short(&f.id),
+            diff::human_bytes(f.bytes)
+        );
+    }
+    println!(
+        "{} {} in the state dir",
+        verb("freed", "would free"),
+        diff::human_bytes(r.state_bytes_freed)
+    );
+    if let Some((before, after)) = r.repository_bytes {
+        println!(
+            "repository: {} -> {}",
+            diff::human_bytes(before),
+            diff::human_bytes(after)
+        );
+    }
+    for n in &r.notes {
+        println!("note: {n}");
+    }
+    if r.dry_run {
+        println!("(dry run: nothing was changed)");
+    }
 }
 
 fn truncate(s: &str, n: usize) -> String {

@@ -300,6 +300,32 @@ impl Repo {
     }
 }
 
+impl Repo {
+    /// Forgets the snapshots `ids` (full or short ids) without touching their data:
+    /// [`Repo::prune`] frees what no remaining snapshot uses. Ids go to restic in
+    /// batches, so a long list never exceeds the command line's limit.
+    pub fn forget(&self, ids: &[String]) -> Result<()> {
+        for batch in ids.chunks(FORGET_BATCH) {
+            let mut args: Vec<String> = vec!["forget".into(), "--quiet".into()];
+            args.extend(batch.iter().cloned());
+            self.run(CallKind::Metadata, args, None)
+                .with_context(|| format!("forgetting {} snapshots", batch.len()))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the data no snapshot refers to any more (`restic prune`). It takes the
+    /// repository's exclusive lock and rewrites packs: a data call.
+    pub fn prune(&self) -> Result<()> {
+        self.run(CallKind::Data, vec!["prune".into(), "--quiet".into()], None)
+            .context("pruning the repository")?;
+        Ok(())
+    }
+}
+
+/// Snapshot ids per `restic forget` call.
+const FORGET_BATCH: usize = 64;
+
 fn hint(stderr: &str) -> &'static str {
     if stderr.contains("already locked") || stderr.contains("unable to create lock") {
         "\nhint: another restic process holds the lock; if none is running, remove a stale lock with `restic unlock`"
@@ -338,6 +364,71 @@ fn write_new_password(path: &Path) -> Result<()> {
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    fn dir_bytes(dir: &Path) -> u64 {
+        let mut n = 0;
+        let mut todo = vec![dir.to_path_buf()];
+        while let Some(p) = todo.pop() {
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            if md.is_dir() {
+                todo.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+            } else {
+                n += md.len();
+            }
+        }
+        n
+    }
+
+    /// A real repository: forgetting a snapshot leaves the other, and pruning then
+    /// frees the data only the forgotten one held.
+    #[test]
+    fn forget_then_prune_frees_only_the_forgotten_snapshots_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repo {
+            location: dir.path().join("repo").display().to_string(),
+            password: Password::Env("test".into()),
+            limits: Limits::default(),
+        };
+        repo.ensure_initialized().unwrap();
+        let mut shorts = Vec::new();
+        for (name, seed) in [("a", 1u32), ("b", 2u32)] {
+            let d = dir.path().join(name);
+            std::fs::create_dir(&d).unwrap();
+            // 2 MiB that do not compress or deduplicate.
+            let mut x = seed;
+            let bytes: Vec<u8> = (0..2 * 1024 * 1024)
+                .map(|_| {
+                    x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                    (x >> 16) as u8
+                })
+                .collect();
+            std::fs::write(d.join("data"), bytes).unwrap();
+            shorts.push(repo.backup(&d, &Tags::default().with("t", name)).unwrap());
+        }
+        let ids = repo.resolve_ids(&shorts).unwrap();
+        let before = dir_bytes(&dir.path().join("repo"));
+        repo.forget(&ids[..1]).unwrap();
+        let left: Vec<String> = repo
+            .snapshots(&[])
+            .unwrap()
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        assert_eq!(left, vec![ids[1].clone()]);
+        repo.prune().unwrap();
+        let after = dir_bytes(&dir.path().join("repo"));
+        assert!(
+            before - after > 1024 * 1024 && after > 2 * 1024 * 1024,
+            "{before} -> {after}"
+        );
+        let back = dir.path().join("back");
+        std::fs::create_dir(&back).unwrap();
+        repo.restore(&ids[1], &back).unwrap();
+        assert_eq!(
+            std::fs::read(back.join("data")).unwrap(),
+            std::fs::read(dir.path().join("b/data")).unwrap()
+        );
+    }
 
     #[test]
     fn a_hung_restic_is_killed_at_its_limit_and_named() {

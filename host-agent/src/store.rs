@@ -92,6 +92,30 @@ pub struct InputRow {
     pub snapshot_id: Option<String>,
 }
 
+/// A recorded layer (`udos gc` reads them all).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayerRow {
+    /// Layer id.
+    pub id: String,
+    /// `base`, `workspace`, `step` (or a kind a newer udos records).
+    pub kind: String,
+    /// The restic snapshot recorded for it (the first one made).
+    pub snapshot_id: Option<String>,
+    /// When it was first recorded (RFC 3339, UTC).
+    pub created_at: String,
+}
+
+/// What [`Store::delete_runs_and_layers`] removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Deleted {
+    /// Runs.
+    pub runs: u64,
+    /// Layer rows.
+    pub layers: u64,
+    /// Step cache rows (those naming a deleted layer).
+    pub cache_rows: u64,
+}
+
 /// The schema version this code writes.
 pub const SCHEMA_VERSION: i64 = 3;
 
@@ -495,6 +519,60 @@ impl Store {
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+}
+
+impl Store {
+    /// Every recorded layer.
+    pub fn layers(&self) -> Result<Vec<LayerRow>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id, kind, snapshot_id, created_at FROM layers ORDER BY id")?;
+        let rows = st.query_map([], |r| {
+            Ok(LayerRow {
+                id: r.get(0)?,
+                kind: r.get(1)?,
+                snapshot_id: r.get(2)?,
+                created_at: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// The guest image each run booted: (run, image id).
+    pub fn run_images(&self) -> Result<Vec<(i64, String)>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id, image_id FROM runs ORDER BY id")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Deletes, in one transaction, the runs `runs` (their steps, legs and inputs) and
+    /// the layer rows `layers` with the step cache rows naming them. Generations stay,
+    /// so their numbers are never given out again. A layer still named by a step or an
+    /// input of a run that stays makes the whole deletion fail (foreign keys).
+    pub fn delete_runs_and_layers(&mut self, runs: &[i64], layers: &[String]) -> Result<Deleted> {
+        let tx = self.conn.transaction()?;
+        let mut d = Deleted::default();
+        for l in layers {
+            d.cache_rows +=
+                tx.execute("DELETE FROM step_cache WHERE layer_id = ?1", params![l])? as u64;
+        }
+        for r in runs {
+            for table in ["steps", "jobs", "run_inputs"] {
+                tx.execute(
+                    &format!("DELETE FROM {table} WHERE run_id = ?1"),
+                    params![r],
+                )?;
+            }
+            d.runs += tx.execute("DELETE FROM runs WHERE id = ?1", params![r])? as u64;
+        }
+        for l in layers {
+            d.layers += tx.execute("DELETE FROM layers WHERE id = ?1", params![l])? as u64;
+        }
+        tx.commit()?;
+        Ok(d)
     }
 }
 

@@ -36,7 +36,9 @@ pub use record::{
     ActResult, ActStep, LayerStats, ReadSet, RecordStatus, StepRecord, MAX_READ_BYTES,
     MAX_READ_ENTRIES, RECORD_VERSION,
 };
-pub use seal::{seal_output, write_layer_tar, SealError, SealLimits, SealSummary};
+pub use seal::{
+    seal_output, write_layer_tar, write_layer_tar_skipping, SealError, SealLimits, SealSummary,
+};
 pub use secrets::{SecretsError, StepSecrets};
 pub use squash::{prune_whiteouts, squash, SquashError, SquashStats};
 pub use unpack::{unpack, UnpackError, UnpackLimits, UnpackSummary};

@@ -430,6 +430,18 @@ pub fn write_layer_tar<W: Write>(
     out: W,
     limits: &SealLimits,
 ) -> Result<LayerStats, SealError> {
+    write_layer_tar_skipping(upper, out, limits, &[])
+}
+
+/// [`write_layer_tar`], leaving out the entries directly under `upper` whose names are
+/// in `skip` (and what is below them): the host exports a stored layer without the
+/// files it keeps beside the layer's own, such as a snapshot's description.
+pub fn write_layer_tar_skipping<W: Write>(
+    upper: &Path,
+    out: W,
+    limits: &SealLimits,
+    skip: &[&str],
+) -> Result<LayerStats, SealError> {
     let root = fsutil::open_dir_path(upper).map_err(|e| SealError::OpenUpper {
         path: upper.to_path_buf(),
         source: e.into(),
@@ -440,7 +452,7 @@ pub fn write_layer_tar<W: Write>(
         max: limits.max_bytes,
         exceeded: false,
     };
-    let result = walk_into(root, &mut counting);
+    let result = walk_into(root, &mut counting, skip);
     let stats = match result {
         Ok(stats) => stats,
         Err(SealError::Write { .. }) if counting.exceeded => {
@@ -456,7 +468,11 @@ pub fn write_layer_tar<W: Write>(
     })
 }
 
-fn walk_into<W: Write>(root: OwnedFd, out: &mut Counting<W>) -> Result<LayerStats, SealError> {
+fn walk_into<W: Write>(
+    root: OwnedFd,
+    out: &mut Counting<W>,
+    skip: &[&str],
+) -> Result<LayerStats, SealError> {
     let mut tw = TarWriter {
         builder: tar::Builder::new(out),
         stats: LayerStats::default(),
@@ -465,6 +481,7 @@ fn walk_into<W: Write>(root: OwnedFd, out: &mut Counting<W>) -> Result<LayerStat
     let mut stack: Vec<Item> = Vec::new();
     let mut inodes: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
     push_children(&mut stack, root, b"")?;
+    stack.retain(|item| !skip.iter().any(|n| n.as_bytes() == item.name.as_bytes()));
 
     while let Some(item) = stack.pop() {
         let parent = item.parent.as_fd();

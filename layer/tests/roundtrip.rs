@@ -479,3 +479,40 @@ fn a_full_read_set_stays_within_the_record_limit() {
     let out = read_output(&device, &limits).unwrap();
     assert_eq!(out.record.reads, record.reads);
 }
+
+/// The host exports a stored layer by writing its overlay form back as a tar: that
+/// gives the sealed stream again, byte for byte (so its SHA-256 is the layer id), and
+/// names skipped at the top (a snapshot's description) leave no trace.
+#[test]
+fn an_unpacked_layer_writes_back_the_sealed_tar() {
+    let dir = tempfile::tempdir().unwrap();
+    let upper = dir.path().join("upper");
+    std::fs::create_dir(&upper).unwrap();
+    make_upper(&upper);
+    let mut sealed = Vec::new();
+    write_layer_tar(&upper, &mut sealed, &SealLimits::default()).unwrap();
+
+    let stored = dir.path().join("stored");
+    std::fs::create_dir(&stored).unwrap();
+    unpack(sealed.as_slice(), &stored, &UnpackLimits::default()).unwrap();
+    let mut again = Vec::new();
+    write_layer_tar(&stored, &mut again, &SealLimits::default()).unwrap();
+    assert_eq!(sha256_hex(&again), sha256_hex(&sealed));
+
+    std::fs::write(stored.join(".udos-layer.json"), b"{}").unwrap();
+    std::fs::create_dir(stored.join("extra")).unwrap();
+    std::fs::write(stored.join("extra/inside"), b"x").unwrap();
+    let mut skipped = Vec::new();
+    udos_layer::write_layer_tar_skipping(
+        &stored,
+        &mut skipped,
+        &SealLimits::default(),
+        &[".udos-layer.json", "extra"],
+    )
+    .unwrap();
+    assert_eq!(sha256_hex(&skipped), sha256_hex(&sealed));
+    // Without the skip list the extra names are written.
+    let mut all = Vec::new();
+    write_layer_tar(&stored, &mut all, &SealLimits::default()).unwrap();
+    assert_ne!(sha256_hex(&all), sha256_hex(&sealed));
+}
