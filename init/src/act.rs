@@ -49,7 +49,9 @@ pub fn spawn(
         .env("HOME", HOME)
         .env("PATH", PATH)
         .env("TERM", "dumb")
-        .env("CI", "true");
+        .env("CI", "true")
+        // As on GitHub's runners; glibc has C.UTF-8 built in, so every base has it.
+        .env("LANG", "C.UTF-8");
     if stdio == Stdio3::Piped {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -117,7 +117,9 @@ impl Init {
             None => {
                 self.load_modules()?;
                 self.configure_network()?;
-                root::assemble_and_switch(&self.cfg, &mut self.mounts)?
+                let root = root::assemble_and_switch(&self.cfg, &mut self.mounts)?;
+                set_hostname();
+                root
             }
         };
         let before: u64 = ["modules", "net"]
@@ -343,6 +345,19 @@ fn start_watch(root: &StepRoot) -> Option<reads::Watch> {
             warning!("cannot record what the step reads ({e}): reads will be null");
             None
         }
+    }
+}
+
+/// The guest's host name: the root's `/etc/hostname`, else `udos` (tools such as sudo
+/// look it up). Only in a real VM: the harness shares the test machine's UTS namespace.
+fn set_hostname() {
+    let name = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty() && s.len() <= 64)
+        .unwrap_or_else(|| "udos".to_string());
+    if let Err(e) = nix::unistd::sethostname(&name) {
+        warning!("cannot set the host name {name:?}: {e}");
     }
 }
 
