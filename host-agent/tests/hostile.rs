@@ -391,4 +391,14 @@ fn oversized_claims_are_refused() {
         let error = step["error"].as_str().unwrap_or_default();
         assert!(error.contains(why), "{error}");
     }
+    // Scratch is gone on every path (issue 8, item 8): no unpack directory (the
+    // million-entry one included) and no step disk is left behind.
+    let leftovers = find(&state_dir(), &|p: &Path, _| {
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        name.ends_with(".tmp") || name == "upper.img" || name == "output.img"
+    });
+    assert_eq!(leftovers, Vec::<PathBuf>::new());
 }
