@@ -404,27 +404,6 @@ pub fn run_leg(
             ));
         }
         let summary = leg.record(&step, run.clone());
-        if shared.settings.use_cache && !udos_core::cache::opted_out(&step) && !key.is_empty() {
-            let kept = out.record.as_ref().and_then(|rec| {
-                let reads = crate::cache::reads_of(rec, &entries)?;
-                let text = rec
-                    .step(synth::act_id(&step))
-                    .and_then(|a| a.summary.clone());
-                crate::cache::keep(
-                    shared.store,
-                    &key,
-                    &reads,
-                    out.layer.as_ref().map(|l| l.id.as_str()),
-                    &run,
-                    text.as_deref(),
-                    secrets.as_ref(),
-                    (shared.run_id, leg_index as i64, step.number as i64),
-                )
-                .map_err(|e| tracing::warn!("keeping a step result: {e:#}"))
-                .ok()
-            });
-            tracing::debug!(step = step.number, kept = ?kept, "step cache");
-        }
         *masks.write().unwrap_or_else(|e| e.into_inner()) = leg.masks();
         let m = leg.masks();
         let mut r = report(&summary, &m, Some(&out), exit_code);
@@ -453,6 +432,28 @@ pub fn run_leg(
             if let Ok(st) = shared.store.lock() {
                 let _ = st.put_layer(&layer.id, "step", layer.bytes, layer.entries);
             }
+        }
+        // After its layer is recorded: a kept result refers to it.
+        if shared.settings.use_cache && !udos_core::cache::opted_out(&step) && !key.is_empty() {
+            let kept = out.record.as_ref().and_then(|rec| {
+                let reads = crate::cache::reads_of(rec, &entries)?;
+                let text = rec
+                    .step(synth::act_id(&step))
+                    .and_then(|a| a.summary.clone());
+                crate::cache::keep(
+                    shared.store,
+                    &key,
+                    &reads,
+                    out.layer.as_ref().map(|l| l.id.as_str()),
+                    &run,
+                    text.as_deref(),
+                    secrets.as_ref(),
+                    (shared.run_id, leg_index as i64, step.number as i64),
+                )
+                .map_err(|e| tracing::warn!("keeping a step result: {e:#}"))
+                .ok()
+            });
+            tracing::debug!(step = step.number, kept = ?kept, "step cache");
         }
         if let Some(summary_text) = out
             .record
