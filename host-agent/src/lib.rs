@@ -9,6 +9,7 @@
 //! - [`restic`]: layer snapshots in a restic repository;
 //! - [`store`]: runs, steps and layers in SQLite;
 //! - [`restore`]: the root as a step left it, from the snapshots;
+//! - [`boot`]: a VM on a restore point with a shell on the terminal, kept as a new one;
 //! - [`diff`], [`export`]: what a step changed; a restore point as an OCI layer tar;
 //! - [`gc`]: keep the runs that matter, free what only the others needed;
 //! - [`bench`]: per-phase figures against act on the host;
@@ -16,6 +17,7 @@
 //! - [`cluster`]: the master, the worker agent and the cluster CLI.
 
 pub mod bench;
+pub mod boot;
 pub mod cache;
 pub mod cluster;
 pub mod diff;
