@@ -1,5 +1,6 @@
 //! The udos host agent: everything between the `udos` command line and the step VMs.
 //!
+//! - [`actions`]: actions of other repositories, fetched and pinned before the run;
 //! - [`setup`]: find or build what a run needs (image, base layer, hypervisor, repository);
 //! - [`plan`]: read the workflows and what they refer to, pick the event's jobs;
 //! - [`runner`]: drive the engine: each job leg on its own thread ([`leg`]), each step
@@ -16,6 +17,7 @@
 //! - [`state`]: the state directory layout;
 //! - [`cluster`]: the master, the worker agent and the cluster CLI.
 
+pub mod actions;
 pub mod bench;
 pub mod boot;
 pub mod cache;

@@ -290,6 +290,15 @@ struct RunArgs {
     /// repeatable. Nothing else of the host is reachable from a step.
     #[arg(long = "host-port", value_name = "PORT")]
     host_port: Vec<u16>,
+    /// Where actions of other repositories (`uses: owner/repo@ref`) are fetched from
+    /// before the run: GitHub, a mirror, or GitHub Enterprise (URL/OWNER/REPO is a git
+    /// repository)
+    #[arg(long = "actions-url", value_name = "URL", default_value = udos_host_agent::actions::DEFAULT_ACTIONS_URL)]
+    actions_url: String,
+    /// Use the directory PATH as the action OWNER/REPO at REF instead of fetching it,
+    /// as act's flag does; repeatable
+    #[arg(long = "local-repository", value_name = "OWNER/REPO@REF=PATH")]
+    local_repository: Vec<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -770,6 +779,9 @@ fn run(state: &StateDir, a: RunArgs) -> Result<ExitCode, SetupFailed> {
         parallel: a.jobs,
         platforms: a.platform,
         memory_mib: a.memory,
+        state_root: Some(state.root().to_path_buf()),
+        actions_url: Some(a.actions_url),
+        local_repositories: a.local_repository,
     };
     let (planned, set) = plan::plan(&args).map_err(SetupFailed)?;
     let req = match planned {
