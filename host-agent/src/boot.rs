@@ -558,6 +558,7 @@ fn record_begun(
         summary: None,
         cached_from: None,
         phases_ms: Default::default(),
+        actions: Vec::new(),
         error: None,
         note: Some(format!(
             "what a shell on run {} step {} changed (udos boot --keep)",
@@ -663,6 +664,7 @@ fn source_steps(store: &Store, from: &Resolved) -> Result<Vec<StepReport>> {
             error: None,
             note: Some(format!("run {} step {}", from.run, s.number)),
             console_log: None,
+            actions: Vec::new(),
         });
     }
     Ok(out)

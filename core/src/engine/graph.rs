@@ -200,14 +200,7 @@ impl Runners {
                 return JobBase::Base(base.clone());
             }
         }
-        // The same labels as `run::default_label`.
-        let default = labels.iter().any(|l| {
-            let l = l.to_ascii_lowercase();
-            l.starts_with("ubuntu")
-                || l.starts_with("debian")
-                || matches!(l.as_str(), "linux" | "self-hosted" | "x64" | "amd64")
-        });
-        if default {
+        if labels.iter().any(|l| super::run::default_label(l)) {
             JobBase::Base(DEFAULT_BASE.to_string())
         } else {
             JobBase::None
