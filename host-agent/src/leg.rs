@@ -317,6 +317,10 @@ pub fn run_leg(
         )
         .map(|k| crate::actions::key_with(&k, &actions))
         .unwrap_or_default();
+        // `udos rerun --from`: this step and the rest of the leg run again.
+        if let Some(from) = &shared.settings.rerun_from {
+            missed |= from.forces(&step.job_id, step.number);
+        }
         let cacheable = shared.settings.use_cache && !missed && !udos_core::cache::opted_out(&step);
         if cacheable && !key.is_empty() {
             match crate::cache::lookup(shared.store, shared.prep.state, &key, &entries) {

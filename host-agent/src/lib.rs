@@ -33,6 +33,7 @@ pub mod proc;
 pub mod repo;
 pub mod report;
 pub mod request;
+pub mod rerun;
 pub mod restic;
 pub mod restore;
 pub mod runner;

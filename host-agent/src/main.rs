@@ -31,7 +31,7 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, ValueEnum, serde::Serialize, serde::Deserialize)]
 enum HypervisorArg {
     /// cloud-hypervisor where KVM really boots our kernel, else QEMU (KVM or TCG)
     Auto,
@@ -47,6 +47,11 @@ enum Command {
     ///
     /// act's flags where act has them: `udos run [EVENT] [-W PATH] [-j JOB]... ...`.
     Run(Box<RunArgs>),
+    /// Run a recorded run again: the same workflows, event, inputs, vars and flags, its
+    /// secrets by name (their values from the environment, as `-s NAME` takes them).
+    /// Unchanged steps are reused from the run's restore points; `--from STEP` runs
+    /// that step and every later one again
+    Rerun(RerunArgs),
     /// List runs
     Runs {
         /// JSON on stdout
@@ -209,7 +214,9 @@ enum Command {
     DiffGenerations(udos_host_agent::cluster::cli::DiffArgs),
 }
 
-#[derive(clap::Args)]
+/// Recorded with each run (secrets by name only) for `udos rerun`: a field added here
+/// needs `#[serde(default)]` so that older runs can still be rerun.
+#[derive(clap::Args, serde::Serialize, serde::Deserialize)]
 struct RunArgs {
     /// `[EVENT] [WORKFLOW]`: the event (default: the workflows' only event, else push)
     /// and a workflow file (or use -W)
@@ -301,12 +308,31 @@ struct RunArgs {
     local_repository: Vec<String>,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
 enum NetworkArg {
     /// A NIC with NAT egress and DNS
     Nat,
     /// No NIC
     None,
+}
+
+#[derive(clap::Args)]
+struct RerunArgs {
+    /// The run (see `udos runs`)
+    run: i64,
+    /// Run this step (1-based, as `udos layers` numbers them) and every later one
+    /// again, reusing the restore point before it
+    #[arg(long, value_name = "STEP")]
+    from: Option<usize>,
+    /// Only this job (and what it needs, reused where unchanged); `--from` applies to it
+    #[arg(long)]
+    job: Option<String>,
+    /// Print one JSON report on stdout (logs stay on stderr)
+    #[arg(long)]
+    json: bool,
+    /// Don't stream the guests' consoles to the terminal
+    #[arg(long)]
+    no_console: bool,
 }
 
 #[derive(Subcommand)]
@@ -404,7 +430,8 @@ fn choice(h: HypervisorArg) -> udos_vmm::HypervisorChoice {
 fn dispatch(cli: Cli) -> Result<ExitCode, SetupFailed> {
     let state = StateDir::resolve(cli.state_dir.as_deref()).map_err(SetupFailed)?;
     match cli.command {
-        Command::Run(a) => run(&state, *a),
+        Command::Run(a) => run(&state, *a, Attempt::default()),
+        Command::Rerun(r) => rerun(&state, r),
         Command::Runs { json } => {
             let store = Store::open(&state.db()).map_err(SetupFailed)?;
             let runs = store.runs().map_err(SetupFailed)?;
@@ -762,8 +789,120 @@ fn print_run(r: &udos_host_agent::report::RunReport) {
     );
 }
 
+/// Which attempt of a run this is (`udos rerun` makes the later ones).
+struct Attempt {
+    /// 1 for a first run.
+    number: u32,
+    /// `udos rerun --from`.
+    from: Option<udos_host_agent::rerun::RerunFrom>,
+}
+
+impl Default for Attempt {
+    fn default() -> Self {
+        Attempt {
+            number: 1,
+            from: None,
+        }
+    }
+}
+
+/// What `udos rerun` replays of this invocation (secrets by name only).
+fn invocation(a: &RunArgs, attempt: u32) -> anyhow::Result<String> {
+    let mut args = serde_json::to_value(a)?;
+    args["secret"] = serde_json::to_value(udos_host_agent::rerun::secret_names(&a.secret))?;
+    let event = match &a.eventpath {
+        Some(p) => Some(serde_json::from_slice(&std::fs::read(p)?)?),
+        None => None,
+    };
+    let inv = udos_host_agent::rerun::Invocation {
+        version: udos_host_agent::rerun::INVOCATION_VERSION,
+        cwd: std::env::current_dir()?,
+        attempt,
+        args,
+        event,
+    };
+    Ok(serde_json::to_string(&inv)?)
+}
+
+/// `udos rerun`: `udos run` again, as its invocation was recorded.
+fn rerun(state: &StateDir, r: RerunArgs) -> Result<ExitCode, SetupFailed> {
+    let fail = |e: anyhow::Error| SetupFailed(e);
+    if r.from == Some(0) {
+        return Err(fail(anyhow::anyhow!("--from 0: steps are numbered from 1")));
+    }
+    let store = Store::open(&state.db()).map_err(fail)?;
+    let json = match store.invocation(r.run).map_err(fail)? {
+        None => {
+            return Err(fail(anyhow::anyhow!(
+                "there is no run {} (`udos runs` lists them)",
+                r.run
+            )))
+        }
+        Some(None) => {
+            return Err(fail(anyhow::anyhow!(
+                "run {} was recorded without its invocation (by an older udos, `udos boot` or an agent): it cannot be rerun",
+                r.run
+            )))
+        }
+        Some(Some(json)) => json,
+    };
+    drop(store);
+    let inv =
+        udos_host_agent::rerun::Invocation::parse(r.run, &json).map_err(|e| fail(e.into()))?;
+    let mut a: RunArgs = serde_json::from_value(inv.args.clone()).map_err(|e| {
+        fail(
+            udos_host_agent::rerun::RerunError::Unreadable {
+                run: r.run,
+                why: e.to_string(),
+            }
+            .into(),
+        )
+    })?;
+    std::env::set_current_dir(&inv.cwd).map_err(|e| {
+        fail(anyhow::anyhow!(
+            "run {} ran in {}, which cannot be entered now: {e}",
+            r.run,
+            inv.cwd.display()
+        ))
+    })?;
+    // The event payload as the run read it, whatever became of its file.
+    let event_file = match &inv.event {
+        Some(event) => {
+            let f = tempfile::NamedTempFile::new().map_err(|e| fail(e.into()))?;
+            std::fs::write(f.path(), serde_json::to_vec(event).unwrap_or_default())
+                .map_err(|e| fail(e.into()))?;
+            a.eventpath = Some(f.path().to_path_buf());
+            Some(f)
+        }
+        None => None,
+    };
+    if let Some(job) = &r.job {
+        a.job = vec![job.clone()];
+    }
+    a.json = r.json;
+    a.no_console |= r.no_console;
+    let attempt = Attempt {
+        number: inv.attempt.saturating_add(1),
+        from: r.from.map(|step| udos_host_agent::rerun::RerunFrom {
+            job: r.job.clone(),
+            step,
+        }),
+    };
+    progress(&format!(
+        "rerunning run {} (attempt {}) in {}",
+        r.run,
+        attempt.number,
+        inv.cwd.display()
+    ));
+    let code = run(state, a, attempt);
+    drop(event_file);
+    code
+}
+
 /// `udos run`: plan (setup errors exit 2 before anything is built), then run.
-fn run(state: &StateDir, a: RunArgs) -> Result<ExitCode, SetupFailed> {
+fn run(state: &StateDir, a: RunArgs, attempt: Attempt) -> Result<ExitCode, SetupFailed> {
+    // Read before the flags are taken apart; a flag it cannot read fails planning too.
+    let recorded = invocation(&a, attempt.number).ok();
     let args = plan::PlanArgs {
         positionals: a.args,
         workflows: a.workflows,
@@ -784,7 +923,7 @@ fn run(state: &StateDir, a: RunArgs) -> Result<ExitCode, SetupFailed> {
         local_repositories: a.local_repository,
     };
     let (planned, set) = plan::plan(&args).map_err(SetupFailed)?;
-    let req = match planned {
+    let mut req = match planned {
         plan::Planned::Run(req) => req,
         plan::Planned::Nothing(reasons) => {
             for r in &reasons {
@@ -830,8 +969,10 @@ fn run(state: &StateDir, a: RunArgs) -> Result<ExitCode, SetupFailed> {
         stream_console: !a.no_console,
         cancel: Some(cancel),
         use_cache: !a.no_cache,
+        rerun_from: attempt.from,
         ..runner::RunSettings::default()
     };
+    req.config.facts.run_attempt = attempt.number.to_string();
     let env = setup::prepare_env(state, a.kernel, choice(a.hypervisor), &progress)
         .map_err(SetupFailed)?;
     let mut settings = settings;
@@ -863,6 +1004,15 @@ fn run(state: &StateDir, a: RunArgs) -> Result<ExitCode, SetupFailed> {
             return Ok(ExitCode::from(1));
         }
     };
+    if let Some(json) = recorded {
+        let stored = Store::open(&state.db()).and_then(|s| s.set_invocation(report.run_id, &json));
+        if let Err(e) = stored {
+            eprintln!(
+                "udos: warning: run {} cannot be rerun: {e:#}",
+                report.run_id
+            );
+        }
+    }
     if a.json {
         print_json(&report);
     } else {

@@ -48,6 +48,8 @@ pub struct RunSettings {
     pub network: Option<udos_vmm::Network>,
     /// Reuse recorded results of steps whose inputs are unchanged (`--no-cache`: no).
     pub use_cache: bool,
+    /// `udos rerun --from`: steps that run again even when their inputs are unchanged.
+    pub rerun_from: Option<crate::rerun::RerunFrom>,
 }
 
 impl Default for RunSettings {
@@ -61,6 +63,7 @@ impl Default for RunSettings {
             cancel: None,
             network: None,
             use_cache: true,
+            rerun_from: None,
         }
     }
 }

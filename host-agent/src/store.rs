@@ -117,7 +117,7 @@ pub struct Deleted {
 }
 
 /// The schema version this code writes.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Version 1: one job per run, steps numbered within the run.
 const SCHEMA_V1: &str = r#"
@@ -230,10 +230,15 @@ CREATE TABLE step_cache (
 CREATE INDEX step_cache_key ON step_cache(key);
 "#;
 
+/// Version 4: how each run was asked for, for `udos rerun` (crate::rerun::Invocation).
+const V3_TO_V4: &str = r#"
+ALTER TABLE runs ADD COLUMN invocation TEXT;
+"#;
+
 /// Migrations: `MIGRATIONS[v]` takes a database at version `v` to `v + 1`. A database
 /// made before versions existed has `user_version` 0 and the version 1 tables (or
 /// none, when new).
-const MIGRATIONS: &[&str] = &[SCHEMA_V1, V1_TO_V2, V2_TO_V3];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, V1_TO_V2, V2_TO_V3, V3_TO_V4];
 
 /// A recorded step result the cache may reuse.
 #[derive(Debug, Clone)]
@@ -475,6 +480,27 @@ impl Store {
         Ok(report.flatten())
     }
 
+    /// Records how run `run_id` was asked for (JSON: crate::rerun::Invocation).
+    pub fn set_invocation(&self, run_id: i64, json: &str) -> Result<()> {
+        let n = self.conn.execute(
+            "UPDATE runs SET invocation = ?2 WHERE id = ?1",
+            params![run_id, json],
+        )?;
+        anyhow::ensure!(n == 1, "no run {run_id} to record its invocation");
+        Ok(())
+    }
+
+    /// How run `run_id` was asked for: `Ok(None)` when there is no such run, `Some(None)`
+    /// when it was recorded without (by an older udos, or not by `udos run`).
+    pub fn invocation(&self, run_id: i64) -> Result<Option<Option<String>>> {
+        Ok(self
+            .conn
+            .query_row("SELECT invocation FROM runs WHERE id = ?1", [run_id], |r| {
+                r.get::<_, Option<String>>(0)
+            })
+            .optional()?)
+    }
+
     /// The job legs of a run, in leg order.
     pub fn jobs(&self, run_id: i64) -> Result<Vec<JobRow>> {
         let mut st = self.conn.prepare(
@@ -648,6 +674,14 @@ mod tests {
             .begin_run("wf.yml", "build", "push", "qemu-tcg", "img")
             .unwrap();
         assert_eq!((r2, g2), (r1 + 1, g1 + 1));
+        assert_eq!(s.invocation(r1).unwrap(), Some(None));
+        s.set_invocation(r1, r#"{"version":1}"#).unwrap();
+        assert_eq!(
+            s.invocation(r1).unwrap(),
+            Some(Some(r#"{"version":1}"#.to_string()))
+        );
+        assert_eq!(s.invocation(r2 + 1).unwrap(), None);
+        assert!(s.set_invocation(r2 + 1, "{}").is_err());
         s.put_layer("base1", "base", 10, 2).unwrap();
         s.put_layer("base1", "base", 99, 99).unwrap();
         s.set_layer_snapshot("base1", "snapA").unwrap();
