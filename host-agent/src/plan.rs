@@ -22,7 +22,24 @@ use crate::runner::RunRequest;
 
 /// The built-in bases `-P LABEL=BASE` can name; any other valid name is an imported
 /// base, which must exist when the run starts (`udos base list`).
-pub const BASES: &[&str] = &[DEFAULT_BASE, "minimal", "debian"];
+pub const BASES: &[&str] = &[crate::setup::MINIMAL, "debian"];
+
+/// The environment variable naming the base the default labels (`ubuntu-*`, `linux`,
+/// `self-hosted`...) run on when `-P` maps none: a built-in or imported base.
+pub const DEFAULT_BASE_VAR: &str = "UDOS_DEFAULT_BASE";
+
+/// Is `base` a name a base can have (built-in, or valid for an import)?
+fn check_base(base: &str, what: &str) -> Result<()> {
+    if BASES.contains(&base) {
+        return Ok(());
+    }
+    udos_images::import::check_base_name(base).map_err(|why| {
+        anyhow::anyhow!(
+            "{what}: {why} (bases: {}, or an imported base: `udos base list`)",
+            BASES.join(", ")
+        )
+    })
+}
 
 /// `-P LABEL=BASE`: a built-in base or the name of an imported one.
 fn platforms(flags: &[String]) -> Result<Vec<(String, String)>> {
@@ -31,17 +48,21 @@ fn platforms(flags: &[String]) -> Result<Vec<(String, String)>> {
         let Some((_, base)) = f.split_once('=') else {
             continue;
         };
-        if !BASES.contains(&base) {
-            if let Err(why) = udos_images::import::check_base_name(base) {
-                bail!(
-                    "-P {f}: {why} (bases: {}, or an imported base: `udos base list`)",
-                    BASES.join(", ")
-                );
-            }
-            known.push(base);
-        }
+        check_base(base, &format!("-P {f}"))?;
+        known.push(base);
     }
     request::platforms(flags, &known)
+}
+
+/// The base the default labels get: `$UDOS_DEFAULT_BASE`, else [`DEFAULT_BASE`].
+fn default_base() -> Result<String> {
+    match std::env::var(DEFAULT_BASE_VAR) {
+        Ok(b) if !b.is_empty() => {
+            check_base(&b, &format!("${DEFAULT_BASE_VAR}={b}"))?;
+            Ok(b)
+        }
+        _ => Ok(DEFAULT_BASE.to_string()),
+    }
 }
 
 /// `udos run`'s flags that shape the plan.
@@ -320,9 +341,11 @@ pub fn plan(args: &PlanArgs) -> Result<(Planned, WorkflowSet)> {
         None => Pinning::default(),
     };
     notices.extend(pinned.notices);
+    let default_base = default_base()?;
     let runners = Runners {
-        with_node: bases_with_node(&platforms, args.state_root.as_deref()),
+        with_node: bases_with_node(&platforms, &default_base, args.state_root.as_deref()),
         platforms: platforms.clone(),
+        default_base: Some(default_base.clone()),
     };
     let mut problems = pinned.problems;
     if let Err(e) = graph::check_supported_on(&set, &selection, &runners) {
@@ -356,7 +379,9 @@ pub fn plan(args: &PlanArgs) -> Result<(Planned, WorkflowSet)> {
         max_running: args
             .parallel
             .unwrap_or_else(|| default_parallel(args.memory_mib.max(64))),
+        default_base: Some(default_base),
     };
+    let bases = graph::bases_used(&set, &selection, &runners);
     // Inputs and the rest are checked now, before anything is built.
     Run::new(set.clone(), &selection, config.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let workflow_paths = selection
@@ -374,6 +399,7 @@ pub fn plan(args: &PlanArgs) -> Result<(Planned, WorkflowSet)> {
         set: set.clone(),
         selection,
         config,
+        bases,
         notices,
     };
     Ok((Planned::Run(Box::new(request)), set))
@@ -446,11 +472,16 @@ fn pin_actions(set: &mut WorkflowSet, sel: &Selection, mut resolver: Resolver) -
 
 /// The bases of the run that have node: `debian` (its package list has nodejs) and
 /// imported bases whose tree has it; never the busybox base.
-fn bases_with_node(platforms: &[(String, String)], state_root: Option<&Path>) -> BTreeSet<String> {
+fn bases_with_node(
+    platforms: &[(String, String)],
+    default_base: &str,
+    state_root: Option<&Path>,
+) -> BTreeSet<String> {
     let store = state_root.map(udos_images::ImageStore::new);
     platforms
         .iter()
         .map(|(_, b)| b.as_str())
+        .chain([default_base])
         .filter(|b| match *b {
             "debian" => true,
             b if BASES.contains(&b) => false,

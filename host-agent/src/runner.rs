@@ -7,7 +7,7 @@
 //! their ids, and writes the report. A run that fails after it began is recorded as
 //! `error`, never left `running`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -109,6 +109,8 @@ pub struct RunRequest {
     pub selection: Selection,
     /// Secrets, vars, inputs, facts, platforms, limits.
     pub config: RunConfig,
+    /// The bases the jobs can run on, made ready before the first leg.
+    pub bases: BTreeSet<String>,
     /// Notes gathered while planning.
     pub notices: Vec<String>,
 }
@@ -210,7 +212,7 @@ fn run_begun(
         .clone();
     let (ws_id, ws_files) = workspace_layer(prep.state, &first)?;
     // Every base the run can use is ready (built or loaded) before the first leg.
-    let bases = prep.bases.for_platforms(&req.config.platforms)?;
+    let bases = prep.bases.ready(req.bases.iter().map(String::as_str))?;
     {
         let st = lock(store);
         for b in &bases {

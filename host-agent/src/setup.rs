@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
-use udos_core::engine::run::DEFAULT_BASE;
 use udos_images::{BaseLayer, DebianOptions, Image, ImageOptions, ImageStore, NamedBase};
 use udos_vmm::{Hypervisor, HypervisorChoice};
 
@@ -54,8 +53,8 @@ pub struct Bases {
     loaded: Mutex<BTreeMap<String, NamedBase>>,
 }
 
-/// The names of the busybox base.
-const BUSYBOX_NAMES: &[&str] = &[DEFAULT_BASE, "minimal"];
+/// The name of the busybox base.
+pub const MINIMAL: &str = "minimal";
 
 impl Bases {
     /// The bases of `store`, with `busybox` as `default` and `minimal`.
@@ -76,7 +75,7 @@ impl Bases {
             return Ok(b.clone());
         }
         let progress = |m: &str| eprintln!("udos: {m}");
-        let base = if BUSYBOX_NAMES.contains(&name) {
+        let base = if name == MINIMAL {
             self.store.busybox_base(name, &self.busybox)?
         } else if name == "debian" {
             self.store
@@ -94,10 +93,9 @@ impl Bases {
         Ok(base)
     }
 
-    /// The bases a run can use: `default` and those its `-P` mappings name, each layer
-    /// once. Made ready now, so a missing base fails the run before any VM boots.
-    pub fn for_platforms(&self, platforms: &[(String, String)]) -> Result<Vec<NamedBase>> {
-        let names = std::iter::once(DEFAULT_BASE).chain(platforms.iter().map(|(_, b)| b.as_str()));
+    /// The bases `names` (those a run's jobs can use), each layer once. Made ready now,
+    /// so a missing base fails the run before any VM boots.
+    pub fn ready<'n>(&self, names: impl IntoIterator<Item = &'n str>) -> Result<Vec<NamedBase>> {
         let mut out: Vec<NamedBase> = Vec::new();
         for n in names {
             let b = self.get(n).with_context(|| format!("the base `{n}`"))?;
@@ -151,15 +149,13 @@ pub fn base_json(b: &NamedBase) -> serde_json::Value {
     })
 }
 
-/// Every base there is (`udos base list`): the busybox base under its two names once
-/// it is built, then the Debian and imported ones. Builds nothing.
+/// Every base there is (`udos base list`): the busybox base (`minimal`) once it is
+/// built, then the Debian and imported ones. Builds nothing.
 pub fn list_bases(state: &StateDir, warn: &dyn Fn(&str)) -> Result<Vec<NamedBase>> {
     let store = ImageStore::new(state.root());
     let mut out = Vec::new();
     if let Some(busybox) = store.current_base_layer()? {
-        for n in BUSYBOX_NAMES {
-            out.push(store.busybox_base(n, &busybox)?);
-        }
+        out.push(store.busybox_base(MINIMAL, &busybox)?);
     }
     out.extend(store.named_bases(warn)?);
     Ok(out)
@@ -373,16 +369,8 @@ mod tests {
             e.contains("no base named `nope`") && e.contains("udos base import"),
             "{e}"
         );
-        let e = format!(
-            "{:#}",
-            bases
-                .for_platforms(&[("x".into(), "nope".into())])
-                .unwrap_err()
-        );
-        assert!(
-            e.contains("the base `default`"),
-            "the default base comes first: {e}"
-        );
+        let e = format!("{:#}", bases.ready(["nope"]).unwrap_err());
+        assert!(e.contains("the base `nope`"), "{e}");
         assert!(bases.distinct(["nope", "other"].into_iter()).is_empty());
     }
 

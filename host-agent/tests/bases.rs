@@ -1,5 +1,6 @@
 //! Bases in real VMs (QEMU; TCG here): the Debian base built with mmdebstrap (once,
-//! cached in the shared test state dir) running git, python3, node, jq, curl and sudo;
+//! cached in the shared test state dir), the one `ubuntu-latest` runs on by default,
+//! running git, python3, node, jq, curl and sudo;
 //! bases imported from a plain rootfs tar and from a `docker save` tar whose second
 //! layer deletes a file of the first; and imports that are refused.
 //!
@@ -13,7 +14,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 mod common;
-use common::{json, repo, restic, serial, state_dir, udos};
+use common::{json, repo, restic, serial, state_dir, udos, udos_on_default_base};
 
 const DEBIAN: &str = r#"
 name: debian
@@ -97,13 +98,12 @@ fn debian_base_runs_what_ubuntu_steps_use() {
 
     let (_dir, wf) = repo(DEBIAN, &[("README", "x")]);
     let t = std::time::Instant::now();
-    let out = udos(&[
+    // `ubuntu-latest` runs on it when nothing says otherwise.
+    let out = udos_on_default_base(&[
         "run",
         "--hypervisor",
         "qemu",
         "--json",
-        "-P",
-        "ubuntu-latest=debian",
         wf.to_str().unwrap(),
     ]);
     let report = json(&out);
@@ -312,7 +312,7 @@ fn imported_rootfs_and_docker_save_bases_run_steps() {
         .iter()
         .map(|b| b["name"].as_str().unwrap())
         .collect();
-    for n in ["default", "minimal", "plain-test", "layered-img"] {
+    for n in ["minimal", "plain-test", "layered-img"] {
         assert!(names.contains(&n), "{n} in {names:?}");
     }
 

@@ -149,6 +149,9 @@ pub struct Runners {
     pub platforms: Vec<(String, String)>,
     /// The bases that have node.
     pub with_node: BTreeSet<String>,
+    /// The base the default labels run on when `-P` maps none (`None`:
+    /// [`DEFAULT_BASE`]), as [`super::run::RunConfig::default_base`].
+    pub default_base: Option<String>,
 }
 
 /// Whether a job's base has node, as far as planning can tell.
@@ -176,6 +179,11 @@ pub enum JobBase {
 }
 
 impl Runners {
+    /// The base the default labels run on when `-P` maps none.
+    pub fn default_base(&self) -> &str {
+        self.default_base.as_deref().unwrap_or(DEFAULT_BASE)
+    }
+
     /// The base `runs-on` maps to, by the rule the run applies to each leg: the first
     /// label `-P` maps, else `default` when a label is one udos runs by default.
     pub fn base_for(&self, runs_on: &Value) -> JobBase {
@@ -201,7 +209,7 @@ impl Runners {
             }
         }
         if labels.iter().any(|l| super::run::default_label(l)) {
-            JobBase::Base(DEFAULT_BASE.to_string())
+            JobBase::Base(self.default_base().to_string())
         } else {
             JobBase::None
         }
@@ -234,6 +242,32 @@ pub fn check_supported(
             BaseNode::Lacks(DEFAULT_BASE.to_string())
         }
     })
+}
+
+/// The bases the selected jobs (and the jobs of the reusable workflows they call) run
+/// on, by `runners`; for a job whose `runs-on` is a template (known only when its legs
+/// start), every base it could map to: the `-P` bases and the default one.
+pub fn bases_used(set: &WorkflowSet, sel: &Selection, runners: &Runners) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for (place, jobs) in reached(set, sel).0 {
+        let wf = place.of(set);
+        for id in &jobs {
+            let Some(JobKind::Steps(job)) = wf.jobs.get(id).map(|j| &j.kind) else {
+                continue;
+            };
+            match runners.base_for(&job.runs_on) {
+                JobBase::Base(b) => {
+                    out.insert(b);
+                }
+                JobBase::None => {}
+                JobBase::Template => {
+                    out.extend(runners.platforms.iter().map(|(_, b)| b.clone()));
+                    out.insert(runners.default_base().to_string());
+                }
+            }
+        }
+    }
+    out
 }
 
 /// [`check_supported`], with each job's base (and whether it has node) decided from
@@ -656,6 +690,7 @@ jobs:
         let runners = Runners {
             platforms: vec![("big".into(), "debian".into())],
             with_node: BTreeSet::from(["debian".to_string()]),
+            default_base: Some("minimal".into()),
         };
         // Nothing pinned: every remote action is refused, checkout is served.
         let err = check_supported_on(&s, &sel, &runners)
@@ -672,8 +707,8 @@ jobs:
             .to_string();
         let lines: Vec<&str> = err.lines().collect();
         for needle in [
-            "job `small`, step 1: `o/js@v2` (used by a composite action) is a JavaScript action (`node16`), and the base `default` has no node",
-            "job `small`, step 2: `uses: o/js@v1` is a JavaScript action (`node16`), and the base `default` has no node",
+            "job `small`, step 1: `o/js@v2` (used by a composite action) is a JavaScript action (`node16`), and the base `minimal` has no node",
+            "job `small`, step 2: `uses: o/js@v1` is a JavaScript action (`node16`), and the base `minimal` has no node",
             "job `small`, step 3: `uses: o/dock@v1` is a Docker action",
             "job `small`, step 4: `uses: o/unpinned@v1`: not resolved before the run",
             "job `small`, step 5: `docker://alpine` (used by a composite action): Docker actions are not supported",
@@ -690,6 +725,47 @@ jobs:
     }
 
     #[test]
+    fn the_bases_used_are_those_the_selected_jobs_map_to() {
+        let s = set(&[r#"
+on: push
+jobs:
+  a:
+    runs-on: ubuntu-latest
+    steps: [{run: a}]
+  b:
+    runs-on: [self-hosted, big]
+    steps: [{run: b}]
+  c:
+    runs-on: ${{ matrix.os }}
+    strategy: {matrix: {os: [x]}}
+    steps: [{run: c}]
+  d:
+    runs-on: windows-latest
+    steps: [{run: d}]
+"#]);
+        let runners = Runners {
+            platforms: vec![("big".into(), "mine".into())],
+            ..Runners::default()
+        };
+        let used = |jobs: &[&str]| {
+            let jobs: Vec<String> = jobs.iter().map(|j| j.to_string()).collect();
+            bases_used(&s, &select(&s, &[true], &jobs).unwrap(), &runners)
+        };
+        let names = |n: &[&str]| n.iter().map(|b| b.to_string()).collect::<BTreeSet<_>>();
+        assert_eq!(used(&["a"]), names(&[DEFAULT_BASE]));
+        assert_eq!(used(&["b"]), names(&["mine"]));
+        assert_eq!(used(&["d"]), names(&[]));
+        // A template may map to any of them.
+        assert_eq!(used(&["c"]), names(&["mine", DEFAULT_BASE]));
+        let minimal = Runners {
+            default_base: Some("minimal".into()),
+            ..runners.clone()
+        };
+        let sel = select(&s, &[true], &["a".to_string()]).unwrap();
+        assert_eq!(bases_used(&s, &sel, &minimal), names(&["minimal"]));
+    }
+
+    #[test]
     fn runners_map_labels_as_the_run_does() {
         use crate::engine::contexts::RunFacts;
         use crate::engine::run::{Action, Run, RunConfig};
@@ -700,6 +776,7 @@ jobs:
         let runners = Runners {
             platforms: platforms.clone(),
             with_node: BTreeSet::new(),
+            default_base: Some("minimal".into()),
         };
         for runs_on in [
             "ubuntu-latest",
@@ -729,6 +806,7 @@ jobs:
                 },
                 platforms: platforms.clone(),
                 max_running: 1,
+                default_base: Some("minimal".into()),
                 ..RunConfig::default()
             };
             let mut run = Run::new(s.clone(), &sel, cfg).unwrap();

@@ -31,7 +31,7 @@ pub const DEFAULT_JOB_TIMEOUT_MINUTES: f64 = 360.0;
 pub const MAX_CALL_DEPTH: usize = 4;
 
 /// The base a label runs on when `-P` does not say otherwise.
-pub const DEFAULT_BASE: &str = "default";
+pub const DEFAULT_BASE: &str = "debian";
 
 /// What the run was given besides the workflows.
 #[derive(Debug, Clone, Default)]
@@ -52,6 +52,17 @@ pub struct RunConfig {
     pub matrix_filter: Vec<(String, String)>,
     /// `--jobs N`: step VMs at once (at least 1).
     pub max_running: usize,
+    /// The base the default labels run on when `-P` maps none (`None`:
+    /// [`DEFAULT_BASE`]).
+    pub default_base: Option<String>,
+}
+
+impl RunConfig {
+    /// The base `ubuntu-*`, `debian-*`, `linux`, `self-hosted`, `x64` and `amd64` run
+    /// on when `-P` maps none of a job's labels.
+    pub fn default_base(&self) -> &str {
+        self.default_base.as_deref().unwrap_or(DEFAULT_BASE)
+    }
 }
 
 /// What the host should do next.
@@ -877,7 +888,7 @@ impl Run {
         Ok(labels
             .iter()
             .any(|l| default_label(l))
-            .then(|| DEFAULT_BASE.to_string()))
+            .then(|| self.cfg.default_base().to_string()))
     }
 
     /// Starts queued legs: steps legs within `--jobs` and the job's `max-parallel`;

@@ -39,7 +39,19 @@ pub fn state_dir() -> PathBuf {
 }
 
 pub fn udos(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_udos"))
+    udos_in(Command::new(env!("CARGO_BIN_EXE_udos")), args)
+}
+
+/// `udos ARGS` with the built-in default base (`debian` for `ubuntu-*`), not the
+/// `minimal` one the test command names for speed (`UDOS_DEFAULT_BASE`).
+pub fn udos_on_default_base(args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_udos"));
+    cmd.env_remove("UDOS_DEFAULT_BASE");
+    udos_in(cmd, args)
+}
+
+fn udos_in(mut cmd: Command, args: &[&str]) -> Output {
+    let out = cmd
         .arg("--state-dir")
         .arg(state_dir())
         .args(args)
