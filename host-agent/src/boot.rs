@@ -557,6 +557,7 @@ fn record_begun(
         outputs: Default::default(),
         summary: None,
         cached_from: None,
+        cached: false,
         phases_ms: Default::default(),
         actions: Vec::new(),
         error: None,
@@ -609,6 +610,7 @@ fn record_begun(
                 snapshot_id: i.snapshot_id.clone(),
             })
             .collect(),
+        vms_booted: RunReport::count_vms(std::slice::from_ref(&job)),
         jobs: vec![job],
         notices: Vec::new(),
         wall_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
@@ -660,6 +662,7 @@ fn source_steps(store: &Store, from: &Resolved) -> Result<Vec<StepReport>> {
                 leg: from.leg,
                 step: s.number,
             }),
+            cached: true,
             phases_ms: Default::default(),
             error: None,
             note: Some(format!("run {} step {}", from.run, s.number)),

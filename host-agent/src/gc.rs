@@ -984,6 +984,7 @@ mod tests {
             outputs: Default::default(),
             summary: None,
             cached_from: None,
+            cached: false,
             phases_ms: Default::default(),
             error: None,
             note: None,

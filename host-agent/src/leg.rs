@@ -330,6 +330,7 @@ pub fn run_leg(
                     let mut r = report(&summary, &m, None, Some(0));
                     r.actions = pinned.clone();
                     r.cache_key = Some(key.clone());
+                    r.cached = true;
                     r.cached_from = Some(CachedFrom {
                         run_id: hit.from.0,
                         leg: hit.from.1,
@@ -566,6 +567,7 @@ fn report(
             .collect(),
         summary: None,
         cached_from: None,
+        cached: false,
         phases_ms: vm.map(|o| o.phases.clone()).unwrap_or_default(),
         error: s.error.as_deref().map(|e| mask(e, masks)),
         note: s.note.clone(),

@@ -38,6 +38,18 @@ pub struct RunReport {
     pub notices: Vec<String>,
     /// Wall time of the run, ms.
     pub wall_ms: u64,
+    /// Step VMs booted (cached and host-decided steps boot none).
+    pub vms_booted: usize,
+}
+
+impl RunReport {
+    /// Step VMs the legs booted: the steps with a VM phase.
+    pub fn count_vms(jobs: &[JobReport]) -> usize {
+        jobs.iter()
+            .flat_map(|j| &j.steps)
+            .filter(|s| s.phases_ms.contains_key("vm"))
+            .count()
+    }
 }
 
 /// An input layer of the run.
@@ -139,6 +151,8 @@ pub struct StepReport {
     /// Set when the step was not run but its recorded result reused (the step cache):
     /// where that result was made.
     pub cached_from: Option<CachedFrom>,
+    /// Reused from a recorded run (`cached_from` says which): no VM booted for it.
+    pub cached: bool,
     /// Phase timings, ms: materialize, boot, guest, seal, unpack, snapshot, vm.
     pub phases_ms: BTreeMap<String, u64>,
     /// What went wrong, when udos (not the step's program) failed it.

@@ -377,6 +377,7 @@ fn run_begun(
                 })
             })
             .collect::<Result<Vec<_>>>()?,
+        vms_booted: RunReport::count_vms(&jobs),
         jobs,
         notices,
         wall_ms: ms(started.elapsed()),

@@ -21,13 +21,18 @@ jobs:
       - run: grep -q one all.txt
 "#;
 
-/// (number, cached?) of each step of the only leg.
+/// Whether each step of the only leg was reused (`cached`, which says the same as a
+/// `cached_from`).
 fn cached(report: &Value) -> Vec<bool> {
     report["jobs"][0]["steps"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| !s["cached_from"].is_null())
+        .map(|s| {
+            let cached = s["cached"].as_bool().expect("`cached` is a boolean");
+            assert_eq!(cached, !s["cached_from"].is_null(), "{s:#}");
+            cached
+        })
         .collect()
 }
 
@@ -59,6 +64,7 @@ fn unchanged_steps_are_reused_and_changed_reads_rerun_from_there() {
     let first = run(&[]);
     assert_eq!(cached(&first), [false; 5]);
     assert_eq!(ran_vm(&first), 5);
+    assert_eq!(first["vms_booted"], 5);
 
     let again = run(&[]);
     assert_eq!(
@@ -67,6 +73,7 @@ fn unchanged_steps_are_reused_and_changed_reads_rerun_from_there() {
         "an unchanged rerun reuses every step"
     );
     assert_eq!(ran_vm(&again), 0, "and boots no VM");
+    assert_eq!(again["vms_booted"], 0);
     let steps = again["jobs"][0]["steps"].as_array().unwrap();
     assert_eq!(steps[2]["cached_from"]["run_id"], first["run_id"]);
     assert!(steps.iter().all(|s| s["status"] == "success"));
