@@ -7,7 +7,9 @@ use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
 use udos_core::engine::run::DEFAULT_BASE;
-use udos_images::{BaseLayer, DebianOptions, Image, ImageOptions, ImageStore, NamedBase};
+use udos_images::{
+    BaseLayer, DebianOptions, Image, ImageOptions, ImageStore, NamedBase, OwnKernel,
+};
 use udos_vmm::{Hypervisor, HypervisorChoice};
 
 use crate::restic::{Repo, Tags};
@@ -294,6 +296,37 @@ fn check_static(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The kernel the image boots: `--kernel` when given, else udos's own kernel when
+/// `udos kernel build` made one from this udos's config fragment, else (`None`)
+/// Debian's cloud kernel, the fallback.
+fn choose_kernel(
+    store: &ImageStore,
+    given: Option<PathBuf>,
+    progress: &dyn Fn(&str),
+) -> Option<PathBuf> {
+    if given.is_some() {
+        return given;
+    }
+    match store.own_kernel() {
+        Ok(OwnKernel::Ready(k)) => Some(k.vmlinux()),
+        Ok(OwnKernel::NotBuilt) => None,
+        Ok(OwnKernel::Outdated(k)) => {
+            progress(&format!(
+                "the kernel built here ({}) is from another config fragment: using Debian's \
+                 cloud kernel until `udos kernel build` builds this one",
+                &k.id[..12]
+            ));
+            None
+        }
+        Err(e) => {
+            progress(&format!(
+                "warning: udos's own kernel is unusable ({e:#}): using Debian's cloud kernel"
+            ));
+            None
+        }
+    }
+}
+
 /// Build (when missing) the guest image and the base layer.
 pub fn build_images(
     state: &StateDir,
@@ -303,7 +336,7 @@ pub fn build_images(
     check_tools(&[])?;
     let store = ImageStore::new(state.root());
     let opts = ImageOptions {
-        kernel,
+        kernel: choose_kernel(&store, kernel, progress),
         modules_dir: None,
         init_binary: find_init()?,
         act_version: ACT_VERSION.to_string(),
