@@ -144,19 +144,22 @@ pub fn lookup(
 /// What the step's recorded reads were in the workspace it started from; `None` when
 /// the guest recorded no reads (or too many), so the step is not kept.
 pub fn reads_of(record: &StepRecord, before: &BTreeMap<String, Entry>) -> Option<Vec<ReadEntry>> {
+    tracing::debug!(reads = ?record.reads, "the step's reads");
     let set = record.reads.as_ref().filter(|r| !r.truncated)?;
     let mut paths: Vec<&String> = set.files.iter().chain(set.dirs.iter()).collect();
     paths.sort();
     paths.dedup();
     paths
         .into_iter()
-        .map(|p| {
-            LayeredWorkspace::seen(before, p)
-                .ok()
-                .map(|seen| ReadEntry {
-                    path: p.clone(),
-                    seen,
-                })
+        .map(|p| match LayeredWorkspace::seen(before, p) {
+            Ok(seen) => Some(ReadEntry {
+                path: p.clone(),
+                seen,
+            }),
+            Err(e) => {
+                tracing::debug!(path = %p, "what the step read cannot be told: {e}");
+                None
+            }
         })
         .collect()
 }

@@ -672,7 +672,7 @@ fn a_step_reaches_a_host_port_only_when_it_is_named() {
         }
     });
     let wf_text = format!(
-        "on: push\njobs:\n  net:\n    runs-on: ubuntu-latest\n    steps:\n      - run: |\n          grep -q nameserver /etc/resolv.conf\n          wget -q -T 10 -O got.txt http://10.0.2.2:{port}/\n          grep -q host-token-7 got.txt\n"
+        "on: push\njobs:\n  net:\n    runs-on: ubuntu-latest\n    steps:\n      - run: |\n          grep -q nameserver /etc/resolv.conf\n          printf 'GET / HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 10 10.0.2.2 {port} > got.txt\n          grep -q host-token-7 got.txt\n"
     );
     let (_dir, wf) = repo(&wf_text, &[]);
     let wf = wf.to_str().unwrap();
