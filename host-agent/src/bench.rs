@@ -42,8 +42,11 @@ pub fn run(
     };
     let env = setup::prepare_env(state, None, choice, progress)?;
     let store = Store::open(&state.db())?;
+    // Every step boots its VM: the figures are the VMs' (an unchanged rerun would
+    // take every step from the step cache and boot nothing).
     let settings = RunSettings {
         stream_console: false,
+        use_cache: false,
         ..RunSettings::default()
     };
     progress("benchmark: running the workflow in step VMs");
@@ -68,7 +71,7 @@ pub fn run(
     let ran: Vec<VmPhases> = steps
         .iter()
         .filter(|s| s.phases_ms.contains_key("vm"))
-        .map(|s| VmPhases::of(s))
+        .map(VmPhases::of)
         .collect();
     let guest_total: u64 = ran.iter().map(|p| p.boot + p.act + p.seal).sum();
     let overhead = report.wall_ms.saturating_sub(guest_total) / (ran.len() as u64).max(1);
@@ -144,7 +147,10 @@ impl VmPhases {
 
 /// The kernel's timestamp (ms since kernel entry) of its `reboot: Power down` line.
 fn power_off_at(console: &str) -> Option<u64> {
-    let line = console.lines().rev().find(|l| l.contains("reboot: Power down"))?;
+    let line = console
+        .lines()
+        .rev()
+        .find(|l| l.contains("reboot: Power down"))?;
     let stamp = line.trim_start().strip_prefix('[')?.split(']').next()?;
     let secs: f64 = stamp.trim().parse().ok()?;
     Some((secs * 1000.0).round() as u64)
@@ -187,7 +193,9 @@ fn print_vm_phases(steps: &[crate::report::StepReport]) {
             s.status
         );
     }
-    println!("  vmm: QEMU's start before kernel entry and its exit after power-off; kernel: kernel");
+    println!(
+        "  vmm: QEMU's start before kernel entry and its exit after power-off; kernel: kernel"
+    );
     println!("  entry to PID 1, and PID 1's shutdown after sealing (from the power-off timestamp)");
 }
 
@@ -257,9 +265,13 @@ mod tests {
 
     #[test]
     fn the_power_off_stamp_is_read_from_the_console() {
-        let console = "[    0.250144] PCI: x\nudos-init: power off\n[    1.556168] reboot: Power down\n";
+        let console =
+            "[    0.250144] PCI: x\nudos-init: power off\n[    1.556168] reboot: Power down\n";
         assert_eq!(power_off_at(console), Some(1556));
-        assert_eq!(power_off_at("udos-init: power off\nreboot: Power down\n"), None);
+        assert_eq!(
+            power_off_at("udos-init: power off\nreboot: Power down\n"),
+            None
+        );
         assert_eq!(power_off_at(""), None);
     }
 

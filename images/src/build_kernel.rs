@@ -38,7 +38,7 @@ pub const LOCALVERSION: &str = "-udos";
 
 /// How many kbuild steps (`CC`, `LD`, `AR`, ... lines) a build of the default
 /// fragment prints: counted on a build here, for the progress percentage only.
-const BUILD_STEPS_ESTIMATE: usize = 1500;
+const BUILD_STEPS_ESTIMATE: usize = 1700;
 
 /// How often a build in progress says how far it is.
 const PROGRESS_EVERY: Duration = Duration::from_secs(20);
@@ -289,7 +289,7 @@ pub fn unmet_options(fragment: &str, config: &str) -> Vec<Unmet> {
         .into_iter()
         .filter_map(|want| {
             let got = have.get(&want.name).cloned().unwrap_or_else(|| "n".into());
-            (got != want.value).then(|| Unmet {
+            (got != want.value).then_some(Unmet {
                 name: want.name,
                 wanted: want.value,
                 got,
@@ -488,14 +488,41 @@ impl ImageStore {
         let recipe = self.kernel_recipe(opts)?;
         let id = recipe.id();
         let _lock = util::lock_file(&self.kernels_dir().join(".lock"))?;
+        self.remove_abandoned_builds(progress);
         let (kernel, status) = match self.load_kernel(&id) {
             Ok(k) => (k, KernelStatus::Cached),
-            Err(_) => (self.build_kernel(&recipe, opts, progress)?, KernelStatus::Built),
+            Err(_) => (
+                self.build_kernel(&recipe, opts, progress)?,
+                KernelStatus::Built,
+            ),
         };
         if opts.is_default_fragment() {
             atomic_write(&self.kernels_dir().join("current"), id.as_bytes())?;
         }
         Ok((kernel, status))
+    }
+
+    /// Scratch trees of builds that died (a crash, a reboot): with the lock held no
+    /// other build is running, and each holds 1.5 GB or more.
+    fn remove_abandoned_builds(&self, progress: &dyn Fn(&str)) {
+        let Ok(entries) = fs::read_dir(self.kernels_dir()) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(".work-") || name.starts_with(".build-") {
+                progress(&format!(
+                    "kernel: removing the scratch of an abandoned build ({name})"
+                ));
+                if let Err(err) = fs::remove_dir_all(e.path()) {
+                    progress(&format!(
+                        "warning: cannot remove {}: {err}",
+                        e.path().display()
+                    ));
+                }
+            }
+        }
     }
 
     fn build_kernel(
@@ -789,7 +816,10 @@ mod tests {
             .iter()
             .map(|u| (u.name.as_str(), u.got.as_str()))
             .collect();
-        assert_eq!(names, [("CONFIG_B", "n"), ("CONFIG_D", "4"), ("CONFIG_E", "n")]);
+        assert_eq!(
+            names,
+            [("CONFIG_B", "n"), ("CONFIG_D", "4"), ("CONFIG_E", "n")]
+        );
         let msg = KernelBuildError::Unmet(unmet).to_string();
         assert!(msg.contains("CONFIG_B=y (got n)"), "{msg}");
         // An option the fragment turns off may be absent from .config altogether.
@@ -836,7 +866,10 @@ mod tests {
         let pkgs = missing_build_packages(&|t| t != "bison" && t != "flex", &|_| false);
         assert_eq!(pkgs, ["bison", "flex", "libelf-dev"]);
         let msg = KernelBuildError::MissingPackages { packages: pkgs }.to_string();
-        assert!(msg.contains("apt-get install bison flex libelf-dev"), "{msg}");
+        assert!(
+            msg.contains("apt-get install bison flex libelf-dev"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -883,6 +916,26 @@ mod tests {
         assert_eq!(lines.lock().unwrap().len(), 1);
         assert_eq!(minutes(Duration::from_secs(59)), "59s");
         assert_eq!(minutes(Duration::from_secs(605)), "10m05s");
+    }
+
+    #[test]
+    fn scratch_of_abandoned_builds_is_removed_and_kernels_are_kept() {
+        let state = tempfile::tempdir().unwrap();
+        let store = ImageStore::new(state.path());
+        let kernels = store.kernels_dir();
+        for d in [".work-abc/out", ".build-def", "0123abcd"] {
+            fs::create_dir_all(kernels.join(d)).unwrap();
+        }
+        fs::write(kernels.join("current"), "0123abcd").unwrap();
+        let said = std::sync::Mutex::new(Vec::new());
+        store.remove_abandoned_builds(&|l| said.lock().unwrap().push(l.to_string()));
+        let mut left: Vec<String> = fs::read_dir(&kernels)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["0123abcd", "current"]);
+        assert_eq!(said.lock().unwrap().len(), 2);
     }
 
     #[test]

@@ -27,8 +27,8 @@ use sha2::{Digest, Sha256};
 use crate::act::ensure_act;
 use crate::apt::{Apt, DebPackage};
 use crate::base::{build_base_tree, BASE_LAYOUT_VERSION, BASE_PACKAGES};
-use crate::erofs::{mkfs_erofs_with, ErofsOptions};
 use crate::build_kernel::BuiltKernel;
+use crate::erofs::{mkfs_erofs_with, ErofsOptions};
 use crate::initramfs::Archive;
 use crate::kernel::{self, KernelFormat, ModuleTree, REQUIRED_MODULES, WANTED_MODULES};
 use crate::util::{
@@ -145,10 +145,16 @@ struct LayerManifest {
 }
 
 enum KernelSource {
-    Debian { package: String, deb: DebPackage },
+    Debian {
+        package: String,
+        deb: DebPackage,
+    },
     /// One `udos kernel build` made: content-addressed, so its id stands for its bytes.
     Built(BuiltKernel),
-    File { path: PathBuf, sha256: String },
+    File {
+        path: PathBuf,
+        sha256: String,
+    },
 }
 
 impl KernelSource {
@@ -328,7 +334,11 @@ impl ImageStore {
             }
             KernelSource::Built(k) => {
                 // Everything is built in: no modules to carry.
-                progress(&format!("kernel: udos's own {} ({})", k.release, &k.id[..12]));
+                progress(&format!(
+                    "kernel: udos's own {} ({})",
+                    k.release,
+                    &k.id[..12]
+                ));
                 (k.vmlinux(), None, k.release.clone())
             }
             KernelSource::File { path, .. } => {

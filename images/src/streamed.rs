@@ -174,8 +174,10 @@ mod tests {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "echo out; echo err >&2; exit 3"]);
         let mut seen = Vec::new();
-        let status =
-            run_streamed(cmd, Duration::from_secs(30), &mut |l| seen.push(l.to_string())).unwrap();
+        let status = run_streamed(cmd, Duration::from_secs(30), &mut |l| {
+            seen.push(l.to_string())
+        })
+        .unwrap();
         assert_eq!(status.code(), Some(3));
         seen.sort();
         assert_eq!(seen, ["err", "out"]);
