@@ -331,7 +331,7 @@ enum ImageCommand {
 enum KernelCommand {
     /// Build the kernel from Debian's linux-source-6.1 and kernel/config.fragment
     ///
-    /// allnoconfig plus the fragment, every driver built in, no modules: 5 to 15 minutes
+    /// allnoconfig plus the fragment, every driver built in, no modules: about 16 minutes
     /// on 2 cores the first time, then cached (by source version, fragment and builder).
     /// Images built afterwards boot it; Debian's cloud kernel stays the fallback.
     Build {

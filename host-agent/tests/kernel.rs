@@ -2,7 +2,7 @@
 //! (once: then it is cached), images pick it up by themselves, and a workflow runs on
 //! it under QEMU/TCG with no module loaded.
 //!
-//! The build takes 5 to 15 minutes on 2 cores the first time. It happens in a state
+//! The build takes about 16 minutes on 2 busy cores the first time. It happens in a state
 //! dir of its own (`$UDOS_KERNEL_TEST_STATE`, default under the cargo target dir, kept
 //! between runs), so the other VM tests keep booting Debian's cloud kernel.
 

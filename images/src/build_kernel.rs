@@ -537,7 +537,7 @@ impl ImageStore {
         check_token("source version", &version)?;
         progress(&format!(
             "kernel: building {} from {LINUX_SOURCE_PACKAGE} {version} \
-             (allnoconfig + config.fragment, make -j{}): about 5 to 15 minutes on 2 cores",
+             (allnoconfig + config.fragment, make -j{}): about 16 minutes on 2 busy cores, less on idle ones",
             &id[..12],
             opts.jobs
         ));
