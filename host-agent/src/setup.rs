@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
-use udos_images::{BaseLayer, DebianOptions, Image, ImageOptions, ImageStore, NamedBase};
+use udos_images::{
+    BaseLayer, DebianOptions, Image, ImageOptions, ImageStore, NamedBase, OwnKernel,
+};
 use udos_vmm::{Hypervisor, HypervisorChoice};
 
 use crate::restic::{Repo, Tags};
@@ -290,6 +292,37 @@ fn check_static(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The kernel the image boots: `--kernel` when given, else udos's own kernel when
+/// `udos kernel build` made one from this udos's config fragment, else (`None`)
+/// Debian's cloud kernel, the fallback.
+fn choose_kernel(
+    store: &ImageStore,
+    given: Option<PathBuf>,
+    progress: &dyn Fn(&str),
+) -> Option<PathBuf> {
+    if given.is_some() {
+        return given;
+    }
+    match store.own_kernel() {
+        Ok(OwnKernel::Ready(k)) => Some(k.vmlinux()),
+        Ok(OwnKernel::NotBuilt) => None,
+        Ok(OwnKernel::Outdated(k)) => {
+            progress(&format!(
+                "the kernel built here ({}) is from another config fragment: using Debian's \
+                 cloud kernel until `udos kernel build` builds this one",
+                &k.id[..12]
+            ));
+            None
+        }
+        Err(e) => {
+            progress(&format!(
+                "warning: udos's own kernel is unusable ({e:#}): using Debian's cloud kernel"
+            ));
+            None
+        }
+    }
+}
+
 /// Build (when missing) the guest image and the base layer.
 pub fn build_images(
     state: &StateDir,
@@ -299,7 +332,7 @@ pub fn build_images(
     check_tools(&[])?;
     let store = ImageStore::new(state.root());
     let opts = ImageOptions {
-        kernel,
+        kernel: choose_kernel(&store, kernel, progress),
         modules_dir: None,
         init_binary: find_init()?,
         act_version: ACT_VERSION.to_string(),
@@ -354,6 +387,69 @@ pub fn prepare_env(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A kernel as `udos kernel build` leaves it in the store, built from `fragment`.
+    fn built_kernel(store: &ImageStore, id: &str, fragment: &str) -> PathBuf {
+        use udos_images::build_kernel::{fragment_sha256, BuildTimings, KERNEL_BUILDER};
+        let dir = store.kernels_dir().join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("vmlinux"), b"kernel bytes").unwrap();
+        let k = udos_images::BuiltKernel {
+            id: id.to_string(),
+            release: "6.1.192-udos".into(),
+            source_package: "linux-source-6.1_6.1.192-3_all.deb".into(),
+            source_version: "6.1.192-3".into(),
+            builder: KERNEL_BUILDER.into(),
+            fragment_sha256: fragment_sha256(fragment),
+            vmlinux_bytes: 12,
+            pvh: true,
+            jobs: 2,
+            timings: BuildTimings::default(),
+            dir: dir.clone(),
+        };
+        std::fs::write(dir.join("kernel.json"), serde_json::to_vec(&k).unwrap()).unwrap();
+        std::fs::write(store.kernels_dir().join("current"), id).unwrap();
+        dir.join("vmlinux")
+    }
+
+    #[test]
+    fn the_own_kernel_is_chosen_when_built_from_this_fragment_else_debian_s() {
+        let d = tempfile::tempdir().unwrap();
+        let store = ImageStore::new(d.path());
+        let said = Mutex::new(Vec::<String>::new());
+        let progress = |l: &str| said.lock().unwrap().push(l.to_string());
+        let given = d.path().join("my-vmlinux");
+
+        // Nothing built: Debian's kernel, unless one is given.
+        assert_eq!(choose_kernel(&store, None, &progress), None);
+        assert_eq!(
+            choose_kernel(&store, Some(given.clone()), &progress),
+            Some(given.clone())
+        );
+
+        // Built from this udos's fragment: that one, unless one is given.
+        let own = built_kernel(&store, &"a".repeat(64), udos_images::CONFIG_FRAGMENT);
+        assert_eq!(choose_kernel(&store, None, &progress), Some(own));
+        assert_eq!(
+            choose_kernel(&store, Some(given.clone()), &progress),
+            Some(given)
+        );
+        assert!(said.lock().unwrap().is_empty());
+
+        // Built from another fragment (an older udos): Debian's, and udos says why.
+        built_kernel(&store, &"b".repeat(64), "CONFIG_OTHER=y\n");
+        assert_eq!(choose_kernel(&store, None, &progress), None);
+        assert!(
+            said.lock().unwrap()[0].contains("another config fragment"),
+            "{:?}",
+            said.lock().unwrap()
+        );
+
+        // A current pointer to a kernel that is gone: Debian's, with a warning.
+        std::fs::remove_dir_all(store.kernels_dir().join("b".repeat(64))).unwrap();
+        assert_eq!(choose_kernel(&store, None, &progress), None);
+        assert!(said.lock().unwrap()[1].contains("unusable"));
+    }
 
     #[test]
     fn an_unknown_base_says_how_to_make_one() {

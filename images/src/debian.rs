@@ -11,17 +11,15 @@
 
 use std::collections::VecDeque;
 use std::fs;
-use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::base::HOSTS;
+use crate::streamed::{run_streamed, StreamedError};
 use crate::util::sha256_hex;
 
 /// Bumped whenever the recipe or the tree's post-processing changes; part of the id.
@@ -392,43 +390,6 @@ fn failure_hint(tail: &str) -> String {
     }
 }
 
-fn spawn_reader(src: impl Read + Send + 'static, tx: mpsc::Sender<String>) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(src).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-}
-
-/// Sends `sig` to the child's process group (it leads its own: see `process_group`).
-fn signal_group(child: &Child, sig: libc::c_int) {
-    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-        // SAFETY: kill(2) with a negative pid signals that process group; no memory is
-        // involved.
-        unsafe {
-            libc::kill(-pid, sig);
-        }
-    }
-}
-
-/// Stops the build: TERM to its process group, a grace period for it to clean up,
-/// then KILL to whatever of the group is left (its leader may be gone by then).
-fn stop(child: &mut Child) {
-    signal_group(child, libc::SIGTERM);
-    let until = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < until {
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    signal_group(child, libc::SIGKILL);
-    let _ = child.wait();
-}
-
 /// Runs mmdebstrap into `target` (which must not exist or be empty), streaming its
 /// progress and stopping it at `opts.timeout`.
 pub fn run_mmdebstrap(
@@ -452,24 +413,10 @@ pub fn run_mmdebstrap(
 /// Runs `cmd` (mmdebstrap) in its own process group, turning its output into progress
 /// lines; after `timeout` the whole group is stopped. Fails with the end of its output.
 fn run_bounded(
-    mut cmd: Command,
+    cmd: Command,
     timeout: Duration,
     progress: &dyn Fn(&str),
 ) -> Result<(), DebianError> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .map_err(DebianError::Spawn)?;
-    let (tx, rx) = mpsc::channel();
-    if let Some(out) = child.stdout.take() {
-        spawn_reader(out, tx.clone());
-    }
-    if let Some(err) = child.stderr.take() {
-        spawn_reader(err, tx);
-    }
     let mut p = Progress {
         out: progress,
         fetched: 0,
@@ -478,32 +425,16 @@ fn run_bounded(
         last_shown: None,
         tail: VecDeque::new(),
     };
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            stop(&mut child);
+    let status = match run_streamed(cmd, timeout, &mut |line| p.line(line)) {
+        Ok(status) => status,
+        Err(StreamedError::Spawn { source, .. }) => return Err(DebianError::Spawn(source)),
+        Err(StreamedError::TimedOut { .. }) => {
             return Err(DebianError::Timeout {
                 secs: timeout.as_secs(),
                 tail: p.tail(),
-            });
+            })
         }
-        match rx.recv_timeout(left.min(Duration::from_secs(1))) {
-            Ok(line) => p.line(&line),
-            // A process it left behind may hold the pipes open: its own exit counts.
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                if matches!(child.try_wait(), Ok(Some(_))) {
-                    while let Ok(line) = rx.try_recv() {
-                        p.line(&line);
-                    }
-                    break;
-                }
-            }
-            // Both pipes closed: it is done.
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        }
-    }
-    let status = child.wait().map_err(DebianError::Spawn)?;
+    };
     if !status.success() {
         let tail = p.tail();
         return Err(DebianError::Failed {

@@ -1,5 +1,5 @@
 //! A deterministic initramfs writer: "newc" cpio (the format the kernel unpacks), entries
-//! sorted by path, every mtime 0, uid/gid 0, compressed with zstd.
+//! sorted by path, every mtime 0, uid/gid 0, written as is or compressed with zstd.
 //!
 //! newc: each entry is a 110-byte ASCII header (`070701` and 13 eight-digit hex fields),
 //! the NUL-terminated name padded to a multiple of 4 (counting the header), then the data
@@ -221,6 +221,18 @@ impl Archive {
         }
         w.flush()?;
         Ok(w.n)
+    }
+
+    /// Writes the archive uncompressed to `out`; returns its size.
+    pub fn write_file(&self, out: &Path) -> Result<u64> {
+        let f = fs::File::create(out).with_context(|| format!("create {}", out.display()))?;
+        let mut w = io::BufWriter::new(f);
+        let n = self
+            .write_newc(&mut w)
+            .with_context(|| format!("write {}", out.display()))?;
+        let f = w.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()?;
+        Ok(n)
     }
 
     /// Writes the archive zstd-compressed (single-threaded, deterministic) to `out`.

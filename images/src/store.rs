@@ -3,13 +3,14 @@
 //!
 //! ```text
 //! <state_dir>/images/
-//!   <image id>/vmlinux, bzImage, initramfs.zst, image.json
+//!   <image id>/vmlinux, bzImage, initramfs.cpio, image.json
 //!   current                  id of the image last ensured with the default kernel
 //!   inputs/<inputs key>      id built from those inputs (the "already built?" check)
 //!   base/<layer id>/base.erofs, tree/, layer.json
 //!   base/current             id of the last ensured base layer
 //!   base/<id>/base.json, packages.txt, names/, recipes/   Debian and imported bases
 //!                            (crate::bases)
+//!   kernels/<kernel id>/     udos's own kernels (crate::build_kernel), kernels/current
 //!   cache/                   downloads: debs/, extract/, act/<version>/act,
 //!                            apt-resolve.json, upper-templates/
 //! ```
@@ -26,8 +27,9 @@ use sha2::{Digest, Sha256};
 use crate::act::ensure_act;
 use crate::apt::{Apt, DebPackage};
 use crate::base::{build_base_tree, BASE_LAYOUT_VERSION, BASE_PACKAGES};
+use crate::build_kernel::BuiltKernel;
 use crate::erofs::{mkfs_erofs_with, ErofsOptions};
-use crate::initramfs::{Archive, ZSTD_LEVEL};
+use crate::initramfs::Archive;
 use crate::kernel::{self, KernelFormat, ModuleTree, REQUIRED_MODULES, WANTED_MODULES};
 use crate::util::{
     self, atomic_write, check_token, copy_file, run, sha256_file, sha256_hex, tmp_dir_in,
@@ -35,7 +37,7 @@ use crate::util::{
 
 /// Version of the image layout and build recipe; part of both the inputs key and the id,
 /// so changing the recipe never reuses an old image.
-pub const IMAGE_FORMAT: &str = "udos-image/1";
+pub const IMAGE_FORMAT: &str = "udos-image/2";
 
 /// The act version used when the caller has no preference.
 pub const DEFAULT_ACT_VERSION: &str = "0.2.89";
@@ -96,7 +98,7 @@ pub struct Image {
     pub kernel_bzimage: Option<PathBuf>,
     /// ELF vmlinux (PVH entry when `pvh`): what cloud-hypervisor and QEMU both boot.
     pub vmlinux: PathBuf,
-    /// zstd-compressed newc initramfs.
+    /// Uncompressed newc initramfs.
     pub initramfs: PathBuf,
     pub kernel_release: String,
     pub dir: PathBuf,
@@ -143,14 +145,23 @@ struct LayerManifest {
 }
 
 enum KernelSource {
-    Debian { package: String, deb: DebPackage },
-    File { path: PathBuf, sha256: String },
+    Debian {
+        package: String,
+        deb: DebPackage,
+    },
+    /// One `udos kernel build` made: content-addressed, so its id stands for its bytes.
+    Built(BuiltKernel),
+    File {
+        path: PathBuf,
+        sha256: String,
+    },
 }
 
 impl KernelSource {
     fn origin(&self) -> String {
         match self {
             KernelSource::Debian { deb, .. } => format!("debian:{}:{}", deb.filename, deb.sha256),
+            KernelSource::Built(k) => format!("udos-kernel:{}", k.id),
             KernelSource::File { sha256, .. } => format!("file:{sha256}"),
         }
     }
@@ -183,7 +194,7 @@ impl ImageStore {
         self.cache_dir().join("upper-templates")
     }
 
-    fn apt(&self) -> Apt {
+    pub(crate) fn apt(&self) -> Apt {
         Apt::new(&self.cache_dir())
     }
 
@@ -203,7 +214,7 @@ impl ImageStore {
             id: m.id,
             kernel_bzimage: m.has_bzimage.then(|| dir.join("bzImage")),
             vmlinux: dir.join("vmlinux"),
-            initramfs: dir.join("initramfs.zst"),
+            initramfs: dir.join("initramfs.cpio"),
             kernel_release: m.kernel_release,
             dir: dir.clone(),
             pvh: m.pvh,
@@ -251,9 +262,12 @@ impl ImageStore {
                 let deb = apt.resolve(&package)?;
                 KernelSource::Debian { package, deb }
             }
-            Some(p) => KernelSource::File {
-                path: p.clone(),
-                sha256: sha256_file(p).with_context(|| format!("kernel {}", p.display()))?,
+            Some(p) => match self.built_kernel_at(p) {
+                Some(k) if opts.modules_dir.is_none() => KernelSource::Built(k),
+                _ => KernelSource::File {
+                    path: p.clone(),
+                    sha256: sha256_file(p).with_context(|| format!("kernel {}", p.display()))?,
+                },
             },
         };
         let modules_fp = match &opts.modules_dir {
@@ -267,7 +281,7 @@ impl ImageStore {
             "init": init_sha256,
             "act": opts.act_version,
             "modules": WANTED_MODULES,
-            "zstd_level": ZSTD_LEVEL,
+            "initramfs": "newc",
         });
         let inputs_key = sha256_hex(inputs.to_string().as_bytes());
         let inputs_file = self.root.join("inputs").join(&inputs_key);
@@ -317,6 +331,15 @@ impl ImageStore {
                     depmod(&root, &release)?;
                 }
                 (kpath, Some(mdir), release)
+            }
+            KernelSource::Built(k) => {
+                // Everything is built in: no modules to carry.
+                progress(&format!(
+                    "kernel: udos's own {} ({})",
+                    k.release,
+                    &k.id[..12]
+                ));
+                (k.vmlinux(), None, k.release.clone())
             }
             KernelSource::File { path, .. } => {
                 let bytes = fs::read(path).with_context(|| format!("read {}", path.display()))?;
@@ -438,8 +461,10 @@ impl ImageStore {
         let act = ensure_act(&cache, &opts.act_version, progress)?;
         ar.file_from("udos/bin/act", &act, 0o755)?;
 
+        // Uncompressed: under TCG the guest spends ~0.25 s decompressing a zstd
+        // initramfs (act is most of it), more than reading the larger file costs.
         progress("writing initramfs");
-        let initramfs_bytes = ar.write_zstd_file(&sp.join("initramfs.zst"), ZSTD_LEVEL)?;
+        let initramfs_bytes = ar.write_file(&sp.join("initramfs.cpio"))?;
         let _ = fs::remove_dir_all(sp.join("modroot"));
 
         // 4. Id, manifest, publish.
@@ -447,7 +472,7 @@ impl ImageStore {
         h.update(IMAGE_FORMAT.as_bytes());
         h.update(b"\n");
         hash_file_into(&mut h, &sp.join("vmlinux"))?;
-        hash_file_into(&mut h, &sp.join("initramfs.zst"))?;
+        hash_file_into(&mut h, &sp.join("initramfs.cpio"))?;
         let id = hex::encode(h.finalize());
         let manifest = ImageManifest {
             format: IMAGE_FORMAT.to_string(),
