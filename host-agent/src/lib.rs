@@ -6,7 +6,8 @@
 //!   in its own VM ([`step_vm`]), layers snapshotted off the critical path ([`snapshots`]);
 //! - [`repo`], [`request`]: what git and the flags say about the run; [`report`]: its JSON;
 //! - [`workspace`]: the git working tree as the workspace layer;
-//! - [`restic`]: layer snapshots in a restic repository;
+//! - [`restic`], [`repository`]: the restic repository (CLI) and the run's long-lived
+//!   handle on it that writes the layer snapshots;
 //! - [`store`]: runs, steps and layers in SQLite;
 //! - [`restore`]: the root as a step left it, from the snapshots;
 //! - [`diff`], [`export`]: what a step changed; a restore point as an OCI layer tar;
@@ -29,6 +30,7 @@ pub mod proc;
 pub mod repo;
 pub mod report;
 pub mod request;
+pub mod repository;
 pub mod restic;
 pub mod restore;
 pub mod runner;

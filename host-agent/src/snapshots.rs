@@ -1,5 +1,9 @@
-//! Layer snapshots off the critical path: one thread runs `restic backup` per layer,
-//! one at a time, while the next step's VM runs; full ids are resolved once at the end.
+//! Layer snapshots off the critical path: one thread snapshots the layers, one at a
+//! time, while the next step's VM runs. It first opens the repository (deriving its
+//! key, creating it on first use) while the first VM boots, then writes each layer
+//! through that one handle ([`crate::repository::LayerRepository`]) and returns its
+//! full snapshot id: at the end of a run only the last layer's upload is left. With the
+//! CLI engine ([`crate::repository::Engine::Cli`]) each layer is one `restic backup`.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -8,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
+use crate::repository::{Engine, LayerRepository};
 use crate::restic::{Repo, Tags};
 use crate::state::StateDir;
 
@@ -30,7 +35,7 @@ struct Job {
 pub struct Done {
     /// The restore point's key.
     pub key: String,
-    /// The short snapshot id, or why it failed.
+    /// The full snapshot id, or why it failed.
     pub result: Result<String>,
     /// How long it took.
     pub took: Duration,
@@ -58,10 +63,44 @@ impl Queue {
     }
 }
 
+/// What writes the snapshots.
+enum Writer {
+    /// The run's repository handle.
+    Rustic(LayerRepository),
+    /// One `restic backup` per layer.
+    Cli(Repo),
+}
+
+impl Writer {
+    /// Opens the repository the way `repo.engine` says.
+    fn open(repo: &Repo) -> Result<Writer> {
+        match repo.engine {
+            Engine::Rustic => {
+                let dir = repo
+                    .local_dir()
+                    .context("the rustic engine needs a local repository")?;
+                let t = Instant::now();
+                let handle = LayerRepository::open(&dir, &repo.password)?;
+                tracing::info!(took_ms = t.elapsed().as_millis() as u64, repository = %dir.display(), "repository opened");
+                Ok(Writer::Rustic(handle))
+            }
+            Engine::Cli => Ok(Writer::Cli(repo.clone())),
+        }
+    }
+
+    /// Snapshots `dir` with `tags`; the full id.
+    fn backup(&self, dir: &Path, tags: &Tags) -> Result<String> {
+        match self {
+            Writer::Rustic(r) => Ok(r.backup(dir, tags)?),
+            Writer::Cli(repo) => repo.backup_full(dir, tags),
+        }
+    }
+}
+
 /// Write the layer's description, then back it up, under the layer's lock: the
 /// description is per restore point and the directory is shared by every run that made
 /// the same layer, so two runs must not describe it at once.
-fn snapshot_layer(repo: &Repo, state: &StateDir, job: &Job) -> Result<String> {
+fn snapshot_layer(writer: &Writer, state: &StateDir, job: &Job) -> Result<String> {
     let layer = job
         .tags
         .0
@@ -78,20 +117,33 @@ fn snapshot_layer(repo: &Repo, state: &StateDir, job: &Job) -> Result<String> {
         .collect();
     std::fs::write(job.dir.join(LAYER_META), serde_json::to_vec_pretty(&meta)?)
         .with_context(|| format!("describing layer {}", job.dir.display()))?;
-    repo.backup(&job.dir, &job.tags)
+    writer.backup(&job.dir, &job.tags)
 }
 
 impl Snapshotter {
-    /// Starts the thread.
+    /// Starts the thread, which opens the repository at once (with the engine
+    /// `repo.engine` names; the CLI engine is said on stderr).
     pub fn start(repo: Repo, state: StateDir) -> Result<Snapshotter> {
+        if repo.engine == Engine::Cli {
+            eprintln!(
+                "udos: layer snapshots through {} (repository {})",
+                repo.engine.describe(),
+                repo.location
+            );
+        }
         let (tx, rx) = mpsc::channel::<Job>();
         let handle = std::thread::Builder::new()
             .name("snapshots".into())
             .spawn(move || {
+                // If the repository cannot be opened, every layer says why.
+                let writer = Writer::open(&repo).map_err(|e| crate::errors::describe(&e));
                 rx.into_iter()
                     .map(|j| {
                         let t = Instant::now();
-                        let result = snapshot_layer(&repo, &state, &j);
+                        let result = match &writer {
+                            Ok(w) => snapshot_layer(w, &state, &j),
+                            Err(e) => Err(anyhow::anyhow!("{e}")),
+                        };
                         Done {
                             key: j.key,
                             result,
