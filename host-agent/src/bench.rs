@@ -29,6 +29,7 @@ pub fn run(
         positionals: vec![workflow_path.display().to_string()],
         parallel: Some(1),
         memory_mib: RunSettings::default().memory_mib,
+        state_root: Some(state.root().to_path_buf()),
         ..crate::plan::PlanArgs::default()
     };
     let req = match crate::plan::plan(&args)?.0 {

@@ -844,6 +844,7 @@ mod tests {
             error: None,
             note: None,
             console_log: None,
+            actions: Vec::new(),
         };
         let (r1, _) = s.begin_run("wf", "b", "push", "q", "i").unwrap();
         let (r2, _) = s.begin_run("wf", "b", "push", "q", "i").unwrap();

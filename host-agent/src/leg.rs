@@ -17,7 +17,7 @@ use udos_core::engine::Conclusion;
 use udos_layer::RecordStatus;
 
 use crate::hashfiles::LayeredWorkspace;
-use crate::report::{CachedFrom, StepReport};
+use crate::report::{ActionReport, CachedFrom, StepReport};
 use crate::restic::Tags;
 use crate::runner::{Prepared, RunSettings};
 use crate::snapshots::Queue;
@@ -271,6 +271,27 @@ pub fn run_leg(
             }
             Next::Run(step) => step,
         };
+        // The actions of other repositories it uses, pinned before the run.
+        let actions = leg.actions(&step).to_vec();
+        let pinned: Vec<ActionReport> = actions.iter().map(ActionReport::from).collect();
+        if let Some(why) = node_missing(&actions, &base_name, &lowers.base.tree) {
+            // Known only now when `runs-on` is a template (graph::check_supported_on).
+            let summary = leg.record(
+                &step,
+                StepRun {
+                    outcome: Some(Conclusion::Failure),
+                    error: Some(why),
+                    ..StepRun::default()
+                },
+            );
+            let m = leg.masks();
+            let mut r = report(&summary, &m, None, None);
+            r.actions = pinned;
+            print_step(leg.ticket(), &summary, &m);
+            persist(shared, leg_index, leg.ticket(), &r);
+            reports.push(r);
+            continue;
+        }
         *masks.write().unwrap_or_else(|e| e.into_inner()) = leg.masks();
         let secrets = leg
             .ticket()
@@ -294,6 +315,7 @@ pub fn run_leg(
             secrets.as_ref(),
             &entries,
         )
+        .map(|k| crate::actions::key_with(&k, &actions))
         .unwrap_or_default();
         let cacheable = shared.settings.use_cache && !missed && !udos_core::cache::opted_out(&step);
         if cacheable && !key.is_empty() {
@@ -302,6 +324,7 @@ pub fn run_leg(
                     let summary = leg.record(&step, hit.run.clone());
                     let m = leg.masks();
                     let mut r = report(&summary, &m, None, Some(0));
+                    r.actions = pinned.clone();
                     r.cache_key = Some(key.clone());
                     r.cached_from = Some(CachedFrom {
                         run_id: hit.from.0,
@@ -362,7 +385,7 @@ pub fn run_leg(
             deadline.saturating_duration_since(Instant::now())
         };
         let limit = own.min(left).min(shared.settings.step_timeout);
-        let files = synth::step_files(&step);
+        let files = synth::step_files_with_actions(&step, &actions);
         let vm = StepVm {
             prep: shared.prep,
             settings: shared.settings,
@@ -373,6 +396,10 @@ pub fn run_leg(
             event_json: &shared.event_json,
             label: format!("{} {}", leg.ticket().name, step.number),
             masks: masks.clone(),
+            actions: crate::actions::control_trees(
+                &crate::actions::ActionStore::new(shared.prep.state.root()),
+                &actions,
+            ),
         };
         let stop = AtomicBool::new(false);
         let done = AtomicBool::new(false);
@@ -407,26 +434,31 @@ pub fn run_leg(
         *masks.write().unwrap_or_else(|e| e.into_inner()) = leg.masks();
         let m = leg.masks();
         let mut r = report(&summary, &m, Some(&out), exit_code);
+        r.actions = pinned;
         r.cache_key = Some(key.clone()).filter(|k| !k.is_empty());
         if let Some(layer) = &out.layer {
             match lowers.push(shared, &layer.id) {
                 Ok(()) => {}
                 Err(e) => r.error = Some(crate::errors::describe(&e)),
             }
+            let mut tags = Tags::default()
+                .with("udos", "layer")
+                .with("kind", "step")
+                .with("run", shared.run_id)
+                .with("generation", shared.generation)
+                .with("job", &leg.ticket().report_id)
+                .with("leg", leg_index)
+                .with("step", step.number)
+                .with("parent", &parent)
+                .with("key", &key)
+                .with("layer", &layer.id);
+            for a in &actions {
+                tags = tags.with("action", format!("{}@{}", a.at.slug(), a.pin));
+            }
             queue.add(
                 format!("leg-{leg_index}-step-{}", step.number),
                 &shared.prep.state.layer_dir(&layer.id),
-                Tags::default()
-                    .with("udos", "layer")
-                    .with("kind", "step")
-                    .with("run", shared.run_id)
-                    .with("generation", shared.generation)
-                    .with("job", &leg.ticket().report_id)
-                    .with("leg", leg_index)
-                    .with("step", step.number)
-                    .with("parent", &parent)
-                    .with("key", &key)
-                    .with("layer", &layer.id),
+                tags,
             );
             parent = layer.id.clone();
             if let Ok(st) = shared.store.lock() {
@@ -467,6 +499,25 @@ pub fn run_leg(
         persist(shared, leg_index, leg.ticket(), &r);
         reports.push(r);
     }
+}
+
+/// Why `actions` cannot run on the base `name` (its root at `tree`): a JavaScript
+/// action and no node in it.
+fn node_missing(
+    actions: &[udos_core::workflow::action::PinnedAction],
+    name: &str,
+    tree: &std::path::Path,
+) -> Option<String> {
+    use udos_core::workflow::action::ActionKind;
+    let js = actions
+        .iter()
+        .find(|a| matches!(a.def.kind, ActionKind::Node { .. }))?;
+    (!crate::actions::tree_has_node(tree)).then(|| {
+        format!(
+            "`{}` is a JavaScript action, and the base `{name}` has no node: map the job's runner to a base with node (-P LABEL=debian)",
+            js.uses
+        )
+    })
 }
 
 fn print_step(ticket: &LegTicket, s: &StepSummary, masks: &[String]) {
@@ -515,6 +566,7 @@ fn report(
         error: s.error.as_deref().map(|e| mask(e, masks)),
         note: s.note.clone(),
         console_log: vm.map(|o| o.console_log.clone()),
+        actions: Vec::new(),
     }
 }
 

@@ -1,5 +1,6 @@
 //! The udos host agent: everything between the `udos` command line and the step VMs.
 //!
+//! - [`actions`]: actions of other repositories, fetched and pinned before the run;
 //! - [`setup`]: find or build what a run needs (image, base layer, hypervisor, repository);
 //! - [`plan`]: read the workflows and what they refer to, pick the event's jobs;
 //! - [`runner`]: drive the engine: each job leg on its own thread ([`leg`]), each step
@@ -10,13 +11,16 @@
 //!   handle on it that writes the layer snapshots;
 //! - [`store`]: runs, steps and layers in SQLite;
 //! - [`restore`]: the root as a step left it, from the snapshots;
+//! - [`boot`]: a VM on a restore point with a shell on the terminal, kept as a new one;
 //! - [`diff`], [`export`]: what a step changed; a restore point as an OCI layer tar;
 //! - [`gc`]: keep the runs that matter, free what only the others needed;
 //! - [`bench`]: per-phase figures against act on the host;
 //! - [`state`]: the state directory layout;
 //! - [`cluster`]: the master, the worker agent and the cluster CLI.
 
+pub mod actions;
 pub mod bench;
+pub mod boot;
 pub mod cache;
 pub mod cluster;
 pub mod diff;

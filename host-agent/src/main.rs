@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use udos_core::engine::Conclusion;
 use udos_host_agent::{
-    bench, diff, export, gc, plan, restic::Repo, restore, runner, setup, state::StateDir,
+    bench, boot, diff, export, gc, plan, restic::Repo, restore, runner, setup, state::StateDir,
     store::Store,
 };
 
@@ -122,6 +122,41 @@ enum Command {
         /// JSON on stdout
         #[arg(long)]
         json: bool,
+    },
+    /// Boot a VM on a restore point with a shell on this terminal
+    ///
+    /// The root is the one the step left (base, workspace, the leg's layers up to the
+    /// step). Keys go to the guest, Ctrl-C included; `exit` leaves the shell and powers
+    /// the VM off; Ctrl-] stops the VM at once (nothing is kept). Input that is not a
+    /// terminal is typed into the shell as it is (end such a script with `exit`).
+    /// QEMU only.
+    Boot {
+        /// Run number
+        run: i64,
+        /// Step: 1-based number or the step's id
+        step: String,
+        /// The job leg (needed when the run has several legs with layers)
+        #[arg(short, long)]
+        job: Option<String>,
+        /// After the shell exits, seal what it changed as a new layer and restore point
+        /// (recorded as a new run: `udos runs`, `udos layers`)
+        #[arg(long)]
+        keep: bool,
+        /// vCPUs
+        #[arg(long, default_value_t = 1)]
+        cpus: u32,
+        /// Memory, MiB
+        #[arg(long, default_value_t = 1024)]
+        memory: u64,
+        /// End the shell after this many seconds (what it changed is still kept)
+        #[arg(long, default_value_t = 8 * 3600)]
+        timeout: u64,
+        /// The VM's network: `nat` (egress through NAT, DNS) or `none`
+        #[arg(long, value_enum, default_value = "nat")]
+        network: NetworkArg,
+        /// A port of this host the VM may reach at 10.0.2.2; repeatable
+        #[arg(long = "host-port", value_name = "PORT")]
+        host_port: Vec<u16>,
     },
     /// Free what only old runs need: their snapshots, layers and images
     ///
@@ -255,6 +290,15 @@ struct RunArgs {
     /// repeatable. Nothing else of the host is reachable from a step.
     #[arg(long = "host-port", value_name = "PORT")]
     host_port: Vec<u16>,
+    /// Where actions of other repositories (`uses: owner/repo@ref`) are fetched from
+    /// before the run: GitHub, a mirror, or GitHub Enterprise (URL/OWNER/REPO is a git
+    /// repository)
+    #[arg(long = "actions-url", value_name = "URL", default_value = udos_host_agent::actions::DEFAULT_ACTIONS_URL)]
+    actions_url: String,
+    /// Use the directory PATH as the action OWNER/REPO at REF instead of fetching it,
+    /// as act's flag does; repeatable
+    #[arg(long = "local-repository", value_name = "OWNER/REPO@REF=PATH")]
+    local_repository: Vec<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -511,6 +555,35 @@ fn dispatch(cli: Cli) -> Result<ExitCode, SetupFailed> {
             };
             export_command(&state, &point, mode, &output, json)
         }
+        Command::Boot {
+            run,
+            step,
+            job,
+            keep,
+            cpus,
+            memory,
+            timeout,
+            network,
+            host_port,
+        } => {
+            let point = restore::Point {
+                run,
+                step: &step,
+                job: job.as_deref(),
+            };
+            let opts = boot::BootOptions {
+                keep,
+                cpus,
+                memory_mib: memory,
+                timeout: Duration::from_secs(timeout.max(1)),
+                network: match network {
+                    NetworkArg::None => None,
+                    NetworkArg::Nat => Some(runner::nat_network(host_port)),
+                },
+                ..boot::BootOptions::default()
+            };
+            boot_command(&state, &point, &opts)
+        }
         Command::Gc {
             keep_last,
             keep_tagged,
@@ -706,6 +779,9 @@ fn run(state: &StateDir, a: RunArgs) -> Result<ExitCode, SetupFailed> {
         parallel: a.jobs,
         platforms: a.platform,
         memory_mib: a.memory,
+        state_root: Some(state.root().to_path_buf()),
+        actions_url: Some(a.actions_url),
+        local_repositories: a.local_repository,
     };
     let (planned, set) = plan::plan(&args).map_err(SetupFailed)?;
     let req = match planned {
@@ -889,6 +965,64 @@ fn export_command(
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `udos boot`: the terminal is attached to the VM; udos's own words go to stderr
+/// before and after.
+fn boot_command(
+    state: &StateDir,
+    point: &restore::Point<'_>,
+    opts: &boot::BootOptions,
+) -> Result<ExitCode, SetupFailed> {
+    let mut store = Store::open(&state.db()).map_err(SetupFailed)?;
+    // Resolved first: a wrong RUN STEP is refused before any image work.
+    restore::resolve(state, &store, point).map_err(SetupFailed)?;
+    let env = setup::prepare_env(state, None, udos_vmm::HypervisorChoice::Qemu, &progress)
+        .map_err(SetupFailed)?;
+    // The terminal sends no signals while raw (Ctrl-C is a byte for the guest); a
+    // signal from elsewhere stops the VM, so the terminal gets its settings back.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ] {
+        let _ = signal_hook::flag::register(sig, stop.clone());
+    }
+    let attach = udos_vmm::Attach::stdio()
+        .map_err(|e| SetupFailed(anyhow::anyhow!("attaching the terminal: {e}")))?;
+    let report = match boot::boot(
+        &env.prepared(state),
+        &mut store,
+        point,
+        opts,
+        attach,
+        &stop,
+        &progress,
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("udos: error: {}", udos_host_agent::errors::describe(&e));
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let ok = report.ended == boot::Ended::PoweredOff;
+    if let Some(k) = &report.kept {
+        progress(&format!(
+            "kept as run {} step {} (layer {}, snapshot {}): `udos restore {} {} --target DIR`",
+            k.run_id,
+            k.step,
+            short(&k.layer_id),
+            short(&k.snapshot_id),
+            k.run_id,
+            k.step
+        ));
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// `udos gc`.

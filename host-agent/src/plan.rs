@@ -1,18 +1,21 @@
 //! `udos run` before anything runs: read the workflows and everything they refer to
 //! (reusable workflows, local actions), find the event and what it triggers, pick the
-//! jobs, and check that udos can run every step. Every problem here is a setup error
-//! (exit 2) with nothing built or started.
+//! jobs, fetch and pin the actions of other repositories they use
+//! ([`crate::actions`]), and check that udos can run every step. Every problem here is
+//! a setup error (exit 2) with nothing built or started.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use udos_core::engine::contexts::RunFacts;
-use udos_core::engine::graph::{self, local_key, Selection, WorkflowSet};
+use udos_core::engine::graph::{self, local_key, Runners, Selection, WorkflowSet};
 use udos_core::engine::run::{self, Run, RunConfig, DEFAULT_BASE};
 use udos_core::event::TriggerDecision;
 use udos_core::value::Value;
 use udos_core::workflow::{self, JobKind, StepBody, StepUses, Workflow};
 
+use crate::actions::{ActionStore, LocalRepository, Resolver};
 use crate::repo::{self, RepoInfo};
 use crate::request::{self, Target};
 use crate::runner::RunRequest;
@@ -72,6 +75,14 @@ pub struct PlanArgs {
     pub platforms: Vec<String>,
     /// Memory per VM (MiB), to size the default `--jobs`.
     pub memory_mib: u64,
+    /// The state directory: its action store holds the actions of other
+    /// repositories, its bases say which have node. Without it, actions of other
+    /// repositories are not resolved (and so refused).
+    pub state_root: Option<PathBuf>,
+    /// `--actions-url` [default: [`crate::actions::DEFAULT_ACTIONS_URL`]].
+    pub actions_url: Option<String>,
+    /// `--local-repository OWNER/REPO@REF=PATH`.
+    pub local_repositories: Vec<String>,
 }
 
 /// What planning decided.
@@ -303,7 +314,31 @@ pub fn plan(args: &PlanArgs) -> Result<(Planned, WorkflowSet)> {
         }
         return Ok((Planned::Nothing(reasons), set));
     }
-    graph::check_supported(&set, &selection, false)?;
+    let platforms = platforms(&args.platforms)?;
+    let pinned = match &args.state_root {
+        Some(state_root) => pin_actions(&mut set, &selection, resolver(args, state_root)?),
+        None => Pinning::default(),
+    };
+    notices.extend(pinned.notices);
+    let runners = Runners {
+        with_node: bases_with_node(&platforms, args.state_root.as_deref()),
+        platforms: platforms.clone(),
+    };
+    let mut problems = pinned.problems;
+    if let Err(e) = graph::check_supported_on(&set, &selection, &runners) {
+        // A step whose actions could not be had is not also "not resolved".
+        problems.extend(e.to_string().lines().map(str::to_string).filter(|l| {
+            !(l.contains("not resolved before the run")
+                && pinned
+                    .failed
+                    .iter()
+                    .any(|at| l.starts_with(&format!("{at}: "))))
+        }));
+    }
+    if !problems.is_empty() {
+        problems.sort();
+        bail!("{}", problems.join("\n"));
+    }
     for (i, jobs) in &selection.workflows {
         graph::stages(&set.top[*i], jobs)?;
     }
@@ -316,7 +351,7 @@ pub fn plan(args: &PlanArgs) -> Result<(Planned, WorkflowSet)> {
         vars: request::vars(&args.vars, args.var_file.as_deref())?,
         env: request::env_file(args.env_file.as_deref())?,
         inputs,
-        platforms: platforms(&args.platforms)?,
+        platforms,
         matrix_filter: request::matrix(&args.matrix)?,
         max_running: args
             .parallel
@@ -342,6 +377,90 @@ pub fn plan(args: &PlanArgs) -> Result<(Planned, WorkflowSet)> {
         notices,
     };
     Ok((Planned::Run(Box::new(request)), set))
+}
+
+/// The resolver `--actions-url` and `--local-repository` ask for.
+fn resolver(args: &PlanArgs, state_root: &Path) -> Result<Resolver> {
+    let local = args
+        .local_repositories
+        .iter()
+        .map(|f| f.parse::<LocalRepository>())
+        .collect::<Result<Vec<_>, _>>()?;
+    let url = args
+        .actions_url
+        .as_deref()
+        .unwrap_or(crate::actions::DEFAULT_ACTIONS_URL);
+    Ok(Resolver::new(ActionStore::new(state_root), url, local))
+}
+
+/// What pinning the actions of a run gave besides the pins.
+#[derive(Debug, Default)]
+struct Pinning {
+    /// For the report.
+    notices: Vec<String>,
+    /// Actions that could not be had, each naming its step.
+    problems: Vec<String>,
+    /// Where those steps are.
+    failed: Vec<String>,
+}
+
+/// Pins the actions of other repositories every selected step uses (its own `uses:`,
+/// or a local composite action's, and what their composite actions use in turn) into
+/// the steps ([`udos_core::workflow::StepDef::actions`]).
+fn pin_actions(set: &mut WorkflowSet, sel: &Selection, mut resolver: Resolver) -> Pinning {
+    let local_defs = set.actions.clone();
+    let mut out = Pinning::default();
+    for (at, step) in graph::selected_steps_mut(set, sel) {
+        let roots: Vec<String> = match &step.body {
+            StepBody::Uses { uses, .. } if uses.is_checkout() => continue,
+            StepBody::Uses {
+                uses: StepUses::Remote { raw, .. },
+                ..
+            } => vec![raw.clone()],
+            StepBody::Uses {
+                uses: StepUses::Local(p),
+                ..
+            } => match local_defs.get(&local_key(p)) {
+                Some(def) => def.uses.clone(),
+                None => continue,
+            },
+            _ => continue,
+        };
+        match resolver.closure(&roots) {
+            Ok(actions) => step.actions = actions,
+            Err(e) => {
+                out.problems.push(format!("{at}: {e}"));
+                out.failed.push(at);
+            }
+        }
+    }
+    if !resolver.fetched.is_empty() {
+        eprintln!(
+            "udos: fetched into the action store: {}",
+            resolver.fetched.join(", ")
+        );
+    }
+    out.notices = resolver.notices;
+    out
+}
+
+/// The bases of the run that have node: `debian` (its package list has nodejs) and
+/// imported bases whose tree has it; never the busybox base.
+fn bases_with_node(platforms: &[(String, String)], state_root: Option<&Path>) -> BTreeSet<String> {
+    let store = state_root.map(udos_images::ImageStore::new);
+    platforms
+        .iter()
+        .map(|(_, b)| b.as_str())
+        .filter(|b| match *b {
+            "debian" => true,
+            b if BASES.contains(&b) => false,
+            b => store
+                .as_ref()
+                .and_then(|s| s.named_base(b).ok().flatten())
+                .is_some_and(|nb| crate::actions::tree_has_node(&nb.layer.tree)),
+        })
+        .map(str::to_string)
+        .collect()
 }
 
 /// `-l`: the jobs by stage, as act lists them.

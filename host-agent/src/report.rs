@@ -87,6 +87,28 @@ pub struct CachedFrom {
     pub step: i64,
 }
 
+/// An action of another repository a step used, as udos pinned it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ActionReport {
+    /// `owner/repo[/path]@ref`, as written.
+    pub uses: String,
+    /// The commit the ref resolved to; for a `--local-repository` directory, the
+    /// SHA-256 of its tree as udos stored it.
+    pub sha: String,
+    /// The `--local-repository` directory, when the action came from one.
+    pub local: Option<String>,
+}
+
+impl From<&udos_core::workflow::action::PinnedAction> for ActionReport {
+    fn from(a: &udos_core::workflow::action::PinnedAction) -> Self {
+        ActionReport {
+            uses: a.uses.clone(),
+            sha: a.pin.clone(),
+            local: a.local.clone(),
+        }
+    }
+}
+
 /// One step of a leg.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepReport {
@@ -125,4 +147,7 @@ pub struct StepReport {
     pub note: Option<String>,
     /// The step VM's console log.
     pub console_log: Option<PathBuf>,
+    /// The actions of other repositories it used (its own `uses:` first, then those
+    /// its composite actions use), pinned.
+    pub actions: Vec<ActionReport>,
 }

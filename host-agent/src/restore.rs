@@ -203,10 +203,10 @@ impl LayerFiles {
     }
 }
 
-/// The state dir's own copy of a layer, when it is complete: a layer directory and its
-/// erofs image (both exist only once the layer is fully made), or the base's tree.
-pub fn local_layer(state: &StateDir, layer: &ChainLayer) -> Option<std::path::PathBuf> {
-    let (dir, erofs) = if layer.kind == "base" {
+/// Where the state dir keeps a layer: its directory in overlay form and its erofs
+/// image (a base's tree and image live in `images/base/<id>/`).
+fn local_paths(state: &StateDir, layer: &ChainLayer) -> (std::path::PathBuf, std::path::PathBuf) {
+    if layer.kind == "base" {
         let base = state.images_dir().join("base").join(&layer.layer_id);
         (base.join("tree"), base.join("base.erofs"))
     } else {
@@ -214,8 +214,21 @@ pub fn local_layer(state: &StateDir, layer: &ChainLayer) -> Option<std::path::Pa
             state.layer_dir(&layer.layer_id),
             state.layer_erofs(&layer.layer_id),
         )
-    };
+    }
+}
+
+/// The state dir's own copy of a layer, when it is complete: a layer directory and its
+/// erofs image (both exist only once the layer is fully made), or the base's tree.
+pub fn local_layer(state: &StateDir, layer: &ChainLayer) -> Option<std::path::PathBuf> {
+    let (dir, erofs) = local_paths(state, layer);
     (dir.is_dir() && erofs.is_file()).then_some(dir)
+}
+
+/// The state dir's erofs image of a layer, when it has the layer complete (as
+/// [`local_layer`] says): what a VM mounts.
+pub fn local_erofs(state: &StateDir, layer: &ChainLayer) -> Option<std::path::PathBuf> {
+    let (dir, erofs) = local_paths(state, layer);
+    (dir.is_dir() && erofs.is_file()).then_some(erofs)
 }
 
 /// A layer's files: the state dir's copy when it has one, else restored from the

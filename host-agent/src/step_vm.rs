@@ -69,6 +69,9 @@ pub struct StepVm<'a> {
     pub label: String,
     /// Masks for what the host prints and keeps of the console.
     pub masks: Arc<RwLock<Vec<String>>>,
+    /// The trees of the step's actions of other repositories: where each is on the
+    /// host, and where it goes in the control layer (`crate::actions::control_trees`).
+    pub actions: Vec<(PathBuf, PathBuf)>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -134,6 +137,22 @@ impl StepVm<'_> {
                 "job": step.job_id, "leg": step.leg_name, "step": step.number,
             }))?,
         )?;
+        // Hard links into the store's trees (which nothing changes): the erofs image
+        // holds copies, the step directory no extra bytes.
+        for (tree, rel) in &self.actions {
+            let dest = control.join(rel);
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            crate::actions::copy_tree(tree, &dest, crate::actions::Copy::Link, &[]).with_context(
+                || {
+                    format!(
+                        "putting the action tree {} in the step's VM",
+                        tree.display()
+                    )
+                },
+            )?;
+        }
         let img = self.dir.join("control.erofs");
         udos_images::mkfs_erofs(&control, &img)?;
         Ok(img)

@@ -620,6 +620,7 @@ mod tests {
             error: None,
             note: None,
             console_log: None,
+            actions: Vec::new(),
         }
     }
 

@@ -68,7 +68,8 @@ pub fn spawn(
         None
     };
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
-    // syscalls (chroot, chdir, setsid) on memory prepared before the fork.
+    // syscalls (chroot, chdir, setsid, ioctl, sigemptyset, sigprocmask) on memory
+    // prepared before the fork or on the stack.
     unsafe {
         cmd.pre_exec(move || {
             if let Some(dir) = &new_root {
@@ -83,8 +84,16 @@ pub fn spawn(
                 return Err(std::io::Error::last_os_error());
             }
             if console {
-                // The console as controlling terminal, so ^C reaches the shell's jobs.
+                // The console as controlling terminal, so ^C reaches the shell's jobs;
+                // and none of the signals PID 1 blocks (to read them from its
+                // signalfd) blocked here: the mask is inherited through exec, and a
+                // shell's jobs would never see the ^C the terminal sends.
                 libc::ioctl(0, libc::TIOCSCTTY, 1);
+                let mut none = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+                libc::sigemptyset(none.as_mut_ptr());
+                if libc::sigprocmask(libc::SIG_SETMASK, none.as_ptr(), std::ptr::null_mut()) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });

@@ -20,6 +20,7 @@ use std::str::FromStr;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
+mod attach;
 mod cloud_hypervisor;
 mod console;
 mod detect;
@@ -28,6 +29,7 @@ mod net;
 mod process;
 mod qemu;
 
+pub use attach::{Attach, RawMode, ESCAPE};
 pub use cloud_hypervisor::{ApiResponse, CloudHypervisor, VmmHandle, CLOUD_HYPERVISOR_ENV};
 pub use console::CONSOLE_LOG_MAX;
 pub use detect::{
@@ -354,6 +356,27 @@ pub trait Hypervisor: Send + Sync {
     /// the outcome is [`VmExit::Stopped`]. For VMs that run until they are told to
     /// stop (services).
     fn run_until(&self, spec: VmSpec, stop: &AtomicBool) -> Result<VmOutcome, VmmError>;
+    /// [`Hypervisor::run_until`] with a terminal attached to the guest's serial console
+    /// ([`Attach`]): the terminal is in raw mode while the VM runs (its settings come
+    /// back on every path), keystrokes go to the guest, the guest's output comes back
+    /// as it is written (and is kept in `console.log` as usual). Reading
+    /// [`Attach::escape`] stops the VM ([`VmExit::Stopped`]). Drivers that cannot
+    /// attach refuse with [`VmmError::Unsupported`].
+    fn run_attached(
+        &self,
+        spec: VmSpec,
+        attach: Attach,
+        stop: &AtomicBool,
+    ) -> Result<VmOutcome, VmmError> {
+        let _ = (spec, attach, stop);
+        Err(VmmError::Unsupported {
+            what: "an attached console",
+            hint: format!(
+                "{} cannot attach a terminal yet; use --hypervisor qemu",
+                self.name()
+            ),
+        })
+    }
 }
 
 /// `--hypervisor auto|cloud-hypervisor|qemu`.

@@ -41,8 +41,8 @@ pub(crate) fn render_args(args: &[OsString]) -> String {
 }
 
 impl Proc {
-    /// Spawns `binary args` in a new process group with stdin on /dev/null, no core
-    /// dumps, and SIGKILL on the death of the calling thread. Writes the pid file and
+    /// Spawns `binary args` in a new process group with stdin on /dev/null (unless
+    /// `configure` pipes it: an attached console), no core dumps, and SIGKILL on the death of the calling thread. Writes the pid file and
     /// the command file into `runtime_dir`.
     pub(crate) fn spawn(
         binary: &Path,
@@ -110,6 +110,10 @@ impl Proc {
 
     pub(crate) fn pid(&self) -> u32 {
         self.pid as u32
+    }
+
+    pub(crate) fn take_stdin(&mut self) -> Option<std::process::ChildStdin> {
+        self.child.stdin.take()
     }
 
     pub(crate) fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {

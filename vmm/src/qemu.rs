@@ -3,12 +3,14 @@
 //! network is a `virtio-net-device` on slirp, inside a namespace of its own (`net`).
 
 use std::ffi::OsString;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use crate::attach::{Attach, Session};
 use crate::console::{Pump, StderrWatch};
 use crate::net;
 use crate::process::{code_and_signal, note, Proc, RuntimeDir};
@@ -148,7 +150,29 @@ impl Hypervisor for Qemu {
         self.accel
     }
 
-    fn run_until(&self, mut spec: VmSpec, stop: &AtomicBool) -> Result<VmOutcome, VmmError> {
+    fn run_until(&self, spec: VmSpec, stop: &AtomicBool) -> Result<VmOutcome, VmmError> {
+        self.run_with(spec, stop, None)
+    }
+
+    fn run_attached(
+        &self,
+        spec: VmSpec,
+        attach: Attach,
+        stop: &AtomicBool,
+    ) -> Result<VmOutcome, VmmError> {
+        self.run_with(spec, stop, Some(attach))
+    }
+}
+
+impl Qemu {
+    /// Runs the VM; with `attach`, QEMU's serial input is a pipe the terminal's
+    /// keystrokes are forwarded to, and its output is also copied to the terminal.
+    fn run_with(
+        &self,
+        mut spec: VmSpec,
+        stop: &AtomicBool,
+        attach: Option<Attach>,
+    ) -> Result<VmOutcome, VmmError> {
         spec.validate_with_network()?;
         let rt = RuntimeDir::prepare(&spec.runtime_dir)?;
         // Before QEMU starts: its namespace must be connected when the guest boots.
@@ -164,9 +188,13 @@ impl Hypervisor for Qemu {
         let args = self.args(&spec);
         tracing::debug!(vm = spec.name, accel = %self.accel, "starting qemu");
 
+        let attached = attach.is_some();
         let boot_started = Instant::now();
         let mut proc = Proc::spawn(&self.binary, &args, &rt.path, |c| {
             c.stdout(Stdio::piped()).stderr(Stdio::piped());
+            if attached {
+                c.stdin(Stdio::piped());
+            }
             if let Some(fd) = netns {
                 // SAFETY: the closure only calls setns(2), async-signal-safe, on a
                 // descriptor `network` keeps open until QEMU is reaped.
@@ -181,9 +209,18 @@ impl Hypervisor for Qemu {
         let io_err = |what: &str, e: std::io::Error| VmmError::io(what, &self.binary, e);
         let stdout = proc.take_stdout().expect("stdout is piped");
         let stderr = proc.take_stderr().expect("stderr is piped");
+        let (console, session): (Box<dyn Read + Send>, Option<Session>) = match attach {
+            None => (Box::new(stdout), None),
+            Some(a) => {
+                let stdin = proc.take_stdin().expect("stdin is piped");
+                let (session, console) = Session::start(a, stdin, stdout)
+                    .map_err(|e| io_err("attaching the terminal to", e))?;
+                (console, Some(session))
+            }
+        };
         let pump = Pump::start(
             &spec.name,
-            stdout,
+            console,
             Some(log),
             spec.console.take(),
             spec.log_filter.clone(),
@@ -200,7 +237,7 @@ impl Hypervisor for Qemu {
             if let Some(s) = proc.try_wait().map_err(|e| io_err("waiting for", e))? {
                 break s;
             }
-            if stop.load(Ordering::Acquire) {
+            if stop.load(Ordering::Acquire) || session.as_ref().is_some_and(Session::detached) {
                 stopped = true;
                 break proc.kill().map_err(|e| io_err("killing", e))?;
             }
@@ -218,6 +255,7 @@ impl Hypervisor for Qemu {
         let wall = boot_started.elapsed();
         let first_line = pump.finish(Duration::from_secs(10));
         let stderr_tail = watch.finish(Duration::from_secs(5));
+        drop(session);
         let (code, signal) = code_and_signal(status);
 
         let exit = if timed_out {

@@ -3,9 +3,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::workflow::action::{ActionDef, ActionKind};
-use crate::workflow::{JobKind, StepBody, StepUses, Workflow};
+use crate::value::Value;
+use crate::workflow::action::{ActionDef, ActionKind, PinnedAction};
+use crate::workflow::{JobKind, StepBody, StepDef, StepUses, Workflow};
 
+use super::run::DEFAULT_BASE;
 use super::EngineError;
 
 /// The workflows of a run, with everything they refer to in the repository, read by
@@ -139,49 +141,223 @@ pub fn stages(workflow: &Workflow, jobs: &[String]) -> Result<Vec<Vec<String>>, 
     Ok(out)
 }
 
+/// Which base each job's `runs-on` maps to and which bases have node: what
+/// [`check_supported_on`] needs to know whether a job's JavaScript actions can run.
+#[derive(Debug, Clone, Default)]
+pub struct Runners {
+    /// `-P LABEL=BASE`, as the run maps labels.
+    pub platforms: Vec<(String, String)>,
+    /// The bases that have node.
+    pub with_node: BTreeSet<String>,
+}
+
+/// Whether a job's base has node, as far as planning can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BaseNode {
+    /// It has.
+    Has,
+    /// This base has none.
+    Lacks(String),
+    /// `runs-on` is a template: the base is known when the leg starts.
+    Unknown,
+    /// No label maps to a base: the job is skipped.
+    NoBase,
+}
+
+/// The base a job's `runs-on` maps to, as far as planning can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobBase {
+    /// This base.
+    Base(String),
+    /// No label maps to a base: the job is skipped.
+    None,
+    /// `runs-on` is a template: the base is known when the leg starts.
+    Template,
+}
+
+impl Runners {
+    /// The base `runs-on` maps to, by the rule the run applies to each leg: the first
+    /// label `-P` maps, else `default` when a label is one udos runs by default.
+    pub fn base_for(&self, runs_on: &Value) -> JobBase {
+        let labels: Vec<String> = match runs_on {
+            Value::Array(a) => a.iter().map(|v| v.to_string()).collect(),
+            Value::Object(o) => match o.get("labels") {
+                Some(Value::Array(a)) => a.iter().map(|v| v.to_string()).collect(),
+                Some(v) => vec![v.to_string()],
+                None => Vec::new(),
+            },
+            v => vec![v.to_string()],
+        };
+        if labels.iter().any(|l| l.contains("${{")) {
+            return JobBase::Template;
+        }
+        for label in &labels {
+            if let Some((_, base)) = self
+                .platforms
+                .iter()
+                .find(|(l, _)| l.eq_ignore_ascii_case(label))
+            {
+                return JobBase::Base(base.clone());
+            }
+        }
+        if labels.iter().any(|l| super::run::default_label(l)) {
+            JobBase::Base(DEFAULT_BASE.to_string())
+        } else {
+            JobBase::None
+        }
+    }
+
+    /// Whether the base `runs-on` maps to has node.
+    pub fn node_for(&self, runs_on: &Value) -> BaseNode {
+        match self.base_for(runs_on) {
+            JobBase::Template => BaseNode::Unknown,
+            JobBase::None => BaseNode::NoBase,
+            JobBase::Base(b) if self.with_node.contains(&b) => BaseNode::Has,
+            JobBase::Base(b) => BaseNode::Lacks(b),
+        }
+    }
+}
+
 /// Can udos run every step of the selected jobs (and of the reusable workflows they
 /// call)? Every problem is listed, each naming its job and step. `base_has_node`:
-/// JavaScript actions need node in the base.
+/// whether every job's base has node (JavaScript actions need it); see
+/// [`check_supported_on`] to decide it per job.
 pub fn check_supported(
     set: &WorkflowSet,
     sel: &Selection,
     base_has_node: bool,
 ) -> Result<(), EngineError> {
-    let mut problems = Vec::new();
+    check(set, sel, &|_| {
+        if base_has_node {
+            BaseNode::Has
+        } else {
+            BaseNode::Lacks(DEFAULT_BASE.to_string())
+        }
+    })
+}
+
+/// [`check_supported`], with each job's base (and whether it has node) decided from
+/// its `runs-on` by `runners`. A job whose base is known only when its leg starts
+/// (`runs-on` is a template) passes here; the host checks its legs then.
+pub fn check_supported_on(
+    set: &WorkflowSet,
+    sel: &Selection,
+    runners: &Runners,
+) -> Result<(), EngineError> {
+    check(set, sel, &|runs_on| runners.node_for(runs_on))
+}
+
+/// A workflow of a [`WorkflowSet`].
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Place {
+    /// `top[i]`.
+    Top(usize),
+    /// `called[key]`.
+    Called(String),
+}
+
+impl Place {
+    fn of<'a>(&self, set: &'a WorkflowSet) -> &'a Workflow {
+        match self {
+            Place::Top(i) => &set.top[*i],
+            Place::Called(k) => &set.called[k],
+        }
+    }
+}
+
+/// Where the selected jobs are: each workflow reached (the selected top-level ones,
+/// then every reusable workflow they call, each once) with the jobs of it that run;
+/// and the calls to reusable workflows that are not in the repository.
+fn reached(set: &WorkflowSet, sel: &Selection) -> (Vec<(Place, Vec<String>)>, Vec<String>) {
+    let mut out = Vec::new();
+    let mut missing = Vec::new();
     let mut seen_called = BTreeSet::new();
-    let mut todo: Vec<(&Workflow, Vec<String>)> = sel
+    let mut todo: Vec<(Place, Vec<String>)> = sel
         .workflows
         .iter()
-        .map(|(i, jobs)| (&set.top[*i], jobs.clone()))
+        .map(|(i, jobs)| (Place::Top(*i), jobs.clone()))
         .collect();
-    while let Some((wf, jobs)) = todo.pop() {
-        for id in jobs {
-            let job = &wf.jobs[&id];
-            match &job.kind {
-                JobKind::Call(call) => {
-                    let key = local_key(&call.uses);
-                    match set.called.get(&key) {
-                        Some(callee) => {
-                            if seen_called.insert(key.clone()) {
-                                todo.push((callee, callee.jobs.keys().cloned().collect()));
-                            }
-                        }
-                        None => problems.push(format!(
-                            "{}: job `{id}`: the reusable workflow `{}` is not in the repository",
-                            wf.file, call.uses
-                        )),
+    while let Some((place, jobs)) = todo.pop() {
+        let wf = place.of(set);
+        for id in &jobs {
+            let JobKind::Call(call) = &wf.jobs[id].kind else {
+                continue;
+            };
+            let key = local_key(&call.uses);
+            match set.called.get(&key) {
+                Some(callee) => {
+                    if seen_called.insert(key.clone()) {
+                        todo.push((Place::Called(key), callee.jobs.keys().cloned().collect()));
                     }
                 }
-                JobKind::Steps(steps) => {
-                    for step in &steps.steps {
-                        let StepBody::Uses { uses, .. } = &step.body else {
-                            continue;
-                        };
-                        let at = format!("{}: job `{id}`, step {}", wf.file, step.number);
-                        if let Some(p) = uses_problem(set, uses, base_has_node) {
-                            problems.push(format!("{at}: {p}"));
-                        }
-                    }
+                None => missing.push(format!(
+                    "{}: job `{id}`: the reusable workflow `{}` is not in the repository",
+                    wf.file, call.uses
+                )),
+            }
+        }
+        out.push((place, jobs));
+    }
+    (out, missing)
+}
+
+/// Every step of the selected jobs and of the reusable workflows they call (each
+/// workflow once), with where it is (`file: job `x`, step n`), for the host to pin
+/// the actions they use ([`StepDef::actions`]).
+pub fn selected_steps_mut<'a>(
+    set: &'a mut WorkflowSet,
+    sel: &Selection,
+) -> Vec<(String, &'a mut StepDef)> {
+    let wanted: BTreeMap<Place, Vec<String>> = reached(set, sel).0.into_iter().collect();
+    let top = set
+        .top
+        .iter_mut()
+        .enumerate()
+        .map(|(i, wf)| (Place::Top(i), wf));
+    let called = set
+        .called
+        .iter_mut()
+        .map(|(k, wf)| (Place::Called(k.clone()), wf));
+    let mut out = Vec::new();
+    for (place, wf) in top.chain(called) {
+        let Some(jobs) = wanted.get(&place) else {
+            continue;
+        };
+        for (id, job) in wf.jobs.iter_mut() {
+            let JobKind::Steps(steps) = &mut job.kind else {
+                continue;
+            };
+            if !jobs.contains(id) {
+                continue;
+            }
+            for step in steps.steps.iter_mut() {
+                out.push((
+                    format!("{}: job `{id}`, step {}", wf.file, step.number),
+                    step,
+                ));
+            }
+        }
+    }
+    out
+}
+
+fn check(
+    set: &WorkflowSet,
+    sel: &Selection,
+    node_for: &dyn Fn(&Value) -> BaseNode,
+) -> Result<(), EngineError> {
+    let (places, mut problems) = reached(set, sel);
+    for (place, jobs) in places {
+        let wf = place.of(set);
+        for id in jobs {
+            let JobKind::Steps(steps) = &wf.jobs[&id].kind else {
+                continue;
+            };
+            let node = node_for(&steps.runs_on);
+            for step in &steps.steps {
+                let at = format!("{}: job `{id}`, step {}", wf.file, step.number);
+                for p in step_problems(set, step, &node) {
+                    problems.push(format!("{at}: {p}"));
                 }
             }
         }
@@ -190,34 +366,81 @@ pub fn check_supported(
         Ok(())
     } else {
         problems.sort();
+        problems.dedup();
         Err(EngineError::Plan(problems.join("\n")))
     }
 }
 
-fn uses_problem(set: &WorkflowSet, uses: &StepUses, base_has_node: bool) -> Option<String> {
+fn step_problems(set: &WorkflowSet, step: &StepDef, node: &BaseNode) -> Vec<String> {
+    let StepBody::Uses { uses, .. } = &step.body else {
+        return Vec::new();
+    };
+    let mut problems = Vec::new();
     match uses {
-        StepUses::Docker(image) => Some(format!(
+        StepUses::Docker(image) => problems.push(format!(
             "`uses: {image}`: Docker actions are not supported: udos runs steps in micro-VMs without Docker"
         )),
-        StepUses::Remote { .. } if uses.is_checkout() => None,
-        StepUses::Remote { raw, .. } => Some(format!(
-            "`uses: {raw}`: actions from other repositories are not supported yet (fetching them needs the network); use a local action (`./path`)"
-        )),
+        StepUses::Remote { .. } if uses.is_checkout() => {}
+        StepUses::Remote { raw, .. } => match step.actions.iter().find(|a| &a.uses == raw) {
+            None => problems.push(format!(
+                "`uses: {raw}`: not resolved before the run (actions of other repositories are fetched and pinned while planning)"
+            )),
+            Some(a) => problems.extend(def_problem(&format!("`uses: {raw}`"), &a.def, node)),
+        },
         StepUses::Local(path) => match set.actions.get(&local_key(path)) {
-            None => Some(format!(
+            None => problems.push(format!(
                 "`uses: {path}`: no action.yml or action.yaml in `{}`",
                 local_key(path)
             )),
-            Some(a) => match &a.kind {
-                ActionKind::Composite => None,
-                ActionKind::Docker => Some(format!(
-                    "`uses: {path}` is a Docker action: not supported, udos runs steps in micro-VMs without Docker"
-                )),
-                ActionKind::Node { using, .. } if !base_has_node => Some(format!(
-                    "`uses: {path}` is a JavaScript action (`{using}`), and the base has no node: map the job's runner to a base with node (-P)"
-                )),
-                ActionKind::Node { .. } => None,
-            },
+            Some(a) => {
+                problems.extend(def_problem(&format!("`uses: {path}`"), a, node));
+                problems.extend(nested_problems(a, &step.actions));
+            }
+        },
+    }
+    // What the step's actions use in turn.
+    for a in &step.actions {
+        if a.uses != uses.raw() {
+            let who = format!("`{}` (used by a composite action)", a.uses);
+            problems.extend(def_problem(&who, &a.def, node));
+        }
+        problems.extend(nested_problems(&a.def, &step.actions));
+    }
+    problems
+}
+
+/// The `uses:` of a composite action that udos cannot give act: Docker images and
+/// actions of other repositories that were not pinned.
+fn nested_problems(def: &ActionDef, pinned: &[PinnedAction]) -> Vec<String> {
+    def.uses
+        .iter()
+        .filter_map(|u| {
+            if u.starts_with("docker://") {
+                Some(format!(
+                    "`{u}` (used by a composite action): Docker actions are not supported: udos runs steps in micro-VMs without Docker"
+                ))
+            } else if u.starts_with("./") || pinned.iter().any(|a| &a.uses == u) {
+                None
+            } else {
+                Some(format!(
+                    "`{u}` (used by a composite action): not resolved before the run"
+                ))
+            }
+        })
+        .collect()
+}
+
+fn def_problem(who: &str, def: &ActionDef, node: &BaseNode) -> Option<String> {
+    match &def.kind {
+        ActionKind::Composite => None,
+        ActionKind::Docker => Some(format!(
+            "{who} is a Docker action (`runs.using: docker`): not supported, udos runs steps in micro-VMs without Docker"
+        )),
+        ActionKind::Node { using, .. } => match node {
+            BaseNode::Lacks(base) => Some(format!(
+                "{who} is a JavaScript action (`{using}`), and the base `{base}` has no node: map the job's runner to a base with node (-P LABEL=debian)"
+            )),
+            BaseNode::Has | BaseNode::Unknown | BaseNode::NoBase => None,
         },
     }
 }
@@ -319,6 +542,7 @@ jobs:
                     pre: None,
                     post: None,
                 },
+                uses: vec![],
             },
         );
         s.actions.insert(
@@ -326,6 +550,7 @@ jobs:
             ActionDef {
                 name: None,
                 kind: ActionKind::Composite,
+                uses: vec![],
             },
         );
         let sel = select(&s, &[true], &[]).unwrap();
@@ -343,5 +568,178 @@ jobs:
         // With node in the base, the JavaScript action is fine.
         let err = check_supported(&s, &sel, true).unwrap_err().to_string();
         assert!(!err.contains("node-action"), "{err}");
+    }
+
+    fn def(kind: ActionKind, uses: &[&str]) -> ActionDef {
+        ActionDef {
+            name: None,
+            kind,
+            uses: uses.iter().map(|u| u.to_string()).collect(),
+        }
+    }
+
+    fn node() -> ActionKind {
+        ActionKind::Node {
+            using: "node16".into(),
+            pre: None,
+            post: None,
+        }
+    }
+
+    fn pin(uses: &str, def: ActionDef) -> PinnedAction {
+        PinnedAction {
+            uses: uses.into(),
+            at: crate::workflow::action::RemoteUses::parse(uses).unwrap(),
+            pin: "f".repeat(40),
+            local: None,
+            def,
+        }
+    }
+
+    /// What the host would pin for each `uses:` (the closure through composite actions).
+    fn pin_all(s: &mut WorkflowSet, sel: &Selection) {
+        let known = |u: &str| -> Option<PinnedAction> {
+            match u {
+                "o/comp@v1" => Some(pin(u, def(ActionKind::Composite, &["o/js@v2", "./here"]))),
+                "o/js@v2" | "o/js@v1" => Some(pin(u, def(node(), &[]))),
+                "o/dock@v1" => Some(pin(u, def(ActionKind::Docker, &[]))),
+                "o/comp-docker@v1" => Some(pin(
+                    u,
+                    def(ActionKind::Composite, &["docker://alpine", "o/gone@v1"]),
+                )),
+                _ => None,
+            }
+        };
+        for (_, step) in selected_steps_mut(s, sel) {
+            let StepBody::Uses { uses, .. } = &step.body else {
+                continue;
+            };
+            let mut todo = vec![uses.raw().to_string()];
+            while let Some(u) = todo.pop() {
+                if let Some(p) = known(&u) {
+                    todo.extend(p.def.uses.iter().cloned());
+                    step.actions.push(p);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn remote_actions_run_once_pinned_by_kind_and_base() {
+        let mut s = set(&[r#"
+on: push
+jobs:
+  small:
+    runs-on: ubuntu-latest
+    steps:
+      - uses: o/comp@v1
+      - uses: o/js@v1
+      - uses: o/dock@v1
+      - uses: o/unpinned@v1
+      - uses: o/comp-docker@v1
+      - uses: actions/checkout@v4
+  big:
+    runs-on: [self-hosted, big]
+    steps:
+      - uses: o/comp@v1
+      - uses: o/js@v1
+  later:
+    runs-on: ${{ matrix.os }}
+    steps:
+      - uses: o/js@v1
+  nowhere:
+    runs-on: windows-latest
+    steps:
+      - uses: o/js@v1
+"#]);
+        let sel = select(&s, &[true], &[]).unwrap();
+        let runners = Runners {
+            platforms: vec![("big".into(), "debian".into())],
+            with_node: BTreeSet::from(["debian".to_string()]),
+        };
+        // Nothing pinned: every remote action is refused, checkout is served.
+        let err = check_supported_on(&s, &sel, &runners)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("job `small`, step 1: `uses: o/comp@v1`: not resolved before the run"),
+            "{err}"
+        );
+        assert!(!err.contains("step 6"), "{err}");
+        pin_all(&mut s, &sel);
+        let err = check_supported_on(&s, &sel, &runners)
+            .unwrap_err()
+            .to_string();
+        let lines: Vec<&str> = err.lines().collect();
+        for needle in [
+            "job `small`, step 1: `o/js@v2` (used by a composite action) is a JavaScript action (`node16`), and the base `default` has no node",
+            "job `small`, step 2: `uses: o/js@v1` is a JavaScript action (`node16`), and the base `default` has no node",
+            "job `small`, step 3: `uses: o/dock@v1` is a Docker action",
+            "job `small`, step 4: `uses: o/unpinned@v1`: not resolved before the run",
+            "job `small`, step 5: `docker://alpine` (used by a composite action): Docker actions are not supported",
+            "job `small`, step 5: `o/gone@v1` (used by a composite action): not resolved",
+        ] {
+            assert!(lines.iter().any(|l| l.contains(needle)), "`{needle}` not in:\n{err}");
+        }
+        // The job mapped to a base with node, the job whose base is known only when
+        // its legs start, and the job no label maps are not refused here.
+        for job in ["big", "later", "nowhere"] {
+            assert!(!err.contains(&format!("job `{job}`")), "{job}: {err}");
+        }
+        assert_eq!(lines.len(), 6, "{err}");
+    }
+
+    #[test]
+    fn runners_map_labels_as_the_run_does() {
+        use crate::engine::contexts::RunFacts;
+        use crate::engine::run::{Action, Run, RunConfig};
+        let platforms = vec![
+            ("big".to_string(), "debian".to_string()),
+            ("Ubuntu-22.04".to_string(), "mine".to_string()),
+        ];
+        let runners = Runners {
+            platforms: platforms.clone(),
+            with_node: BTreeSet::new(),
+        };
+        for runs_on in [
+            "ubuntu-latest",
+            "ubuntu-22.04",
+            "[self-hosted, big]",
+            "[big, ubuntu-22.04]",
+            "{group: g, labels: [x64]}",
+            "linux",
+            "macos-latest",
+        ] {
+            let text =
+                format!("on: push\njobs:\n  j:\n    runs-on: {runs_on}\n    steps: [{{run: a}}]\n");
+            let s = set(&[&text]);
+            let sel = select(&s, &[true], &[]).unwrap();
+            let JobKind::Steps(job) = &s.top[0].jobs["j"].kind else {
+                panic!("a steps job")
+            };
+            let ours = match runners.base_for(&job.runs_on) {
+                JobBase::Base(b) => Some(b),
+                JobBase::None => None,
+                JobBase::Template => panic!("runs-on: {runs_on} is no template"),
+            };
+            let cfg = RunConfig {
+                facts: RunFacts {
+                    event_name: "push".into(),
+                    ..RunFacts::default()
+                },
+                platforms: platforms.clone(),
+                max_running: 1,
+                ..RunConfig::default()
+            };
+            let mut run = Run::new(s.clone(), &sel, cfg).unwrap();
+            let theirs = run.poll().into_iter().find_map(|a| match a {
+                Action::Start(t) => Some(t.base),
+                Action::Cancel(_) => None,
+            });
+            assert_eq!(ours, theirs, "runs-on: {runs_on}");
+        }
+        let template = Value::str("${{ matrix.os }}");
+        assert_eq!(runners.base_for(&template), JobBase::Template);
+        assert_eq!(runners.node_for(&template), BaseNode::Unknown);
     }
 }

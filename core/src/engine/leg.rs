@@ -13,6 +13,7 @@ use indexmap::IndexMap;
 
 use crate::expr::{self, EvalEnv, HashFiles, Piece, Status};
 use crate::value::{Object, Value};
+use crate::workflow::action::PinnedAction;
 use crate::workflow::{Env, StepBody, StepDef, StepUses};
 
 use super::contexts::WORKSPACE;
@@ -70,9 +71,11 @@ pub enum ResolvedBody {
         /// Absolute working directory.
         working_directory: String,
     },
-    /// A local action.
+    /// An action.
     Uses {
-        /// `./path`.
+        /// `./path` for a local action; for an action of another repository,
+        /// `owner/repo[/path]@SHA`: pinned to the commit the host resolved its ref to
+        /// ([`crate::workflow::action::PinnedAction::pinned_uses`]).
         uses: String,
         /// Inputs, evaluated.
         with: IndexMap<String, String>,
@@ -493,14 +496,28 @@ impl Leg {
                 if uses.is_checkout() {
                     return self.checkout(with, &e, name);
                 }
-                let StepUses::Local(path) = uses else {
-                    return Err((
-                        name,
-                        format!(
-                            "`uses: {}` is not supported (checked before the run)",
-                            uses.raw()
-                        ),
-                    ));
+                let act_uses = match uses {
+                    StepUses::Local(path) => path.clone(),
+                    StepUses::Remote { raw, .. } => {
+                        match step.actions.iter().find(|a| &a.uses == raw) {
+                            Some(pinned) => pinned.pinned_uses(),
+                            None => {
+                                return Err((
+                                    name,
+                                    format!("`uses: {raw}` was not pinned before the run"),
+                                ))
+                            }
+                        }
+                    }
+                    StepUses::Docker(_) => {
+                        return Err((
+                            name,
+                            format!(
+                                "`uses: {}` is not supported (checked before the run)",
+                                uses.raw()
+                            ),
+                        ))
+                    }
                 };
                 let mut inputs = IndexMap::new();
                 for (k, v) in with {
@@ -512,7 +529,7 @@ impl Leg {
                     inputs.insert(k.clone(), safe.value(&value));
                 }
                 ResolvedBody::Uses {
-                    uses: path.clone(),
+                    uses: act_uses,
                     with: inputs,
                 }
             }
@@ -597,6 +614,17 @@ impl Leg {
             name,
             format!("the workspace at {WORKSPACE} is the checkout"),
         ))
+    }
+
+    /// The actions of other repositories act needs for `step`, pinned (its own
+    /// `uses:` and what its composite actions use): the host puts their trees in the
+    /// step's VM, and act reads them there.
+    pub fn actions(&self, step: &ResolvedStep) -> &[PinnedAction] {
+        step.number
+            .checked_sub(1)
+            .and_then(|i| self.ticket.job.steps.get(i))
+            .map(|s| s.actions.as_slice())
+            .unwrap_or_default()
     }
 
     /// A VM-run step ended.

@@ -267,7 +267,7 @@ pub fn triggers(wf: &Workflow) -> Result<Triggers, EngineError> {
 }
 
 /// Does `label` run on the default base when `-P` says nothing about it?
-fn default_label(label: &str) -> bool {
+pub(crate) fn default_label(label: &str) -> bool {
     let l = label.to_ascii_lowercase();
     l.starts_with("ubuntu")
         || l.starts_with("debian")

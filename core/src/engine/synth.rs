@@ -7,11 +7,16 @@
 //! `$GITHUB_WORKSPACE` inside them see the repository; then the user's step, with
 //! nothing left for act to evaluate but the host's secret references. act removes the
 //! symlink (not its target) when the job ends.
+//!
+//! Actions of other repositories are in the control layer, one tree per pinned commit
+//! under [`ACTIONS_DIR`], and `.actrc` maps each to its tree with
+//! `--local-repository`, so act never fetches (docs/actions.md).
 
 use serde_yaml_ng::{Mapping, Value as Yaml};
 
 use super::contexts::{EVENT_PATH, WORKSPACE};
 use super::leg::{ResolvedBody, ResolvedStep};
+use crate::workflow::action::PinnedAction;
 
 /// The id the user's step has inside the VM when the user gave it none. Not `udos-…`:
 /// PID 1 keeps the console output of `udos-` steps (udos's own) quiet.
@@ -20,6 +25,36 @@ pub const USER_STEP_ID: &str = "_udos_step";
 pub const SETUP_STEP_ID: &str = "udos-setup";
 /// Where the synthesized workflow is in the step's root (control layer).
 pub const STEP_WORKFLOW_PATH: &str = "/.udos/step.yml";
+
+/// Where the trees of the step's actions of other repositories are in its root
+/// (control layer).
+pub const ACTIONS_DIR: &str = "/.udos/actions";
+
+/// Where `action`'s repository tree is in the step's root: one directory per
+/// repository and pin.
+pub fn action_dir(action: &PinnedAction) -> String {
+    format!(
+        "{ACTIONS_DIR}/{}/{}@{}",
+        action.at.owner, action.at.repo, action.pin
+    )
+}
+
+/// The `.actrc` lines that give act `actions` from their trees: each by its pin (how
+/// the step's own `uses:` names it) and by its ref as written (how a composite
+/// action's `uses:` names it).
+fn local_repository_lines(actions: &[PinnedAction]) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    for a in actions {
+        let dir = action_dir(a);
+        for r in [&a.pin, &a.at.git_ref] {
+            let line = format!("--local-repository {}@{r}={dir}", a.at.slug());
+            if !lines.contains(&line) {
+                lines.push(line);
+            }
+        }
+    }
+    lines
+}
 
 /// The control layer's files.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,6 +126,12 @@ fn user_step(step: &ResolvedStep) -> Yaml {
 
 /// The files for running `step` in a VM.
 pub fn step_files(step: &ResolvedStep) -> StepFiles {
+    step_files_with_actions(step, &[])
+}
+
+/// The files for running `step` in a VM, with `actions` (pinned, their trees at
+/// [`action_dir`]) given to act.
+pub fn step_files_with_actions(step: &ResolvedStep, actions: &[PinnedAction]) -> StepFiles {
     let mut job = Mapping::new();
     job.insert(k("name"), k(&super::leg::escape(&step.leg_name)));
     job.insert(k("runs-on"), k("ubuntu-latest"));
@@ -110,7 +151,7 @@ pub fn step_files(step: &ResolvedStep) -> StepFiles {
     // act reads `.actrc` one flag per line, a flag's value on the same line. The
     // dotenv-style files act would read from its working directory by default are
     // pointed at /dev/null: a repository's `.env` or `.secrets` must not leak in.
-    let actrc = [
+    let mut actrc = vec![
         format!("-W {STEP_WORKFLOW_PATH}"),
         format!("-C {WORKSPACE}"),
         "-P ubuntu-latest=-self-hosted".to_string(),
@@ -123,6 +164,7 @@ pub fn step_files(step: &ResolvedStep) -> StepFiles {
         "--input-file /dev/null".to_string(),
         format!("--job {}", step.job_id),
     ];
+    actrc.extend(local_repository_lines(actions));
     StepFiles {
         actrc: actrc.join("\n") + "\n",
         workflow_yaml,
@@ -191,5 +233,54 @@ mod tests {
         assert_eq!(s["uses"], k("./.github/actions/x"));
         assert_eq!(s["with"]["who"], k("me"));
         assert!(s.get("working-directory").is_none());
+    }
+
+    fn pinned(uses: &str, pin: &str) -> PinnedAction {
+        use crate::workflow::action::{ActionDef, ActionKind, RemoteUses};
+        PinnedAction {
+            uses: uses.into(),
+            at: RemoteUses::parse(uses).unwrap(),
+            pin: pin.into(),
+            local: None,
+            def: ActionDef {
+                name: None,
+                kind: ActionKind::Composite,
+                uses: vec![],
+            },
+        }
+    }
+
+    #[test]
+    fn actions_of_other_repositories_are_mapped_to_their_trees() {
+        let (a, b) = ("a".repeat(40), "b".repeat(40));
+        let top = pinned("octo/tools/sub@v1", &a);
+        let nested = pinned("octo/more@main", &b);
+        let step = step(ResolvedBody::Uses {
+            uses: top.pinned_uses(),
+            with: IndexMap::new(),
+        });
+        let f = step_files_with_actions(&step, &[top.clone(), nested]);
+        let d: Yaml = serde_yaml_ng::from_str(&f.workflow_yaml).unwrap();
+        assert_eq!(
+            d["jobs"]["build"]["steps"][1]["uses"],
+            k(&format!("octo/tools/sub@{a}"))
+        );
+        let lines: Vec<&str> = f
+            .actrc
+            .lines()
+            .filter(|l| l.starts_with("--local-repository"))
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                format!("--local-repository octo/tools@{a}=/.udos/actions/octo/tools@{a}"),
+                format!("--local-repository octo/tools@v1=/.udos/actions/octo/tools@{a}"),
+                format!("--local-repository octo/more@{b}=/.udos/actions/octo/more@{b}"),
+                format!("--local-repository octo/more@main=/.udos/actions/octo/more@{b}"),
+            ]
+        );
+        assert_eq!(action_dir(&top), format!("/.udos/actions/octo/tools@{a}"));
+        // Without actions, no such line.
+        assert!(!step_files(&step).actrc.contains("--local-repository"));
     }
 }

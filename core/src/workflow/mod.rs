@@ -173,6 +173,10 @@ pub struct StepDef {
     pub timeout_minutes: Option<Value>,
     /// `run:` or `uses:`.
     pub body: StepBody,
+    /// The actions of other repositories act needs for this step: its own `uses:`
+    /// (when it names one) and, in turn, those its composite actions use. The host
+    /// pins them before the run (docs/actions.md); empty until then.
+    pub actions: Vec<action::PinnedAction>,
 }
 
 /// What a step does.
@@ -753,6 +757,7 @@ impl Parser<'_> {
             continue_on_error: self.bool_or_template(m, "continue-on-error", false, at)?,
             timeout_minutes: self.number_or_template(m, "timeout-minutes", at)?,
             body,
+            actions: Vec::new(),
         })
     }
 

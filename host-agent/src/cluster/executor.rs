@@ -541,6 +541,8 @@ fn run_workflow(
         jobs: job.into_iter().map(String::from).collect(),
         memory_mib: settings.memory_mib,
         parallel: Some(1),
+        // Remote actions are fetched and pinned into the agent's own action store.
+        state_root: Some(shared.state.root().to_path_buf()),
         ..crate::plan::PlanArgs::default()
     };
     let req = match crate::plan::plan(&args)?.0 {

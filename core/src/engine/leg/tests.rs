@@ -386,3 +386,61 @@ fn step_timeouts_and_continue_on_error_may_be_expressions() {
     assert_eq!(s.timeout_minutes, Some(2.0));
     assert!(s.continue_on_error);
 }
+
+#[test]
+fn an_action_of_another_repository_runs_by_its_pin() {
+    use crate::engine::graph::selected_steps_mut;
+    use crate::workflow::action::{ActionDef, ActionKind, PinnedAction, RemoteUses};
+    let text = "on: push\njobs:\n  j:\n    runs-on: ubuntu-latest\n    steps:\n      - uses: octo/tools/sub@v1\n        with: { who: \"${{ github.repository }}\" }\n      - uses: octo/unpinned@v1\n";
+    let mut s = WorkflowSet {
+        top: vec![parse(text, "ci.yml").unwrap()],
+        ..WorkflowSet::default()
+    };
+    let sel = select(&s, &[true], &[]).unwrap();
+    let sha = "c0ffee".repeat(6) + "c0ff";
+    let pinned = PinnedAction {
+        uses: "octo/tools/sub@v1".into(),
+        at: RemoteUses::parse("octo/tools/sub@v1").unwrap(),
+        pin: sha.clone(),
+        local: None,
+        def: ActionDef {
+            name: None,
+            kind: ActionKind::Composite,
+            uses: vec![],
+        },
+    };
+    for (at, step) in selected_steps_mut(&mut s, &sel) {
+        if step.number == 1 {
+            assert_eq!(at, "ci.yml: job `j`, step 1");
+            step.actions.push(pinned.clone());
+        }
+    }
+    let cfg = RunConfig {
+        facts: RunFacts {
+            event_name: "push".into(),
+            repository: "octo/hello".into(),
+            ..RunFacts::default()
+        },
+        max_running: 1,
+        ..RunConfig::default()
+    };
+    let mut run = Run::new(s, &sel, cfg).unwrap();
+    let Some(Action::Start(t)) = run.poll().into_iter().next() else {
+        panic!("a leg starts")
+    };
+    let mut leg = Leg::new(*t);
+    let step = run_step(&mut leg);
+    let ResolvedBody::Uses { uses, with } = &step.body else {
+        panic!("a uses step")
+    };
+    assert_eq!(uses, &format!("octo/tools/sub@{sha}"));
+    assert_eq!(with["who"], "octo/hello");
+    assert_eq!(leg.actions(&step), [pinned]);
+    leg.record(&step, ok());
+    // A remote action nobody pinned cannot run: its step fails, saying so.
+    let Next::Decided(s) = leg.next(None) else {
+        panic!("decided without a VM")
+    };
+    assert_eq!(s.outcome, Conclusion::Failure);
+    assert!(s.error.unwrap().contains("not pinned"));
+}
