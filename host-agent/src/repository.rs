@@ -21,12 +21,11 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
 use rustic_backend::LocalBackend;
-use rustic_core::repofile::SnapshotFile;
+use rustic_core::repofile::{MasterKey, SnapshotFile};
 use rustic_core::{
     BackupOptions, ConfigOptions, Credentials, KeyOptions, LocalSource, LocalSourceFilterOptions,
-    LocalSourceSaveOptions, OpenStatus, ParentOptions, ReadSource, ReadSourceEntry,
-    ReadSourceOpen, Repository, RepositoryBackends, RepositoryOptions, RusticError, RusticResult,
-    SnapshotOptions,
+    LocalSourceSaveOptions, OpenStatus, ParentOptions, ReadSource, ReadSourceEntry, ReadSourceOpen,
+    Repository, RepositoryBackends, RepositoryOptions, RusticError, RusticResult, SnapshotOptions,
 };
 
 use crate::restic::{Password, Tags};
@@ -146,7 +145,10 @@ const HOST: &str = "udos";
 /// [`LayerRepository::open`]; each [`LayerRepository::backup`] then only reads the
 /// index and writes the layer.
 pub struct LayerRepository {
-    repo: Repository<OpenStatus>,
+    /// The repository, not opened: each backup opens it with `key` (no derivation).
+    unopened: Repository<()>,
+    /// The master key, decrypted once from the repository's key file.
+    key: MasterKey,
     dir: PathBuf,
 }
 
@@ -183,7 +185,8 @@ impl LayerRepository {
             }
         };
         Ok(LayerRepository {
-            repo: open,
+            unopened: unopened(dir)?,
+            key: open.key(),
             dir: dir.to_path_buf(),
         })
     }
@@ -197,12 +200,15 @@ impl LayerRepository {
     /// id. Every entry must be read: a layer with an unreadable file is an error (and
     /// leaves no snapshot), not a restore point missing that file.
     pub fn backup(&self, layer: &Path, tags: &Tags) -> Result<String, RepositoryError> {
-        let _lock = lock::RepoLock::acquire(&self.dir, &self.repo.key())?;
-        // The index as it is now, with what earlier backups (this handle's or another
+        let _lock = lock::RepoLock::acquire(&self.dir, &self.key)?;
+        // Opened with the master key: reads the config, derives nothing. Then the
+        // index as it is now, with what earlier backups (this handle's or another
         // process's) stored: their blobs are not stored again.
         let indexed = self
-            .repo
+            .unopened
             .clone()
+            .open(&Credentials::Masterkey(self.key.clone()))
+            .map_err(rustic_err("opening the repository", &self.dir))?
             .to_indexed_ids()
             .map_err(rustic_err("reading the index of", &self.dir))?;
         let snap = SnapshotFile::from_options(&snapshot_options(tags)?)
@@ -351,7 +357,10 @@ fn snapshot_options(tags: &Tags) -> Result<SnapshotOptions, RepositoryError> {
 type Failures = Arc<Mutex<Vec<String>>>;
 
 fn record(failures: &Failures, what: String) {
-    failures.lock().unwrap_or_else(|e| e.into_inner()).push(what);
+    failures
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(what);
 }
 
 /// The layer directory as a backup source: its entries relative to it (so they land
@@ -487,3 +496,6 @@ impl Read for StrictReader {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

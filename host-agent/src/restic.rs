@@ -112,8 +112,14 @@ impl Repo {
     /// snapshot engine is the one `UDOS_SNAPSHOT_ENGINE` asks for (`auto` by default:
     /// rustic for a local directory, the CLI otherwise).
     pub fn from_env_or_default(state_dir: &Path) -> Result<Repo> {
-        let mut repo = Repo::from_env_or_default_cli(state_dir)?;
-        let setting = std::env::var(ENGINE_VAR).ok();
+        Repo::from_vars(state_dir, |name| std::env::var(name).ok())
+    }
+
+    /// [`Repo::from_env_or_default`] with the variables `var` gives (the environment,
+    /// or a test's map).
+    pub fn from_vars(state_dir: &Path, var: impl Fn(&str) -> Option<String>) -> Result<Repo> {
+        let mut repo = Repo::from_vars_cli(state_dir, &var)?;
+        let setting = var(ENGINE_VAR);
         repo.engine = Engine::choose(setting.as_deref(), repo.local_dir().is_some())?;
         Ok(repo)
     }
@@ -130,11 +136,11 @@ impl Repo {
         }
     }
 
-    fn from_env_or_default_cli(state_dir: &Path) -> Result<Repo> {
-        if let Ok(location) = std::env::var("RESTIC_REPOSITORY") {
-            let password = if let Ok(f) = std::env::var("RESTIC_PASSWORD_FILE") {
+    fn from_vars_cli(state_dir: &Path, var: &impl Fn(&str) -> Option<String>) -> Result<Repo> {
+        if let Some(location) = var("RESTIC_REPOSITORY") {
+            let password = if let Some(f) = var("RESTIC_PASSWORD_FILE") {
                 Password::File(PathBuf::from(f))
-            } else if let Ok(p) = std::env::var("RESTIC_PASSWORD") {
+            } else if let Some(p) = var("RESTIC_PASSWORD") {
                 Password::Env(p)
             } else {
                 bail!(

@@ -66,7 +66,7 @@ impl Queue {
 /// What writes the snapshots.
 enum Writer {
     /// The run's repository handle.
-    Rustic(LayerRepository),
+    Rustic(Box<LayerRepository>),
     /// One `restic backup` per layer.
     Cli(Repo),
 }
@@ -82,7 +82,7 @@ impl Writer {
                 let t = Instant::now();
                 let handle = LayerRepository::open(&dir, &repo.password)?;
                 tracing::info!(took_ms = t.elapsed().as_millis() as u64, repository = %dir.display(), "repository opened");
-                Ok(Writer::Rustic(handle))
+                Ok(Writer::Rustic(Box::new(handle)))
             }
             Engine::Cli => Ok(Writer::Cli(repo.clone())),
         }

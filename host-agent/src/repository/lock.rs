@@ -95,10 +95,10 @@ impl RepoLock {
         let current = Arc::new(Mutex::new(path));
         let (stop, stopped) = mpsc::channel::<()>();
         let refresher = {
-            let (repo, current) = (repo.to_path_buf(), current.clone());
+            let (dir, current) = (repo.to_path_buf(), current.clone());
             std::thread::Builder::new()
                 .name("restic-lock".into())
-                .spawn(move || refresh(&repo, &key, &current, &stopped))
+                .spawn(move || refresh(&dir, &key, &current, &stopped))
                 .map_err(|source| LockError::Io {
                     what: "starting the lock refresher for",
                     path: repo.to_path_buf(),
@@ -131,7 +131,8 @@ fn refresh(repo: &Path, key: &Key, current: &Mutex<PathBuf>, stopped: &mpsc::Rec
     while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(REFRESH) {
         match write_lock(repo, key) {
             Ok(new) => {
-                let old = std::mem::replace(&mut *current.lock().unwrap_or_else(|e| e.into_inner()), new);
+                let old =
+                    std::mem::replace(&mut *current.lock().unwrap_or_else(|e| e.into_inner()), new);
                 let _ = std::fs::remove_file(old);
             }
             Err(e) => tracing::warn!("could not refresh the restic lock: {e}"),
@@ -169,7 +170,8 @@ fn write_lock(repo: &Path, key: &Key) -> Result<PathBuf, LockError> {
         uid: owner_ids().0,
         gid: owner_ids().1,
     };
-    let plain = serde_json::to_vec(&lock).map_err(|e| io_err("encoding a lock for", repo)(e.into()))?;
+    let plain =
+        serde_json::to_vec(&lock).map_err(|e| io_err("encoding a lock for", repo)(e.into()))?;
     let sealed = encrypt(key, &plain).map_err(io_err("encrypting a lock for", repo))?;
     let id = hex::encode(Sha256::digest(&sealed));
     let dir = repo.join("locks");
