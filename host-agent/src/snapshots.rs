@@ -167,3 +167,72 @@ impl Snapshotter {
         self.handle.join().unwrap_or_default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::restic::Password;
+
+    fn queue_layers(snapshotter: &Snapshotter, state: &StateDir, n: usize) {
+        let queue = snapshotter.queue();
+        for i in 0..n {
+            let id = format!("layer{i}");
+            let dir = state.layer_dir(&id);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("file"), format!("{i}")).unwrap();
+            let tags = Tags::default().with("udos", "layer").with("layer", &id);
+            queue.add(format!("key{i}"), &dir, tags);
+        }
+    }
+
+    /// Both engines return, per queued layer in order, the full id of a snapshot
+    /// `restic snapshots` lists with the layer's tags.
+    #[test]
+    fn every_queued_layer_comes_back_with_its_full_snapshot_id() {
+        for engine in [Engine::Rustic, Engine::Cli] {
+            let tmp = tempfile::tempdir().unwrap();
+            let state = StateDir::resolve(Some(&tmp.path().join("state"))).unwrap();
+            let repo = Repo {
+                engine,
+                ..Repo::new(
+                    tmp.path().join("repo").display().to_string(),
+                    Password::Env("pw".into()),
+                )
+            };
+            if engine == Engine::Cli {
+                repo.ensure_initialized().unwrap();
+            }
+            let snapshotter = Snapshotter::start(repo.clone(), state.clone()).unwrap();
+            queue_layers(&snapshotter, &state, 3);
+            let done = snapshotter.finish();
+            let keys: Vec<&str> = done.iter().map(|d| d.key.as_str()).collect();
+            assert_eq!(keys, ["key0", "key1", "key2"], "{engine:?}");
+            let listed = repo.snapshots(&[]).unwrap();
+            for (i, d) in done.iter().enumerate() {
+                let id = d.result.as_ref().unwrap();
+                let snap = listed.iter().find(|s| &s.id == id).unwrap();
+                assert!(snap.tags.contains(&format!("layer=layer{i}")), "{engine:?}");
+            }
+        }
+    }
+
+    /// A repository the handle cannot open (wrong password) fails every layer with
+    /// the reason, rather than falling back to another path.
+    #[test]
+    fn a_repository_that_cannot_be_opened_fails_every_layer_with_the_reason() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::resolve(Some(&tmp.path().join("state"))).unwrap();
+        let location = tmp.path().join("repo").display().to_string();
+        LayerRepository::open(Path::new(&location), &Password::Env("right".into())).unwrap();
+        let repo = Repo::new(location, Password::Env("wrong".into()));
+        assert_eq!(repo.engine, Engine::Rustic);
+        let snapshotter = Snapshotter::start(repo, state.clone()).unwrap();
+        queue_layers(&snapshotter, &state, 2);
+        let done = snapshotter.finish();
+        assert_eq!(done.len(), 2);
+        for d in done {
+            let e = format!("{:#}", d.result.unwrap_err());
+            assert!(e.contains("RESTIC_PASSWORD"), "{e}");
+        }
+    }
+}
