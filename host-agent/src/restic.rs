@@ -318,7 +318,12 @@ impl Repo {
     }
 
     /// `restic snapshots --json`, optionally filtered by tags (all must match).
+    /// A local repository not created yet (the snapshot thread creates it on a run's
+    /// first layer) has none.
     pub fn snapshots(&self, tags: &[String]) -> Result<Vec<SnapshotInfo>> {
+        if self.local_dir().is_some_and(|d| !d.exists()) {
+            return Ok(Vec::new());
+        }
         let mut args: Vec<String> = vec!["snapshots".into(), "--json".into()];
         if !tags.is_empty() {
             args.push("--tag".into());
@@ -430,6 +435,20 @@ mod tests {
         n
     }
 
+    /// A local repository that does not exist yet lists no snapshots (`udos gc`
+    /// before any run); a directory that is not a repository is still an error.
+    #[test]
+    fn a_local_repository_not_created_yet_has_no_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repo::new(
+            dir.path().join("repo").display().to_string(),
+            Password::Env("test".into()),
+        );
+        assert!(repo.snapshots(&[]).unwrap().is_empty());
+        std::fs::create_dir(dir.path().join("repo")).unwrap();
+        assert!(repo.snapshots(&[]).is_err());
+    }
+
     /// A real repository: forgetting a snapshot leaves the other, and pruning then
     /// frees the data only the forgotten one held.
     #[test]
@@ -490,6 +509,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("password");
         duct::cmd!("mkfifo", &fifo).run().unwrap();
+        // An existing directory, so `snapshots` asks restic.
+        std::fs::create_dir(dir.path().join("repo")).unwrap();
         let limit = Duration::from_millis(800);
         let repo = Repo {
             limits: Limits {
