@@ -202,6 +202,82 @@ impl ActionStore {
         }
     }
 
+    /// The key (path under the store) of the tree a run report records for an
+    /// action: `owner/repo/<commit>`, or `.local/<sha256>` for a `--local-repository`
+    /// tree. `None` when the record names no tree the store could hold.
+    pub fn tree_key(uses: &str, sha: &str, local: bool) -> Option<String> {
+        if !is_tree_name(sha) {
+            return None;
+        }
+        if local {
+            return Some(format!("{LOCAL_DIR}/{sha}"));
+        }
+        let at = RemoteUses::parse(uses).ok()?;
+        Some(format!("{}/{}/{sha}", at.owner, at.repo))
+    }
+
+    /// Where the tree `key` ([`ActionStore::tree_key`]) is.
+    pub fn key_path(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
+    /// The keys of every tree in the store.
+    pub fn stored_trees(&self) -> BTreeSet<String> {
+        let mut keys: BTreeSet<String> = dir_names(&self.root.join(LOCAL_DIR))
+            .into_iter()
+            .filter(|n| is_tree_name(n))
+            .map(|n| format!("{LOCAL_DIR}/{n}"))
+            .collect();
+        for (owner, repo) in self.repos() {
+            let dir = self.root.join(&owner).join(&repo);
+            keys.extend(
+                dir_names(&dir)
+                    .into_iter()
+                    .filter(|n| is_tree_name(n))
+                    .map(|sha| format!("{owner}/{repo}/{sha}")),
+            );
+        }
+        keys
+    }
+
+    /// The keys of the trees the refs are pinned to now (what the next run of each
+    /// ref would take offline).
+    pub fn pinned_trees(&self) -> BTreeSet<String> {
+        let mut keys = BTreeSet::new();
+        for (owner, repo) in self.repos() {
+            let at = RemoteUses {
+                owner: owner.clone(),
+                repo: repo.clone(),
+                path: String::new(),
+                git_ref: String::new(),
+            };
+            for sha in self.pins(&at).values().flat_map(|refs| refs.values()) {
+                if is_tree_name(sha) {
+                    keys.insert(format!("{owner}/{repo}/{sha}"));
+                }
+            }
+        }
+        keys
+    }
+
+    /// The store's scratch directory (what a stopped fetch left behind).
+    pub fn staging_dir(&self) -> PathBuf {
+        self.root.join(STAGING_DIR)
+    }
+
+    /// `(owner, repo)` of every repository directory in the store.
+    fn repos(&self) -> Vec<(String, String)> {
+        dir_names(&self.root)
+            .into_iter()
+            .filter(|o| !o.starts_with('.'))
+            .flat_map(|owner| {
+                dir_names(&self.root.join(&owner))
+                    .into_iter()
+                    .map(move |repo| (owner.clone(), repo))
+            })
+            .collect()
+    }
+
     /// A private scratch directory inside the store, removed when dropped.
     fn staging(&self) -> Result<tempfile::TempDir, ActionError> {
         let dir = self.root.join(STAGING_DIR);
@@ -750,9 +826,58 @@ pub fn control_trees(store: &ActionStore, actions: &[PinnedAction]) -> Vec<(Path
     out
 }
 
+/// A commit (SHA-1 or SHA-256, hex) or a tree's SHA-256: the name of a stored tree.
+fn is_tree_name(s: &str) -> bool {
+    matches!(s.len(), 40 | 64) && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The names of the directories in `dir` (none when it cannot be read).
+fn dir_names(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_store_lists_its_trees_and_the_trees_refs_are_pinned_to() {
+        let d = tempfile::tempdir().unwrap();
+        let store = ActionStore::new(d.path());
+        let (c1, c2, local) = ("1".repeat(40), "2".repeat(40), "3".repeat(64));
+        let at = RemoteUses::parse("octo/tools@v1").unwrap();
+        for dir in [
+            store.commit_dir(&at, &c1),
+            store.commit_dir(&at, &c2),
+            store.root().join(LOCAL_DIR).join(&local),
+            store.staging_dir().join("a-x"),
+            store.repo_dir(&at).join("not-a-commit"),
+        ] {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        store.record_pin(&at, DEFAULT_ACTIONS_URL, &c2).unwrap();
+        assert_eq!(
+            store.stored_trees(),
+            [
+                format!(".local/{local}"),
+                format!("octo/tools/{c1}"),
+                format!("octo/tools/{c2}"),
+            ]
+            .into()
+        );
+        assert_eq!(store.pinned_trees(), [format!("octo/tools/{c2}")].into());
+        let key = ActionStore::tree_key("octo/tools/sub@v1", &c1, false).unwrap();
+        assert_eq!(store.key_path(&key), store.commit_dir(&at, &c1));
+        assert_eq!(ActionStore::tree_key("./local", &c1, false), None);
+        assert_eq!(ActionStore::tree_key("octo/tools@v1", "..", false), None);
+    }
 
     #[test]
     fn refs_resolve_tags_first_then_branches() {

@@ -18,6 +18,9 @@
 //!   the database does not name (another state dir's, say) are never touched.
 //! - Guest images and base layers in `images/` go when they are not the current ones
 //!   and no kept run booted or stacked them.
+//! - Action trees in `actions/` go when no kept run's report names them and no ref
+//!   is pinned to them now (`pins.json`), unless a run is in progress or a kept run
+//!   has no report to tell; the store's scratch (`actions/.staging`) goes with them.
 //!
 //! Order: forget, then remove the files, then delete the rows, then prune. Stopped
 //! half way, nothing kept is damaged, and the next gc finishes the job.
@@ -30,6 +33,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+use crate::actions::ActionStore;
 use crate::restic::{Repo, SnapshotInfo};
 use crate::state::StateDir;
 use crate::store::{LayerRow, RunRow, Store};
@@ -74,7 +78,7 @@ pub struct Kept {
 /// Something removed from the state dir.
 #[derive(Debug, Clone, Serialize)]
 pub struct Freed {
-    /// What it was: `layer`, `squash`, `image`, `base`, `run-dir`.
+    /// What it was: `layer`, `squash`, `image`, `base`, `run-dir`, `action`.
     pub what: What,
     /// Its id (run number for a run dir).
     pub id: String,
@@ -97,6 +101,9 @@ pub enum What {
     Base,
     /// A removed run's VM directories (`runs/<run>`).
     RunDir,
+    /// An action tree in the action store (`actions/<owner>/<repo>/<commit>`,
+    /// `actions/.local/<sha256>`), or the store's scratch (`actions/.staging`).
+    Action,
 }
 
 /// What gc did (or, with `--dry-run`, would do).
@@ -132,6 +139,9 @@ struct RunFacts {
     inputs: Vec<(String, String)>,
     /// (layer, snapshot) of each step.
     steps: Vec<(Option<String>, Option<String>)>,
+    /// The action trees its steps used ([`ActionStore::tree_key`]); `None` when it
+    /// has no report to tell.
+    actions: Option<BTreeSet<String>>,
 }
 
 impl RunFacts {
@@ -163,6 +173,12 @@ struct OnDisk {
     current_base: Option<String>,
     /// Run numbers with a directory in `runs/`.
     run_dirs: BTreeSet<i64>,
+    /// The action store's trees, by key.
+    actions: BTreeSet<String>,
+    /// The trees the store's refs are pinned to now.
+    pinned_actions: BTreeSet<String>,
+    /// The action store has a scratch directory.
+    action_scratch: bool,
 }
 
 /// What gc will remove.
@@ -176,6 +192,7 @@ struct Plan {
     evict_images: Vec<String>,
     evict_bases: Vec<String>,
     run_dirs: Vec<i64>,
+    evict_actions: Vec<String>,
     notes: Vec<String>,
 }
 
@@ -315,10 +332,15 @@ fn plan(
         .copied()
         .filter(|id| disk.run_dirs.contains(id))
         .collect();
+    let evict_actions = if in_progress.is_empty() {
+        evict_actions(&kept, disk)
+    } else {
+        Vec::new()
+    };
     let mut notes = Vec::new();
     if !in_progress.is_empty() {
         notes.push(format!(
-            "run(s) {} are still `running`: kept, with every layer recorded since they began and every squashed layer",
+            "run(s) {} are still `running`: kept, with every layer recorded since they began, every squashed layer and every action",
             in_progress
                 .iter()
                 .map(|r| r.row.run_id.to_string())
@@ -340,8 +362,63 @@ fn plan(
         evict_images,
         evict_bases,
         run_dirs,
+        evict_actions,
         notes,
     }
+}
+
+/// The action trees no kept run used and no ref is pinned to, and the store's
+/// scratch. When a kept run cannot tell what it used, every tree stays.
+fn evict_actions(kept: &[&RunFacts], disk: &OnDisk) -> Vec<String> {
+    let mut used: BTreeSet<&String> = disk.pinned_actions.iter().collect();
+    for r in kept {
+        match &r.actions {
+            Some(a) => used.extend(a),
+            None => return Vec::new(),
+        }
+    }
+    let mut evict: Vec<String> = disk
+        .actions
+        .iter()
+        .filter(|k| !used.contains(k))
+        .cloned()
+        .collect();
+    if disk.action_scratch {
+        evict.push(ACTION_SCRATCH.to_string());
+    }
+    evict
+}
+
+/// The key [`What::Action`] gives the action store's scratch directory.
+const ACTION_SCRATCH: &str = ".staging";
+
+/// The action trees a run report names: each step's `actions` (`uses`, `sha`,
+/// `local`), wherever they sit in the report. `None` when the report is not JSON.
+fn report_actions(report: &str) -> Option<BTreeSet<String>> {
+    let json: serde_json::Value = serde_json::from_str(report).ok()?;
+    let mut keys = BTreeSet::new();
+    let mut todo = vec![&json];
+    while let Some(v) = todo.pop() {
+        match v {
+            serde_json::Value::Object(m) => {
+                if let Some(serde_json::Value::Array(actions)) = m.get("actions") {
+                    keys.extend(actions.iter().filter_map(action_key));
+                }
+                todo.extend(m.values());
+            }
+            serde_json::Value::Array(a) => todo.extend(a),
+            _ => {}
+        }
+    }
+    Some(keys)
+}
+
+/// The tree key of one recorded action (`{"uses", "sha", "local"}`).
+fn action_key(a: &serde_json::Value) -> Option<String> {
+    let uses = a.get("uses")?.as_str()?;
+    let sha = a.get("sha")?.as_str()?;
+    let local = a.get("local").is_some_and(|l| !l.is_null());
+    ActionStore::tree_key(uses, sha, local)
 }
 
 /// How long a git query for a run's tags may take.
@@ -426,6 +503,7 @@ fn facts(store: &Store) -> Result<Vec<RunFacts>> {
                     .into_iter()
                     .map(|s| (s.layer_id, s.snapshot_id))
                     .collect(),
+                actions: store.run_report(id)?.and_then(|r| report_actions(&r)),
                 row,
             })
         })
@@ -462,6 +540,7 @@ fn on_disk(state: &StateDir) -> OnDisk {
         }
     }
     let images = state.images_dir();
+    let action_store = ActionStore::new(state.root());
     OnDisk {
         layers,
         images: names(&images)
@@ -478,6 +557,9 @@ fn on_disk(state: &StateDir) -> OnDisk {
             .into_iter()
             .filter_map(|n| n.parse().ok())
             .collect(),
+        actions: action_store.stored_trees(),
+        pinned_actions: action_store.pinned_trees(),
+        action_scratch: action_store.staging_dir().exists(),
     }
 }
 
@@ -519,6 +601,7 @@ fn paths_of(state: &StateDir, what: What, id: &str) -> Vec<PathBuf> {
         What::Image => vec![state.images_dir().join(id)],
         What::Base => vec![state.images_dir().join("base").join(id)],
         What::RunDir => vec![state.root().join("runs").join(id)],
+        What::Action => vec![ActionStore::new(state.root()).key_path(id)],
     }
 }
 
@@ -570,6 +653,7 @@ pub fn gc(
     things.extend(p.evict_images.iter().map(|i| (What::Image, i.clone())));
     things.extend(p.evict_bases.iter().map(|b| (What::Base, b.clone())));
     things.extend(p.run_dirs.iter().map(|r| (What::RunDir, r.to_string())));
+    things.extend(p.evict_actions.iter().map(|a| (What::Action, a.clone())));
     let freed: Vec<Freed> = things
         .iter()
         .map(|(what, id)| Freed {
@@ -655,6 +739,7 @@ mod tests {
                 .iter()
                 .map(|(l, s)| (Some(l.to_string()), Some(s.to_string())))
                 .collect(),
+            actions: Some(BTreeSet::new()),
         }
     }
 
@@ -717,6 +802,7 @@ mod tests {
             current_image: Some("imgcur".into()),
             current_base: Some("B".into()),
             run_dirs: [1, 2, 3].into_iter().collect(),
+            ..OnDisk::default()
         };
         (runs, layers, repo, disk)
     }
@@ -752,6 +838,64 @@ mod tests {
         assert_eq!(p.evict_images, vec!["img1", "img2"]);
         assert_eq!(p.evict_bases, vec!["Bold"]);
         assert_eq!(p.run_dirs, vec![1, 2]);
+    }
+
+    #[test]
+    fn action_trees_go_when_no_kept_run_used_them_and_no_ref_is_pinned_to_them() {
+        let (mut runs, layers, repo, mut disk) = three_runs();
+        let (old, pinned, kept_local) = (
+            format!("octo/a/{}", "1".repeat(40)),
+            format!("octo/a/{}", "2".repeat(40)),
+            format!(".local/{}", "3".repeat(64)),
+        );
+        let unused_local = format!(".local/{}", "4".repeat(64));
+        disk.actions = [&old, &pinned, &kept_local, &unused_local]
+            .into_iter()
+            .cloned()
+            .collect();
+        disk.pinned_actions = [pinned.clone()].into();
+        disk.action_scratch = true;
+        // Run 1 (dropped) used the old commit; run 3 (kept) a local tree.
+        runs.iter_mut().find(|r| r.row.run_id == 1).unwrap().actions = Some([old.clone()].into());
+        runs.iter_mut().find(|r| r.row.run_id == 3).unwrap().actions =
+            Some([kept_local.clone()].into());
+        let opts = Options {
+            keep_last: Some(1),
+            ..Options::default()
+        };
+        let keep = keep_runs(&runs, &opts, &no_tags);
+        let p = plan(&runs, &keep, &layers, &repo, &disk);
+        assert_eq!(
+            p.evict_actions,
+            vec![unused_local.clone(), old.clone(), ".staging".to_string()]
+        );
+
+        // A kept run that cannot tell what it used keeps every tree.
+        runs.iter_mut().find(|r| r.row.run_id == 3).unwrap().actions = None;
+        let p = plan(&runs, &keep, &layers, &repo, &disk);
+        assert!(p.evict_actions.is_empty(), "{:?}", p.evict_actions);
+    }
+
+    #[test]
+    fn a_report_tells_the_action_trees_its_steps_used() {
+        let sha = "a".repeat(40);
+        let tree = "b".repeat(64);
+        let report = serde_json::json!({
+            "jobs": [{"steps": [
+                {"actions": [
+                    {"uses": "octo/tools/sub@v1", "sha": sha, "local": null},
+                    {"uses": "octo/x@main", "sha": tree, "local": "/src/x"},
+                    {"uses": "octo/bad@v1", "sha": "../../etc", "local": null},
+                ]},
+                {"actions": []},
+            ]}]
+        });
+        let keys = report_actions(&report.to_string()).unwrap();
+        assert_eq!(
+            keys,
+            [format!("octo/tools/{sha}"), format!(".local/{tree}")].into()
+        );
+        assert_eq!(report_actions("not json"), None);
     }
 
     #[test]

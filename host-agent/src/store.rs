@@ -463,6 +463,18 @@ impl Store {
         Ok(self.runs()?.into_iter().find(|r| r.run_id == run_id))
     }
 
+    /// The JSON report a finished run was recorded with (`None` while it runs, or
+    /// when it ended without one).
+    pub fn run_report(&self, run_id: i64) -> Result<Option<String>> {
+        let report = self
+            .conn
+            .query_row("SELECT report FROM runs WHERE id = ?1", [run_id], |r| {
+                r.get::<_, Option<String>>(0)
+            })
+            .optional()?;
+        Ok(report.flatten())
+    }
+
     /// The job legs of a run, in leg order.
     pub fn jobs(&self, run_id: i64) -> Result<Vec<JobRow>> {
         let mut st = self.conn.prepare(
