@@ -92,6 +92,10 @@ fn snapshots_are_listed_by_restic_with_full_ids_and_tags_and_check_passes() {
         assert!(ls.lines().any(|l| l == "/etc/step"), "{ls}");
     }
     restic_ok(&repo_dir, "pw", &["check", "--read-data"]);
+    // The format restic 0.14 writes (v2: compressed with zstd).
+    let config: serde_json::Value =
+        serde_json::from_str(&restic_ok(&repo_dir, "pw", &["cat", "config"])).unwrap();
+    assert_eq!(config["version"], 2, "{config}");
     // No lock is left behind.
     assert_eq!(
         std::fs::read_dir(repo_dir.join("locks")).unwrap().count(),
