@@ -7,7 +7,8 @@
 //!   in its own VM ([`step_vm`]), layers snapshotted off the critical path ([`snapshots`]);
 //! - [`repo`], [`request`]: what git and the flags say about the run; [`report`]: its JSON;
 //! - [`workspace`]: the git working tree as the workspace layer;
-//! - [`restic`]: layer snapshots in a restic repository;
+//! - [`restic`], [`repository`]: the restic repository (CLI) and the run's long-lived
+//!   handle on it that writes the layer snapshots;
 //! - [`store`]: runs, steps and layers in SQLite;
 //! - [`restore`]: the root as a step left it, from the snapshots;
 //! - [`boot`]: a VM on a restore point with a shell on the terminal, kept as a new one;
@@ -32,6 +33,7 @@ pub mod plan;
 pub mod proc;
 pub mod repo;
 pub mod report;
+pub mod repository;
 pub mod request;
 pub mod rerun;
 pub mod restic;

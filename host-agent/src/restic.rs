@@ -1,9 +1,12 @@
-//! Layer snapshots in a restic repository, through the restic CLI (driven with duct).
+//! The restic repository through the restic CLI (driven with duct): where it is, how
+//! to open it, and the calls restore, `udos gc` and the CLI snapshot path make.
 //!
-//! Every restic call pays ~0.7 s of key derivation, so the runner calls `backup` once
-//! per layer, from a background thread that overlaps the next step's VM, and resolves
-//! full snapshot ids once per run. Snapshots are plain restic snapshots of the layer in
-//! overlay form (whiteouts as 0/0 character devices, opaque dirs as the
+//! Every restic call pays ~0.7 s of key derivation. Layer snapshots therefore go
+//! through one long-lived handle per run ([`crate::repository`]) when the repository
+//! is a local directory; the CLI writes them ([`Repo::backup_full`], one `restic
+//! backup` per layer) for other repository types or when `UDOS_SNAPSHOT_ENGINE=cli`
+//! asks for it ([`Repo::engine`]). Snapshots are plain restic snapshots of the layer
+//! in overlay form (whiteouts as 0/0 character devices, opaque dirs as the
 //! `user.overlay.opaque` xattr): `restic restore` gives the layer back as it was.
 
 use std::path::{Path, PathBuf};
@@ -13,6 +16,7 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 use crate::proc::{run_bounded, RunError};
+use crate::repository::{Engine, ENGINE_VAR};
 
 /// How long each kind of restic call may take before it is killed (SIGTERM first, so
 /// restic can remove its lock).
@@ -59,6 +63,8 @@ pub struct Repo {
     pub password: Password,
     /// Time limits of restic calls.
     pub limits: Limits,
+    /// How layer snapshots are written (`UDOS_SNAPSHOT_ENGINE`).
+    pub engine: Engine,
 }
 
 /// How restic gets the repository password.
@@ -102,12 +108,39 @@ pub struct SnapshotInfo {
 impl Repo {
     /// The repository the environment names (`RESTIC_REPOSITORY`, with
     /// `RESTIC_PASSWORD_FILE` or `RESTIC_PASSWORD`), else the embedded default: a
-    /// local repository in the state dir with a generated 0600 password file.
+    /// local repository in the state dir with a generated 0600 password file. The
+    /// snapshot engine is the one `UDOS_SNAPSHOT_ENGINE` asks for (`auto` by default:
+    /// rustic for a local directory, the CLI otherwise).
     pub fn from_env_or_default(state_dir: &Path) -> Result<Repo> {
-        if let Ok(location) = std::env::var("RESTIC_REPOSITORY") {
-            let password = if let Ok(f) = std::env::var("RESTIC_PASSWORD_FILE") {
+        Repo::from_vars(state_dir, |name| std::env::var(name).ok())
+    }
+
+    /// [`Repo::from_env_or_default`] with the variables `var` gives (the environment,
+    /// or a test's map).
+    pub fn from_vars(state_dir: &Path, var: impl Fn(&str) -> Option<String>) -> Result<Repo> {
+        let mut repo = Repo::from_vars_cli(state_dir, &var)?;
+        let setting = var(ENGINE_VAR);
+        repo.engine = Engine::choose(setting.as_deref(), repo.local_dir().is_some())?;
+        Ok(repo)
+    }
+
+    /// A repository whose location and password the caller gives, with the engine
+    /// `auto` picks for it.
+    pub fn new(location: String, password: Password) -> Repo {
+        let local = is_local(&location);
+        Repo {
+            location,
+            password,
+            limits: Limits::default(),
+            engine: if local { Engine::Rustic } else { Engine::Cli },
+        }
+    }
+
+    fn from_vars_cli(state_dir: &Path, var: &impl Fn(&str) -> Option<String>) -> Result<Repo> {
+        if let Some(location) = var("RESTIC_REPOSITORY") {
+            let password = if let Some(f) = var("RESTIC_PASSWORD_FILE") {
                 Password::File(PathBuf::from(f))
-            } else if let Ok(p) = std::env::var("RESTIC_PASSWORD") {
+            } else if let Some(p) = var("RESTIC_PASSWORD") {
                 Password::Env(p)
             } else {
                 bail!(
@@ -115,31 +148,28 @@ impl Repo {
                      set one of them, or unset RESTIC_REPOSITORY to use udos's own repository"
                 );
             };
-            return Ok(Repo {
-                location,
-                password,
-                limits: Limits::default(),
-            });
+            return Ok(Repo::new(location, password));
         }
         let pw = state_dir.join("restic-password");
         if !pw.exists() {
             write_new_password(&pw)?;
         }
-        Ok(Repo {
-            location: state_dir.join("restic").display().to_string(),
-            password: Password::File(pw),
-            limits: Limits::default(),
-        })
+        Ok(Repo::new(
+            state_dir.join("restic").display().to_string(),
+            Password::File(pw),
+        ))
     }
 
     /// A local directory, when the repository is one (enables listing snapshot ids
     /// without a restic call).
     pub fn local_dir(&self) -> Option<PathBuf> {
-        let l = self
-            .location
-            .strip_prefix("local:")
-            .unwrap_or(&self.location);
-        (l.starts_with('/') || l.starts_with('.')).then(|| PathBuf::from(l))
+        is_local(&self.location).then(|| {
+            PathBuf::from(
+                self.location
+                    .strip_prefix("local:")
+                    .unwrap_or(&self.location),
+            )
+        })
     }
 
     fn cmd(&self, args: Vec<String>) -> duct::Expression {
@@ -191,7 +221,10 @@ impl Repo {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Create the repository if it does not exist yet.
+    /// Create the repository if it does not exist yet. With the rustic engine, a
+    /// local directory is only checked here: the run's repository handle creates it
+    /// on the snapshot thread ([`crate::repository::LayerRepository::open`]), off the
+    /// critical path.
     pub fn ensure_initialized(&self) -> Result<()> {
         if let Some(dir) = self.local_dir() {
             if dir.join("config").exists() {
@@ -202,6 +235,9 @@ impl Repo {
                     "{} exists and is not a restic repository (no `config`): move it away or set RESTIC_REPOSITORY",
                     dir.display()
                 );
+            }
+            if self.engine == Engine::Rustic {
+                return Ok(());
             }
         } else if self
             .run(
@@ -247,6 +283,15 @@ impl Repo {
             .context("restic backup printed no summary with a snapshot id")
     }
 
+    /// [`Repo::backup`], then the snapshot's full id (for a local repository, from the
+    /// `snapshots/` directory; otherwise one more restic call).
+    pub fn backup_full(&self, dir: &Path, tags: &Tags) -> Result<String> {
+        let short = self.backup(dir, tags)?;
+        let mut full = self.resolve_ids(std::slice::from_ref(&short))?;
+        full.pop()
+            .with_context(|| format!("snapshot {short} not found"))
+    }
+
     /// Full ids of the snapshots with the given short ids (prefixes). For a local
     /// repository this reads the `snapshots/` directory (file names are the ids);
     /// otherwise it asks restic once.
@@ -273,7 +318,12 @@ impl Repo {
     }
 
     /// `restic snapshots --json`, optionally filtered by tags (all must match).
+    /// A local repository not created yet (the snapshot thread creates it on a run's
+    /// first layer) has none.
     pub fn snapshots(&self, tags: &[String]) -> Result<Vec<SnapshotInfo>> {
+        if self.local_dir().is_some_and(|d| !d.exists()) {
+            return Ok(Vec::new());
+        }
         let mut args: Vec<String> = vec!["snapshots".into(), "--json".into()];
         if !tags.is_empty() {
             args.push("--tag".into());
@@ -321,6 +371,12 @@ impl Repo {
             .context("pruning the repository")?;
         Ok(())
     }
+}
+
+/// Whether `location` names a local directory (restic's `local:` or a path).
+fn is_local(location: &str) -> bool {
+    let l = location.strip_prefix("local:").unwrap_or(location);
+    l.starts_with('/') || l.starts_with('.')
 }
 
 /// Snapshot ids per `restic forget` call.
@@ -379,15 +435,31 @@ mod tests {
         n
     }
 
+    /// A local repository that does not exist yet lists no snapshots (`udos gc`
+    /// before any run); a directory that is not a repository is still an error.
+    #[test]
+    fn a_local_repository_not_created_yet_has_no_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repo::new(
+            dir.path().join("repo").display().to_string(),
+            Password::Env("test".into()),
+        );
+        assert!(repo.snapshots(&[]).unwrap().is_empty());
+        std::fs::create_dir(dir.path().join("repo")).unwrap();
+        assert!(repo.snapshots(&[]).is_err());
+    }
+
     /// A real repository: forgetting a snapshot leaves the other, and pruning then
     /// frees the data only the forgotten one held.
     #[test]
     fn forget_then_prune_frees_only_the_forgotten_snapshots_data() {
         let dir = tempfile::tempdir().unwrap();
         let repo = Repo {
-            location: dir.path().join("repo").display().to_string(),
-            password: Password::Env("test".into()),
-            limits: Limits::default(),
+            engine: Engine::Cli,
+            ..Repo::new(
+                dir.path().join("repo").display().to_string(),
+                Password::Env("test".into()),
+            )
         };
         repo.ensure_initialized().unwrap();
         let mut shorts = Vec::new();
@@ -437,14 +509,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("password");
         duct::cmd!("mkfifo", &fifo).run().unwrap();
+        // An existing directory, so `snapshots` asks restic.
+        std::fs::create_dir(dir.path().join("repo")).unwrap();
         let limit = Duration::from_millis(800);
         let repo = Repo {
-            location: dir.path().join("repo").display().to_string(),
-            password: Password::File(fifo),
             limits: Limits {
                 metadata: limit,
                 data: limit,
             },
+            ..Repo::new(
+                dir.path().join("repo").display().to_string(),
+                Password::File(fifo),
+            )
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let t = Instant::now();

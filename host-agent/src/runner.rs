@@ -253,24 +253,21 @@ fn run_begun(
     let outputs = drive(&mut engine, &shared, &queue, settings);
     drop(queue);
 
-    // Wait for the snapshots, then resolve their full ids in one go.
+    // Wait for the snapshots still being written; each comes with its full id.
     eprintln!("udos: waiting for layer snapshots");
     let done = snapshotter.finish();
-    let mut short_by_key: BTreeMap<String, String> = BTreeMap::new();
+    let mut full_by_key: BTreeMap<String, String> = BTreeMap::new();
     let mut took_by_key: BTreeMap<String, u64> = BTreeMap::new();
     let mut snapshot_errors = Vec::new();
     for d in done {
         took_by_key.insert(d.key.clone(), ms(d.took));
         match d.result {
-            Ok(s) => {
-                short_by_key.insert(d.key, s);
+            Ok(full) => {
+                full_by_key.insert(d.key, full);
             }
             Err(e) => snapshot_errors.push(crate::errors::describe(&e)),
         }
     }
-    let shorts: Vec<String> = short_by_key.values().cloned().collect();
-    let fulls = prep.repo.resolve_ids(&shorts)?;
-    let full_by_key: BTreeMap<String, String> = short_by_key.keys().cloned().zip(fulls).collect();
 
     let mut notices = req.notices;
     notices.extend(engine.notices.iter().cloned());

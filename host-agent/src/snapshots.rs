@@ -1,5 +1,9 @@
-//! Layer snapshots off the critical path: one thread runs `restic backup` per layer,
-//! one at a time, while the next step's VM runs; full ids are resolved once at the end.
+//! Layer snapshots off the critical path: one thread snapshots the layers, one at a
+//! time, while the next step's VM runs. It first opens the repository (deriving its
+//! key, creating it on first use) while the first VM boots, then writes each layer
+//! through that one handle ([`crate::repository::LayerRepository`]) and returns its
+//! full snapshot id: at the end of a run only the last layer's upload is left. With the
+//! CLI engine ([`crate::repository::Engine::Cli`]) each layer is one `restic backup`.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -8,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
+use crate::repository::{Engine, LayerRepository};
 use crate::restic::{Repo, Tags};
 use crate::state::StateDir;
 
@@ -30,7 +35,7 @@ struct Job {
 pub struct Done {
     /// The restore point's key.
     pub key: String,
-    /// The short snapshot id, or why it failed.
+    /// The full snapshot id, or why it failed.
     pub result: Result<String>,
     /// How long it took.
     pub took: Duration,
@@ -58,10 +63,44 @@ impl Queue {
     }
 }
 
+/// What writes the snapshots.
+enum Writer {
+    /// The run's repository handle.
+    Rustic(Box<LayerRepository>),
+    /// One `restic backup` per layer.
+    Cli(Repo),
+}
+
+impl Writer {
+    /// Opens the repository the way `repo.engine` says.
+    fn open(repo: &Repo) -> Result<Writer> {
+        match repo.engine {
+            Engine::Rustic => {
+                let dir = repo
+                    .local_dir()
+                    .context("the rustic engine needs a local repository")?;
+                let t = Instant::now();
+                let handle = LayerRepository::open(&dir, &repo.password)?;
+                tracing::info!(took_ms = t.elapsed().as_millis() as u64, repository = %dir.display(), "repository opened");
+                Ok(Writer::Rustic(Box::new(handle)))
+            }
+            Engine::Cli => Ok(Writer::Cli(repo.clone())),
+        }
+    }
+
+    /// Snapshots `dir` with `tags`; the full id.
+    fn backup(&self, dir: &Path, tags: &Tags) -> Result<String> {
+        match self {
+            Writer::Rustic(r) => Ok(r.backup(dir, tags)?),
+            Writer::Cli(repo) => repo.backup_full(dir, tags),
+        }
+    }
+}
+
 /// Write the layer's description, then back it up, under the layer's lock: the
 /// description is per restore point and the directory is shared by every run that made
 /// the same layer, so two runs must not describe it at once.
-fn snapshot_layer(repo: &Repo, state: &StateDir, job: &Job) -> Result<String> {
+fn snapshot_layer(writer: &Writer, state: &StateDir, job: &Job) -> Result<String> {
     let layer = job
         .tags
         .0
@@ -78,20 +117,33 @@ fn snapshot_layer(repo: &Repo, state: &StateDir, job: &Job) -> Result<String> {
         .collect();
     std::fs::write(job.dir.join(LAYER_META), serde_json::to_vec_pretty(&meta)?)
         .with_context(|| format!("describing layer {}", job.dir.display()))?;
-    repo.backup(&job.dir, &job.tags)
+    writer.backup(&job.dir, &job.tags)
 }
 
 impl Snapshotter {
-    /// Starts the thread.
+    /// Starts the thread, which opens the repository at once (with the engine
+    /// `repo.engine` names; the CLI engine is said on stderr).
     pub fn start(repo: Repo, state: StateDir) -> Result<Snapshotter> {
+        if repo.engine == Engine::Cli {
+            eprintln!(
+                "udos: layer snapshots through {} (repository {})",
+                repo.engine.describe(),
+                repo.location
+            );
+        }
         let (tx, rx) = mpsc::channel::<Job>();
         let handle = std::thread::Builder::new()
             .name("snapshots".into())
             .spawn(move || {
+                // If the repository cannot be opened, every layer says why.
+                let writer = Writer::open(&repo).map_err(|e| crate::errors::describe(&e));
                 rx.into_iter()
                     .map(|j| {
                         let t = Instant::now();
-                        let result = snapshot_layer(&repo, &state, &j);
+                        let result = match &writer {
+                            Ok(w) => snapshot_layer(w, &state, &j),
+                            Err(e) => Err(anyhow::anyhow!("{e}")),
+                        };
                         Done {
                             key: j.key,
                             result,
@@ -113,5 +165,74 @@ impl Snapshotter {
     pub fn finish(self) -> Vec<Done> {
         drop(self.tx);
         self.handle.join().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::restic::Password;
+
+    fn queue_layers(snapshotter: &Snapshotter, state: &StateDir, n: usize) {
+        let queue = snapshotter.queue();
+        for i in 0..n {
+            let id = format!("layer{i}");
+            let dir = state.layer_dir(&id);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("file"), format!("{i}")).unwrap();
+            let tags = Tags::default().with("udos", "layer").with("layer", &id);
+            queue.add(format!("key{i}"), &dir, tags);
+        }
+    }
+
+    /// Both engines return, per queued layer in order, the full id of a snapshot
+    /// `restic snapshots` lists with the layer's tags.
+    #[test]
+    fn every_queued_layer_comes_back_with_its_full_snapshot_id() {
+        for engine in [Engine::Rustic, Engine::Cli] {
+            let tmp = tempfile::tempdir().unwrap();
+            let state = StateDir::resolve(Some(&tmp.path().join("state"))).unwrap();
+            let repo = Repo {
+                engine,
+                ..Repo::new(
+                    tmp.path().join("repo").display().to_string(),
+                    Password::Env("pw".into()),
+                )
+            };
+            if engine == Engine::Cli {
+                repo.ensure_initialized().unwrap();
+            }
+            let snapshotter = Snapshotter::start(repo.clone(), state.clone()).unwrap();
+            queue_layers(&snapshotter, &state, 3);
+            let done = snapshotter.finish();
+            let keys: Vec<&str> = done.iter().map(|d| d.key.as_str()).collect();
+            assert_eq!(keys, ["key0", "key1", "key2"], "{engine:?}");
+            let listed = repo.snapshots(&[]).unwrap();
+            for (i, d) in done.iter().enumerate() {
+                let id = d.result.as_ref().unwrap();
+                let snap = listed.iter().find(|s| &s.id == id).unwrap();
+                assert!(snap.tags.contains(&format!("layer=layer{i}")), "{engine:?}");
+            }
+        }
+    }
+
+    /// A repository the handle cannot open (wrong password) fails every layer with
+    /// the reason, rather than falling back to another path.
+    #[test]
+    fn a_repository_that_cannot_be_opened_fails_every_layer_with_the_reason() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::resolve(Some(&tmp.path().join("state"))).unwrap();
+        let location = tmp.path().join("repo").display().to_string();
+        LayerRepository::open(Path::new(&location), &Password::Env("right".into())).unwrap();
+        let repo = Repo::new(location, Password::Env("wrong".into()));
+        assert_eq!(repo.engine, Engine::Rustic);
+        let snapshotter = Snapshotter::start(repo, state.clone()).unwrap();
+        queue_layers(&snapshotter, &state, 2);
+        let done = snapshotter.finish();
+        assert_eq!(done.len(), 2);
+        for d in done {
+            let e = format!("{:#}", d.result.unwrap_err());
+            assert!(e.contains("RESTIC_PASSWORD"), "{e}");
+        }
     }
 }
