@@ -260,9 +260,10 @@ struct RunArgs {
     /// Step VMs at once [default: what the machine's cores and memory hold]
     #[arg(long = "jobs", value_name = "N")]
     jobs: Option<usize>,
-    /// Map a runs-on label to a base: LABEL=BASE; repeatable. Bases: default and minimal
-    /// (busybox and bash), debian (Debian 12 with git, curl, python3, node, build tools,
-    /// sudo...: built once, the first time it is named), or a base `udos base import` made
+    /// Map a runs-on label to a base: LABEL=BASE; repeatable. Bases: debian (Debian 12
+    /// with git, curl, python3, node, build tools, sudo...: built once, the first time a
+    /// run needs it; what ubuntu-*, linux and self-hosted get unless $UDOS_DEFAULT_BASE
+    /// names another), minimal (busybox and bash), or a base `udos base import` made
     #[arg(short = 'P', long = "platform", value_name = "LABEL=BASE")]
     platform: Vec<String>,
     /// Print the plan and boot nothing

@@ -22,7 +22,7 @@ pub const ACT_VERSION: &str = "0.2.89";
 pub struct Env {
     /// Guest image.
     pub image: Image,
-    /// The busybox base layer (`default`, `minimal`).
+    /// The busybox base layer (`minimal`).
     pub base: BaseLayer,
     /// Every base by name (the Debian and imported ones made ready on first use).
     pub bases: Bases,
@@ -45,8 +45,7 @@ impl Env {
     }
 }
 
-/// The bases `-P LABEL=BASE` names and jobs run on: `default` and `minimal` are the
-/// busybox base; `debian` is built the first time it is asked for (once per state
+/// The bases `-P LABEL=BASE` names and jobs run on: `minimal` is the busybox base; `debian` is built the first time it is asked for (once per state
 /// dir); any other name is a base `udos base import` made. Each is loaded once.
 pub struct Bases {
     store: ImageStore,
@@ -59,7 +58,7 @@ pub struct Bases {
 pub const MINIMAL: &str = "minimal";
 
 impl Bases {
-    /// The bases of `store`, with `busybox` as `default` and `minimal`.
+    /// The bases of `store`, with `busybox` as `minimal`.
     pub fn new(store: ImageStore, busybox: BaseLayer) -> Bases {
         Bases {
             store,

@@ -20,18 +20,7 @@ fn state_dir() -> PathBuf {
 }
 
 fn udos(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_udos"))
-        .arg("--state-dir")
-        .arg(state_dir())
-        .args(args)
-        .output()
-        .expect("spawn udos");
-    eprintln!(
-        "$ udos {}\n--- stderr ---\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    common::udos_in(Command::new(env!("CARGO_BIN_EXE_udos")), &state_dir(), args)
 }
 
 fn ok_json(args: &[&str]) -> Value {

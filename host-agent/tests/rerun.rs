@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use serde_json::Value;
 
 mod common;
-use common::{json, repo, serial, state_dir};
+use common::{json, repo, serial, state_dir, udos_in};
 
 const FOUR: &str = r#"
 on: push
@@ -28,12 +28,11 @@ jobs:
 /// `udos ARGS` with `TOKEN` set to `token` in its environment (or unset).
 fn udos(args: &[&str], token: Option<&str>) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_udos"));
-    cmd.arg("--state-dir").arg(state_dir()).args(args);
     match token {
         Some(t) => cmd.env("TOKEN", t),
         None => cmd.env_remove("TOKEN"),
     };
-    cmd.output().expect("spawn udos")
+    udos_in(cmd, &state_dir(), args)
 }
 
 /// (status, cached?) of each step of the only leg.

@@ -1,5 +1,5 @@
 //! Named bases in the image store: the Debian base (`debian`) and imported ones, next
-//! to the busybox base (`default`, `minimal`; see [`ImageStore::ensure_base_layer`]).
+//! to the busybox base (`minimal`; see [`ImageStore::ensure_base_layer`]).
 //!
 //! ```text
 //! <state_dir>/images/base/
@@ -37,7 +37,7 @@ pub const BASE_FORMAT: &str = "udos-base/1";
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BaseKind {
-    /// busybox-static and bash-static (`default`, `minimal`).
+    /// busybox-static and bash-static (`minimal`).
     Busybox,
     /// Debian built with mmdebstrap (`debian`).
     Debian,
@@ -79,7 +79,7 @@ pub struct BaseMeta {
 /// A base a job can run on, by name.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NamedBase {
-    /// `default`, `minimal`, `debian` or an imported name.
+    /// `minimal`, `debian` or an imported name.
     pub name: String,
     /// Its layer.
     pub layer: BaseLayer,
@@ -123,7 +123,7 @@ impl ImageStore {
         Ok(layer.erofs.is_file().then_some(layer))
     }
 
-    /// The busybox base `layer` under `name` (`default` or `minimal`).
+    /// The busybox base `layer` under `name` (`minimal`).
     pub fn busybox_base(&self, name: &str, layer: &BaseLayer) -> Result<NamedBase> {
         let debs = self.base_layer_packages(layer)?;
         let list: String = debs

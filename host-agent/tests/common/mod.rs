@@ -39,7 +39,7 @@ pub fn state_dir() -> PathBuf {
 }
 
 pub fn udos(args: &[&str]) -> Output {
-    udos_in(Command::new(env!("CARGO_BIN_EXE_udos")), args)
+    udos_in(Command::new(env!("CARGO_BIN_EXE_udos")), &state_dir(), args)
 }
 
 /// `udos ARGS` with the built-in default base (`debian` for `ubuntu-*`), not the
@@ -47,13 +47,15 @@ pub fn udos(args: &[&str]) -> Output {
 pub fn udos_on_default_base(args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_udos"));
     cmd.env_remove("UDOS_DEFAULT_BASE");
-    udos_in(cmd, args)
+    udos_in(cmd, &state_dir(), args)
 }
 
-fn udos_in(mut cmd: Command, args: &[&str]) -> Output {
+/// `cmd` (udos, with what the caller set: its environment) `--state-dir STATE ARGS`,
+/// its stderr echoed for the test's log.
+pub fn udos_in(mut cmd: Command, state: &Path, args: &[&str]) -> Output {
     let out = cmd
         .arg("--state-dir")
-        .arg(state_dir())
+        .arg(state)
         .args(args)
         .output()
         .expect("spawn udos");
