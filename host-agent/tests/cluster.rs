@@ -787,6 +787,10 @@ jobs:
           echo built > out/artifact.txt
       - name: test
         run: grep -q built out/artifact.txt
+      - name: network
+        run: |
+          grep -q nameserver /etc/resolv.conf
+          ls /sys/class/net | grep -qv '^lo$'
 "#;
 
 #[test]
@@ -827,7 +831,8 @@ fn a_workflow_run_spec_runs_in_vms_and_reports_its_snapshots() {
         .iter()
         .map(|v| v.as_str().unwrap().to_string())
         .collect();
-    assert_eq!(snaps.len(), 2, "one restore point per step: {inst:#}");
+    // The third step succeeded only with a NIC and a resolver: the run had a network.
+    assert_eq!(snaps.len(), 3, "one restore point per step: {inst:#}");
     assert!(snaps.iter().all(|id| id.len() == 64));
     let text = String::from_utf8_lossy(&c.udos(&["status"]).stdout).into_owned();
     assert!(

@@ -311,6 +311,10 @@ impl VmExecutor {
             step_timeout: shared.config.step_timeout,
             stream_console: shared.config.stream_console,
             cancel: Some(halt.clone()),
+            // NAT egress as `udos run` gives it (QEMU; cloud-hypervisor has no network
+            // yet); no port of the worker itself.
+            network: (shared.env.hypervisor.name() == "qemu")
+                .then(|| crate::runner::nat_network(Vec::new())),
             ..RunSettings::default()
         };
         let name = format!("udos-run-{}", spec.id);
