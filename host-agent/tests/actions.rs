@@ -334,7 +334,7 @@ fn composite_actions_from_a_git_server_run_offline_pinned() {
     let err = stderr(&js);
     assert_eq!(js.status.code(), Some(2), "{err}");
     assert!(
-        err.contains("`uses: acme/js@v1` is a JavaScript action (`node20`), and the base `default` has no node"),
+        err.contains("`uses: acme/js@v1` is a JavaScript action (`node20`), and the base `minimal` has no node"),
         "{err}"
     );
     let (missing, _) = run(&repo(&workflow("acme/nothere@v1"), &[]).1, &url, &[]);
