@@ -132,18 +132,13 @@ fn unchanged_rerun(
     workflow_path: &Path,
     choice: HypervisorChoice,
 ) -> Result<Rerun> {
-    let hypervisor = match choice {
-        HypervisorChoice::Auto => "auto",
-        HypervisorChoice::CloudHypervisor => "cloud-hypervisor",
-        HypervisorChoice::Qemu => "qemu",
-    };
     let exe = std::env::current_exe().context("finding the udos executable")?;
     let args: Vec<std::ffi::OsString> = vec![
         "--state-dir".into(),
         state.root().into(),
         "run".into(),
         "--hypervisor".into(),
-        hypervisor.into(),
+        choice.to_string().into(),
         "--json".into(),
         "--no-console".into(),
         workflow_path.into(),

@@ -1044,7 +1044,7 @@ fn run(state: &StateDir, a: RunArgs, attempt: Attempt) -> Result<ExitCode, Setup
         NetworkArg::None => None,
         // cloud-hypervisor has no network yet (docs/hypervisors.md): its steps run
         // without one, and the run says so.
-        NetworkArg::Nat if env.hypervisor.name() != "qemu" => {
+        NetworkArg::Nat if !env.hypervisor.has_network() => {
             if !a.host_port.is_empty() {
                 return Err(SetupFailed(anyhow::anyhow!(
                     "--host-port needs a network, and {} gives steps none yet: use --hypervisor qemu",

@@ -341,6 +341,11 @@ pub trait Hypervisor: Send + Sync {
     fn name(&self) -> &'static str;
     /// How vCPUs run.
     fn accel(&self) -> Accel;
+    /// Whether it gives a VM the network its spec asks for (`VmSpec::network`); one
+    /// that does not would run the VM without a NIC.
+    fn has_network(&self) -> bool {
+        false
+    }
     /// Human-readable, e.g. `qemu (tcg)`.
     fn describe(&self) -> String {
         format!("{} ({})", self.name(), self.accel())

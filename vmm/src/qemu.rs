@@ -146,6 +146,10 @@ impl Hypervisor for Qemu {
         "qemu"
     }
 
+    fn has_network(&self) -> bool {
+        true
+    }
+
     fn accel(&self) -> Accel {
         self.accel
     }

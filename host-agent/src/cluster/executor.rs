@@ -313,7 +313,10 @@ impl VmExecutor {
             cancel: Some(halt.clone()),
             // NAT egress as `udos run` gives it (QEMU; cloud-hypervisor has no network
             // yet); no port of the worker itself.
-            network: (shared.env.hypervisor.name() == "qemu")
+            network: shared
+                .env
+                .hypervisor
+                .has_network()
                 .then(|| crate::runner::nat_network(Vec::new())),
             ..RunSettings::default()
         };
