@@ -10,100 +10,42 @@
 //! Needs what e2e.rs needs, git's `git daemon`, and for the node action the Debian base
 //! (built once per state dir, as bases.rs does). Five VMs in all.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Output;
 
 use serde_json::Value;
 
 mod common;
-use common::{json, repo, restic, serial, state_dir, udos};
+use common::{git, json, repo, restic, serial, state_dir, udos, GitDaemon};
 
 /// A `git daemon` on 127.0.0.1 serving the bare repositories under its base path as
 /// `git://127.0.0.1:PORT/OWNER/REPO`. Stopped when dropped.
 struct GitServer {
     dir: tempfile::TempDir,
+    daemon: Option<GitDaemon>,
     port: u16,
-    daemon: Option<Child>,
-}
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_AUTHOR_NAME", "t")
-        .env("GIT_AUTHOR_EMAIL", "t@example.invalid")
-        .env("GIT_COMMITTER_NAME", "t")
-        .env("GIT_COMMITTER_EMAIL", "t@example.invalid")
-        .output()
-        .expect("run git");
-    assert!(
-        out.status.success(),
-        "git {args:?} in {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 impl GitServer {
     fn start() -> GitServer {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("srv")).unwrap();
-        let mut s = GitServer {
+        let srv = dir.path().join("srv");
+        std::fs::create_dir_all(&srv).unwrap();
+        let daemon = GitDaemon::start(&srv);
+        GitServer {
+            port: daemon.port,
+            daemon: Some(daemon),
             dir,
-            port: 0,
-            daemon: None,
-        };
-        s.restart();
-        s
+        }
     }
 
     fn url(&self) -> String {
         format!("git://127.0.0.1:{}", self.port)
     }
 
-    /// (Re)starts the daemon on a free port.
-    fn restart(&mut self) {
-        self.stop();
-        // A port the kernel just handed out is free for the daemon to take.
-        self.port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        // git-daemon itself, not `git daemon`: the `git` wrapper would run it as a
-        // child that outlives a kill of the wrapper.
-        let daemon = Path::new(&git(self.dir.path(), &["--exec-path"])).join("git-daemon");
-        let child = Command::new(daemon)
-            .arg(format!(
-                "--base-path={}",
-                self.dir.path().join("srv").display()
-            ))
-            .args(["--export-all", "--reuseaddr", "--informative-errors"])
-            .arg("--listen=127.0.0.1")
-            .arg(format!("--port={}", self.port))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("git daemon (Debian's git has it)");
-        self.daemon = Some(child);
-        let t = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "git daemon did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
+    /// Stops the daemon: the URL then refuses connections.
     fn stop(&mut self) {
-        if let Some(mut c) = self.daemon.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.daemon = None;
     }
 
     /// Commits `files` to the repository `owner/repo` (made on first use), tags the
@@ -142,12 +84,6 @@ impl GitServer {
             ],
         );
         git(&work, &["rev-parse", "HEAD"])
-    }
-}
-
-impl Drop for GitServer {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 

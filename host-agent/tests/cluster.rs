@@ -11,7 +11,6 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -20,6 +19,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 mod common;
+use common::{git, GitDaemon};
 
 /// Convergence involves booting VMs under TCG on a 2-core machine.
 const CONVERGE: Duration = Duration::from_secs(240);
@@ -939,96 +939,6 @@ fn a_workflow_run_spec_runs_in_vms_and_reports_its_snapshots() {
         steps[1]["status"], "skipped",
         "the second step never started"
     );
-}
-
-/// `git ARGS` in `dir` as a user would run it; its trimmed stdout.
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_AUTHOR_NAME", "t")
-        .env("GIT_AUTHOR_EMAIL", "t@example.invalid")
-        .env("GIT_COMMITTER_NAME", "t")
-        .env("GIT_COMMITTER_EMAIL", "t@example.invalid")
-        .output()
-        .expect("run git");
-    assert!(
-        out.status.success(),
-        "git {args:?} in {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// `git daemon` serving the repositories under `base` on a free loopback port;
-/// killed when dropped.
-struct GitDaemon {
-    child: Child,
-    port: u16,
-}
-
-impl GitDaemon {
-    fn start(base: &Path) -> GitDaemon {
-        for _ in 0..20 {
-            // A port the kernel just handed out; taken again by the time git binds it
-            // only by bad luck, and then we try another.
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let mut child = Command::new("git")
-                .arg("daemon")
-                .arg("--listen=127.0.0.1")
-                .arg(format!("--port={port}"))
-                .arg(format!("--base-path={}", base.display()))
-                .arg("--export-all")
-                .arg("--reuseaddr")
-                .arg(base)
-                .stdin(Stdio::null())
-                .stderr(Stdio::null())
-                .process_group(0)
-                .spawn()
-                .expect("spawn git daemon");
-            for _ in 0..100 {
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return GitDaemon { child, port };
-                }
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            kill_group(&mut child);
-        }
-        panic!("git daemon did not start");
-    }
-
-    fn url(&self, repo: &str) -> String {
-        format!("git://127.0.0.1:{}/{repo}", self.port)
-    }
-}
-
-impl Drop for GitDaemon {
-    fn drop(&mut self) {
-        kill_group(&mut self.child);
-    }
-}
-
-/// `git daemon` is `git` running `git-daemon`, which forks per connection: kill the
-/// whole process group (the child's own, `process_group(0)`), not just `git`.
-fn kill_group(child: &mut Child) {
-    signal_group(child.id(), libc::SIGKILL);
-    let _ = child.wait();
-}
-
-fn signal_group(pid: u32, sig: libc::c_int) {
-    // SAFETY: kill(2) on the process group of a child this test started and has not
-    // reaped yet.
-    unsafe {
-        libc::kill(-(pid as libc::pid_t), sig);
-    }
 }
 
 /// The workflow of commit `which`: its one step records the commit's `message.txt`,

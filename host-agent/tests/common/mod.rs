@@ -4,9 +4,11 @@
 //! target dir), so the image is built once; each test makes its own git working tree.
 #![allow(dead_code)]
 
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -18,17 +20,7 @@ pub fn commit_all(root: &Path) {
         &["add", "-A"][..],
         &["commit", "-q", "-m", "test"][..],
     ] {
-        let ok = Command::new("git")
-            .args(args)
-            .current_dir(root)
-            .env("GIT_AUTHOR_NAME", "t")
-            .env("GIT_AUTHOR_EMAIL", "t@example.invalid")
-            .env("GIT_COMMITTER_NAME", "t")
-            .env("GIT_COMMITTER_EMAIL", "t@example.invalid")
-            .status()
-            .expect("run git")
-            .success();
-        assert!(ok, "git {args:?} in {}", root.display());
+        git(root, args);
     }
 }
 
@@ -114,4 +106,97 @@ pub fn restic(args: &[&str]) -> Output {
         .env("RESTIC_PASSWORD_FILE", st.join("restic-password"))
         .output()
         .unwrap()
+}
+
+/// `git ARGS` in `dir` as a user would run it; its trimmed stdout.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@example.invalid")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@example.invalid")
+        .output()
+        .expect("run git");
+    assert!(
+        out.status.success(),
+        "git {args:?} in {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// `git daemon` serving the repositories under `base` on a free loopback port;
+/// killed when dropped.
+pub struct GitDaemon {
+    child: Child,
+    /// The port it listens on.
+    pub port: u16,
+}
+
+impl GitDaemon {
+    /// Serves the repositories under `base`.
+    pub fn start(base: &Path) -> GitDaemon {
+        for _ in 0..20 {
+            // A port the kernel just handed out; taken again by the time git binds it
+            // only by bad luck, and then we try another.
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut child = Command::new("git")
+                .arg("daemon")
+                .arg("--listen=127.0.0.1")
+                .arg(format!("--port={port}"))
+                .arg(format!("--base-path={}", base.display()))
+                .arg("--export-all")
+                .arg("--reuseaddr")
+                .arg(base)
+                .stdin(Stdio::null())
+                .stderr(Stdio::null())
+                .process_group(0)
+                .spawn()
+                .expect("spawn git daemon");
+            for _ in 0..100 {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return GitDaemon { child, port };
+                }
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            kill_group(&mut child);
+        }
+        panic!("git daemon did not start");
+    }
+
+    /// `git://127.0.0.1:PORT/REPO`.
+    pub fn url(&self, repo: &str) -> String {
+        format!("git://127.0.0.1:{}/{repo}", self.port)
+    }
+}
+
+impl Drop for GitDaemon {
+    fn drop(&mut self) {
+        kill_group(&mut self.child);
+    }
+}
+
+/// `git daemon` is `git` running `git-daemon`, which forks per connection: kill the
+/// whole process group (the child's own, `process_group(0)`), not just `git`.
+fn kill_group(child: &mut Child) {
+    signal_group(child.id(), libc::SIGKILL);
+    let _ = child.wait();
+}
+
+fn signal_group(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) on the process group of a child this test started and has not
+    // reaped yet.
+    unsafe {
+        libc::kill(-(pid as libc::pid_t), sig);
+    }
 }
