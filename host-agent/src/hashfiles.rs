@@ -72,6 +72,22 @@ fn sha256_file(path: &Path) -> std::io::Result<String> {
     }
 }
 
+/// Removes every key under `prefix` (which ends in `/`). They sort together, right
+/// from `prefix` on, so this costs what it removes, not a pass over the whole map.
+fn remove_under(all: &mut BTreeMap<String, Entry>, prefix: &str) {
+    let doomed: Vec<String> = all
+        .range::<str, _>((
+            std::ops::Bound::Included(prefix),
+            std::ops::Bound::Unbounded,
+        ))
+        .take_while(|(k, _)| k.starts_with(prefix))
+        .map(|(k, _)| k.clone())
+        .collect();
+    for k in doomed {
+        all.remove(&k);
+    }
+}
+
 impl LayeredWorkspace {
     /// Every entry of the merged workspace by relative path (the root is `""`).
     pub fn entries(&self) -> std::io::Result<BTreeMap<String, Entry>> {
@@ -85,8 +101,7 @@ impl LayeredWorkspace {
             let mut todo = vec![(top, String::new())];
             while let Some((dir, rel)) = todo.pop() {
                 if !rel.is_empty() && is_opaque(&dir) {
-                    let prefix = format!("{rel}/");
-                    all.retain(|k, _| !k.starts_with(&prefix));
+                    remove_under(&mut all, &format!("{rel}/"));
                 }
                 for e in std::fs::read_dir(&dir)? {
                     let e = e?;
@@ -100,15 +115,15 @@ impl LayeredWorkspace {
                     let prefix = format!("{r}/");
                     if is_whiteout(&md) {
                         all.remove(&r);
-                        all.retain(|k, _| !k.starts_with(&prefix));
+                        remove_under(&mut all, &prefix);
                     } else if md.is_dir() {
                         if all.get(&r) != Some(&Entry::Dir) {
-                            all.retain(|k, _| !k.starts_with(&prefix));
+                            remove_under(&mut all, &prefix);
                         }
                         all.insert(r.clone(), Entry::Dir);
                         todo.push((e.path(), r));
                     } else {
-                        all.retain(|k, _| !k.starts_with(&prefix));
+                        remove_under(&mut all, &prefix);
                         let entry = if md.file_type().is_symlink() {
                             Entry::Symlink(std::fs::read_link(e.path())?)
                         } else {
@@ -283,5 +298,33 @@ mod tests {
             view(vec![ws, l1, l2]).hash_files(&["b/*".into()]).unwrap(),
             ""
         );
+    }
+
+    #[test]
+    fn remove_under_removes_exactly_what_is_below_the_directory() {
+        let mut all: BTreeMap<String, Entry> = ["a", "a-x", "a/b", "a/c/d", "ab", "b/a"]
+            .into_iter()
+            .map(|k| (k.to_string(), Entry::Dir))
+            .collect();
+        remove_under(&mut all, "a/");
+        let left: Vec<&str> = all.keys().map(String::as_str).collect();
+        assert_eq!(left, ["a", "a-x", "ab", "b/a"]);
+    }
+
+    #[test]
+    fn a_file_replacing_a_directory_hides_what_was_under_it() {
+        let d = tempfile::tempdir().unwrap();
+        let (ws, l1) = (d.path().join("ws"), d.path().join("l1"));
+        write(&ws.join("workspace/out/x"), "1");
+        write(&ws.join("workspace/out-y"), "2");
+        write(&l1.join("workspace/out"), "now a file");
+        let entries = LayeredWorkspace {
+            layers: vec![ws, l1],
+        }
+        .entries()
+        .unwrap();
+        let keys: Vec<&str> = entries.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["", "out", "out-y"]);
+        assert!(matches!(entries["out"], Entry::File(_)));
     }
 }

@@ -371,6 +371,8 @@ pub fn run_leg(
         }
         // Once a step runs, every later step of the leg runs too: its inputs changed.
         missed = true;
+        // Its layer will need the repository: open it while the VM boots.
+        queue.warm();
         eprintln!(
             "udos: {} step {} {:?}: starting VM",
             leg.ticket().name,

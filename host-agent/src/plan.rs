@@ -253,9 +253,12 @@ pub fn plan(args: &PlanArgs) -> Result<(Planned, WorkflowSet)> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let root = crate::workspace::discover(&files[0])
-        .map(|w| w.root)
-        .unwrap_or_else(|_| first_dir.to_path_buf());
+    // Listed once: the run's workspace layer is made from this listing.
+    let tree = crate::workspace::discover(&files[0]).ok();
+    let root = tree
+        .as_ref()
+        .map(|w| w.root.clone())
+        .unwrap_or_else(|| first_dir.to_path_buf());
     let root = root.canonicalize().unwrap_or(root);
     let mut set = WorkflowSet::default();
     for f in &files {
@@ -401,6 +404,7 @@ pub fn plan(args: &PlanArgs) -> Result<(Planned, WorkflowSet)> {
         config,
         bases,
         notices,
+        workspace: tree,
     };
     Ok((Planned::Run(Box::new(request)), set))
 }

@@ -39,9 +39,20 @@ fn git(root: &Path, args: &[&str]) -> Option<String> {
 
 /// Reads the facts of the tree at `root`.
 pub fn inspect(root: &Path) -> RepoInfo {
-    let sha = git(root, &["rev-parse", "--verify", "-q", "HEAD"]).unwrap_or_default();
-    let git_ref = git(root, &["symbolic-ref", "-q", "HEAD"]).unwrap_or_default();
-    let origin = git(root, &["remote", "get-url", "origin"]).unwrap_or_default();
+    // Four independent queries at once: each is a process start, on every run.
+    let [sha, git_ref, origin, user] = std::thread::scope(|s| {
+        [
+            &["rev-parse", "--verify", "-q", "HEAD"][..],
+            &["symbolic-ref", "-q", "HEAD"],
+            &["remote", "get-url", "origin"],
+            &["config", "user.name"],
+        ]
+        .map(|args| s.spawn(move || git(root, args)))
+        .map(|h| h.join().ok().flatten())
+    });
+    let sha = sha.unwrap_or_default();
+    let git_ref = git_ref.unwrap_or_default();
+    let origin = origin.unwrap_or_default();
     let (server_url, repository) = parse_remote(&origin).unwrap_or_else(|| {
         let dir = root
             .file_name()
@@ -49,7 +60,7 @@ pub fn inspect(root: &Path) -> RepoInfo {
             .unwrap_or_else(|| "repository".into());
         ("https://github.com".to_string(), format!("local/{dir}"))
     });
-    let actor = git(root, &["config", "user.name"])
+    let actor = user
         .filter(|s| !s.is_empty())
         .or_else(|| std::env::var("USER").ok())
         .unwrap_or_else(|| "udos".into());

@@ -113,6 +113,8 @@ pub struct RunRequest {
     pub bases: BTreeSet<String>,
     /// Notes gathered while planning.
     pub notices: Vec<String>,
+    /// The working tree as planning listed it (None: listed when the run starts).
+    pub workspace: Option<workspace::WorkingTree>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -165,10 +167,17 @@ fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
     store.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The workspace layer of the tree at `root`, made once (content-addressed, under its
-/// lock).
-fn workspace_layer(state: &StateDir, workflow: &Path) -> Result<(String, u64)> {
-    let wt = workspace::discover(workflow)?;
+/// The workspace layer of `tree` (else of the working tree `workflow` is in), made once
+/// (content-addressed, under its lock).
+fn workspace_layer(
+    state: &StateDir,
+    workflow: &Path,
+    tree: Option<workspace::WorkingTree>,
+) -> Result<(String, u64)> {
+    let wt = match tree {
+        Some(t) => t,
+        None => workspace::discover(workflow)?,
+    };
     let id = wt.layer_id()?;
     let _lock = state.lock_layer(&id)?;
     if !state.layer_erofs(&id).exists() {
@@ -210,7 +219,7 @@ fn run_begun(
         .first()
         .context("no workflow to run")?
         .clone();
-    let (ws_id, ws_files) = workspace_layer(prep.state, &first)?;
+    let (ws_id, ws_files) = workspace_layer(prep.state, &first, req.workspace.take())?;
     // Every base the run can use is ready (built or loaded) before the first leg.
     let bases = prep.bases.ready(req.bases.iter().map(String::as_str))?;
     {

@@ -1,6 +1,8 @@
 //! Layer snapshots off the critical path: one thread snapshots the layers, one at a
-//! time, while the next step's VM runs. It first opens the repository (deriving its
-//! key, creating it on first use) while the first VM boots, then writes each layer
+//! time, while the next step's VM runs. It opens the repository (deriving its key,
+//! creating it on first use) only once a run has something to write: when the first
+//! VM is about to boot ([`Queue::warm`]) or a layer is queued, so a run whose steps all
+//! come from the step cache derives no key at all. Then it writes each layer
 //! through that one handle ([`crate::repository::LayerRepository`]) and returns its
 //! full snapshot id: at the end of a run only the last layer's upload is left. With the
 //! CLI engine ([`crate::repository::Engine::Cli`]) each layer is one `restic backup`.
@@ -30,6 +32,14 @@ struct Job {
     tags: Tags,
 }
 
+/// What legs send the snapshot thread.
+enum Msg {
+    /// A VM is about to boot: open the repository now, while it boots.
+    Warm,
+    /// A layer to snapshot.
+    Layer(Job),
+}
+
 /// How one snapshot went.
 #[derive(Debug)]
 pub struct Done {
@@ -43,23 +53,29 @@ pub struct Done {
 
 /// The snapshot thread.
 pub struct Snapshotter {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Msg>,
     handle: JoinHandle<Vec<Done>>,
 }
 
 /// A handle legs use to queue snapshots (cheap to clone, usable from any thread).
 #[derive(Clone)]
-pub struct Queue(mpsc::Sender<Job>);
+pub struct Queue(mpsc::Sender<Msg>);
 
 impl Queue {
     /// Queues a snapshot of `dir` under `key`.
     pub fn add(&self, key: String, dir: &Path, tags: Tags) {
         // The thread only stops after `finish`, which consumes the sender's owner.
-        let _ = self.0.send(Job {
+        let _ = self.0.send(Msg::Layer(Job {
             key,
             dir: dir.to_path_buf(),
             tags,
-        });
+        }));
+    }
+
+    /// Says a VM is about to boot, so the repository is opened while it boots rather
+    /// than after it, when its layer is queued.
+    pub fn warm(&self) {
+        let _ = self.0.send(Msg::Warm);
     }
 }
 
@@ -121,8 +137,8 @@ fn snapshot_layer(writer: &Writer, state: &StateDir, job: &Job) -> Result<String
 }
 
 impl Snapshotter {
-    /// Starts the thread, which opens the repository at once (with the engine
-    /// `repo.engine` names; the CLI engine is said on stderr).
+    /// Starts the thread, which opens the repository (with the engine `repo.engine`
+    /// names; the CLI engine is said on stderr) once the first message asks for it.
     pub fn start(repo: Repo, state: StateDir) -> Result<Snapshotter> {
         if repo.engine == Engine::Cli {
             eprintln!(
@@ -131,26 +147,30 @@ impl Snapshotter {
                 repo.location
             );
         }
-        let (tx, rx) = mpsc::channel::<Job>();
+        let (tx, rx) = mpsc::channel::<Msg>();
         let handle = std::thread::Builder::new()
             .name("snapshots".into())
             .spawn(move || {
-                // If the repository cannot be opened, every layer says why.
-                let writer = Writer::open(&repo).map_err(|e| crate::errors::describe(&e));
-                rx.into_iter()
-                    .map(|j| {
-                        let t = Instant::now();
-                        let result = match &writer {
-                            Ok(w) => snapshot_layer(w, &state, &j),
-                            Err(e) => Err(anyhow::anyhow!("{e}")),
-                        };
-                        Done {
-                            key: j.key,
-                            result,
-                            took: t.elapsed(),
-                        }
-                    })
-                    .collect()
+                // Opened on the first message; if it cannot be, every layer says why.
+                let mut writer: Option<Result<Writer, String>> = None;
+                let mut done = Vec::new();
+                for msg in rx {
+                    let w = writer.get_or_insert_with(|| {
+                        Writer::open(&repo).map_err(|e| crate::errors::describe(&e))
+                    });
+                    let Msg::Layer(j) = msg else { continue };
+                    let t = Instant::now();
+                    let result = match w {
+                        Ok(w) => snapshot_layer(w, &state, &j),
+                        Err(e) => Err(anyhow::anyhow!("{e}")),
+                    };
+                    done.push(Done {
+                        key: j.key,
+                        result,
+                        took: t.elapsed(),
+                    });
+                }
+                done
             })
             .context("starting the snapshot thread")?;
         Ok(Snapshotter { tx, handle })
