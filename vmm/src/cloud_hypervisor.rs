@@ -859,6 +859,55 @@ mod tests {
         );
     }
 
+    /// Real namespace, pasta, TAP and rules; a stand-in for cloud-hypervisor (which
+    /// cannot boot here) that records where it runs and exits: the VMM starts inside
+    /// the VM's namespace with the TAP already there, and the failed start leaves no
+    /// namespace and no pasta behind.
+    #[test]
+    fn the_vmm_starts_in_the_namespace_with_its_tap_and_a_failure_leaves_nothing() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("cloud-hypervisor");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\nrt=$(dirname \"${2#path=}\")\n\
+             { readlink /proc/self/ns/net; cat \"$rt/net/hypervisor.pid\"; cat /proc/net/dev; } \
+             > \"$rt/../seen\"\nexit 3\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let f = dir.path().join("f");
+        std::fs::write(&f, b"x").unwrap();
+        let rt = dir.path().join("rt");
+        let mut spec = VmSpec::new("ch-net", &f, &f, &rt);
+        spec.network = Some(crate::Network {
+            host_ports: vec![],
+            address: std::net::Ipv4Addr::new(10, 0, 2, 15),
+            prefix_len: 24,
+            gateway: std::net::Ipv4Addr::new(10, 0, 2, 2),
+            dns: std::net::Ipv4Addr::new(10, 0, 2, 3),
+        });
+        let err = CloudHypervisor::with_binary(&fake).run(spec).unwrap_err();
+        assert!(matches!(err, VmmError::EarlyExit { .. }), "{err}");
+        let seen = std::fs::read_to_string(dir.path().join("seen")).unwrap();
+        let mut lines = seen.lines();
+        let ns = lines.next().unwrap();
+        let host_ns = std::fs::read_link("/proc/self/ns/net").unwrap();
+        assert_ne!(
+            Path::new(ns),
+            host_ns,
+            "the VMM ran in the host's namespace"
+        );
+        let pasta: u32 = lines.next().unwrap().trim().parse().unwrap();
+        assert!(seen.contains("udos0:"), "no TAP where the VMM ran: {seen}");
+        assert!(
+            !rt.join("net/netns").exists(),
+            "the namespace outlived the run"
+        );
+        let stat = std::fs::read_to_string(format!("/proc/{pasta}/stat")).unwrap_or_default();
+        assert!(stat.is_empty(), "pasta {pasta} outlived the run: {stat}");
+    }
+
     #[test]
     fn the_log_watch_finds_a_fatal_line_written_in_pieces() {
         use std::io::Write;
