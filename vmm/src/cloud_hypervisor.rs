@@ -9,10 +9,14 @@
 //! `File` mode) into the same bounded console pump QEMU uses. cloud-hypervisor's log
 //! is watched for the lines that say the guest is dead although the process lives on
 //! or exits 0 ([`FATAL_LOG`]).
+//!
+//! A network is the TAP backend (`net_tap`): the VMM runs inside the VM's namespace,
+//! where the TAP already exists, and `vm.create` names it.
 
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +26,7 @@ use serde_json::{json, Value};
 
 use crate::console::{Pump, SerialFifo};
 use crate::http::{self, Bound, Failure};
+use crate::net::{self, NetBackend};
 use crate::process::{code_and_signal, file_tail, note, Proc, RuntimeDir};
 use crate::{layout, Accel, Hypervisor, VmExit, VmOutcome, VmSpec, VmmError};
 
@@ -130,7 +135,7 @@ impl CloudHypervisor {
                 })
             })
             .collect();
-        json!({
+        let mut config = json!({
             "payload": {
                 "kernel": spec.kernel,
                 "initramfs": spec.initramfs,
@@ -142,6 +147,24 @@ impl CloudHypervisor {
             "serial": { "mode": "File", "file": serial_file },
             "console": { "mode": "Off" },
             "rng": { "src": "/dev/urandom" },
+        });
+        if let Some(n) = &spec.network {
+            config["net"] = json!([Self::net_config(n)]);
+        }
+        config
+    }
+
+    /// The guest's NIC on the namespace's TAP. `ip` and `mask` are the gateway's, which
+    /// the TAP already has: releases that take no address as none are unaffected, and
+    /// older ones, which put 192.168.249.1/24 on the TAP when none is given, re-set the
+    /// same address (a no-op) instead of replacing the gateway.
+    fn net_config(n: &crate::Network) -> Value {
+        json!({
+            "id": "udos-net0",
+            "tap": crate::net_tap::TAP_NAME,
+            "mac": crate::net_tap::GUEST_MAC,
+            "ip": n.gateway.to_string(),
+            "mask": n.netmask().to_string(),
         })
     }
 
@@ -156,11 +179,15 @@ impl CloudHypervisor {
 
     /// Starts the process; does not wait for its API.
     fn spawn(&self, runtime_dir: &Path) -> Result<VmmHandle, VmmError> {
-        let rt = RuntimeDir::prepare(runtime_dir)?;
+        self.spawn_in(RuntimeDir::prepare(runtime_dir)?, None)
+    }
+
+    /// Starts the process in `rt`, inside the network namespace `netns` if given.
+    fn spawn_in(&self, rt: RuntimeDir, netns: Option<RawFd>) -> Result<VmmHandle, VmmError> {
         let socket = rt.file(layout::API_SOCKET);
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(VmmError::InvalidSpec {
-                name: runtime_dir.display().to_string(),
+                name: rt.path.display().to_string(),
                 reason: format!(
                     "the API socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter runtime_dir",
                     socket.display()
@@ -184,6 +211,15 @@ impl CloudHypervisor {
         let started = Instant::now();
         let proc = Proc::spawn(&self.binary, &args, &rt.path, |c| {
             c.stdout(Stdio::from(stderr)).stderr(Stdio::from(stderr2));
+            if let Some(fd) = netns {
+                // SAFETY: the closure only calls setns(2), async-signal-safe, on a
+                // descriptor the caller's network keeps open until the VMM is reaped.
+                unsafe {
+                    std::os::unix::process::CommandExt::pre_exec(c, move || {
+                        net::enter_in_child(fd)
+                    });
+                }
+            }
         })?;
         Ok(VmmHandle {
             proc,
@@ -607,10 +643,20 @@ impl Hypervisor for CloudHypervisor {
         Accel::Kvm
     }
 
+    fn has_network(&self) -> bool {
+        true
+    }
+
     fn run_until(&self, mut spec: VmSpec, halt: &AtomicBool) -> Result<VmOutcome, VmmError> {
-        spec.validate()?;
+        spec.validate_with_network()?;
         let deadline = Instant::now() + spec.timeout;
-        let mut vmm = self.spawn(&spec.runtime_dir)?;
+        let rt = RuntimeDir::prepare(&spec.runtime_dir)?;
+        // Before the VMM starts: the TAP must exist when `vm.create` opens it.
+        let network = match &spec.network {
+            Some(n) => Some(net::Attached::start(n, &rt.path, NetBackend::Tap)?),
+            None => None,
+        };
+        let mut vmm = self.spawn_in(rt, network.as_ref().map(net::Attached::netns_fd))?;
         let boot_started = vmm.started();
         let console_log = vmm.rt.file(layout::CONSOLE_LOG);
         let console = SerialConsole::start(&mut spec, &vmm.rt.file(SERIAL_FIFO), &console_log)?;
@@ -637,7 +683,12 @@ impl Hypervisor for CloudHypervisor {
         tracing::debug!(vm = spec.name, %exit, ?wall, "cloud-hypervisor finished");
         let pid = vmm.pid();
         let hypervisor_log = vmm.log.clone();
+        let stderr = vmm.stderr.clone();
         drop(vmm);
+        // pasta and the namespace go only after the VMM is reaped.
+        if let Some(network) = network {
+            network.finish(&stderr);
+        }
         Ok(VmOutcome {
             exit,
             console_log,
@@ -781,6 +832,80 @@ mod tests {
         assert_eq!(c["serial"]["file"], "/rt/console.log");
         assert_eq!(c["console"]["mode"], "Off");
         assert_eq!(c["rng"]["src"], "/dev/urandom");
+    }
+
+    #[test]
+    fn vm_config_has_a_nic_on_the_tap_exactly_when_the_spec_has_a_network() {
+        let mut spec = VmSpec::new("vm", "/k/vmlinux", "/k/initrd", "/rt");
+        let c = CloudHypervisor::vm_config(&spec, Path::new("/rt/serial.fifo"));
+        assert!(c.get("net").is_none(), "a NIC without a network: {c}");
+        spec.network = Some(crate::Network {
+            host_ports: vec![8080],
+            address: std::net::Ipv4Addr::new(10, 0, 2, 15),
+            prefix_len: 24,
+            gateway: std::net::Ipv4Addr::new(10, 0, 2, 2),
+            dns: std::net::Ipv4Addr::new(10, 0, 2, 3),
+        });
+        let c = CloudHypervisor::vm_config(&spec, Path::new("/rt/serial.fifo"));
+        let nics = c["net"].as_array().expect("a net list");
+        assert_eq!(nics.len(), 1, "{c}");
+        assert_eq!(nics[0]["tap"], "udos0");
+        assert_eq!(nics[0]["mac"], "52:54:00:12:34:56");
+        assert_eq!(nics[0]["ip"], "10.0.2.2", "the gateway the TAP already has");
+        assert_eq!(nics[0]["mask"], "255.255.255.0");
+        assert!(
+            nics[0].get("vhost_user").is_none(),
+            "the TAP, not vhost-user"
+        );
+    }
+
+    /// Real namespace, pasta, TAP and rules; a stand-in for cloud-hypervisor (which
+    /// cannot boot here) that records where it runs and exits: the VMM starts inside
+    /// the VM's namespace with the TAP already there, and the failed start leaves no
+    /// namespace and no pasta behind.
+    #[test]
+    fn the_vmm_starts_in_the_namespace_with_its_tap_and_a_failure_leaves_nothing() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("cloud-hypervisor");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\nrt=$(dirname \"${2#path=}\")\n\
+             { readlink /proc/self/ns/net; cat \"$rt/net/hypervisor.pid\"; cat /proc/net/dev; } \
+             > \"$rt/../seen\"\nexit 3\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let f = dir.path().join("f");
+        std::fs::write(&f, b"x").unwrap();
+        let rt = dir.path().join("rt");
+        let mut spec = VmSpec::new("ch-net", &f, &f, &rt);
+        spec.network = Some(crate::Network {
+            host_ports: vec![],
+            address: std::net::Ipv4Addr::new(10, 0, 2, 15),
+            prefix_len: 24,
+            gateway: std::net::Ipv4Addr::new(10, 0, 2, 2),
+            dns: std::net::Ipv4Addr::new(10, 0, 2, 3),
+        });
+        let err = CloudHypervisor::with_binary(&fake).run(spec).unwrap_err();
+        assert!(matches!(err, VmmError::EarlyExit { .. }), "{err}");
+        let seen = std::fs::read_to_string(dir.path().join("seen")).unwrap();
+        let mut lines = seen.lines();
+        let ns = lines.next().unwrap();
+        let host_ns = std::fs::read_link("/proc/self/ns/net").unwrap();
+        assert_ne!(
+            Path::new(ns),
+            host_ns,
+            "the VMM ran in the host's namespace"
+        );
+        let pasta: u32 = lines.next().unwrap().trim().parse().unwrap();
+        assert!(seen.contains("udos0:"), "no TAP where the VMM ran: {seen}");
+        assert!(
+            !rt.join("net/netns").exists(),
+            "the namespace outlived the run"
+        );
+        let stat = std::fs::read_to_string(format!("/proc/{pasta}/stat")).unwrap_or_default();
+        assert!(stat.is_empty(), "pasta {pasta} outlived the run: {stat}");
     }
 
     #[test]

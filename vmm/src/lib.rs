@@ -26,6 +26,7 @@ mod console;
 mod detect;
 mod http;
 mod net;
+mod net_tap;
 mod process;
 mod qemu;
 
@@ -36,7 +37,8 @@ pub use detect::{
     cache_path, choose, kvm_works, probe_kvm, probe_kvm_with, select, KvmVerdict, ProbeInput,
     Selection, PROBE_MARKER, PROBE_TIMEOUT, PROBE_TIMEOUT_ENV,
 };
-pub use net::{layout as net_layout, Network, PASTA_ENV, PASTA_READY_TIMEOUT};
+pub use net::{layout as net_layout, NetBackend, Network, PASTA_ENV, PASTA_READY_TIMEOUT};
+pub use net_tap::{COMMAND_TIMEOUT as NET_COMMAND_TIMEOUT, GUEST_MAC, TAP_NAME};
 pub use qemu::{host_tsc_khz, Qemu, QEMU_ENV};
 
 /// A virtio-blk serial is at most this many bytes (`VIRTIO_BLK_ID_BYTES`).
@@ -123,7 +125,8 @@ pub struct VmSpec {
     /// raw bytes (both hypervisors' consoles go through the same reader).
     pub log_filter: Option<LineFilter>,
     /// A virtio-net NIC with NAT egress on a network of the VM's own; `None`: no NIC.
-    /// Only QEMU implements it so far; other drivers refuse a spec that asks for one.
+    /// QEMU and cloud-hypervisor implement it; a driver that does not refuses a spec
+    /// that asks for one.
     pub network: Option<Network>,
 }
 
@@ -180,7 +183,7 @@ impl VmSpec {
         if self.network.is_some() {
             return Err(VmmError::Unsupported {
                 what: "a network for the VM",
-                hint: "only the qemu driver gives VMs a network so far (--hypervisor qemu); see docs/hypervisors.md".into(),
+                hint: "this driver gives VMs no network (--hypervisor qemu or cloud-hypervisor do); see docs/hypervisors.md".into(),
             });
         }
         Ok(())

@@ -1,6 +1,6 @@
-//! The guest's network on QEMU: a virtio-net NIC behind QEMU's user-mode network
-//! (slirp), with QEMU run inside a network namespace of its own that `pasta` (Debian's
-//! `passt` package) connects to the host.
+//! The guest's network: a virtio-net NIC behind QEMU's user-mode network (slirp) or a
+//! TAP device ([`NetBackend`], `net_tap`), with the hypervisor run inside a network
+//! namespace of its own that `pasta` (Debian's `passt` package) connects to the host.
 //!
 //! Why the namespace: slirp alone maps its gateway address to the host's loopback, every
 //! port, so a step could reach every service of the host. Inside the namespace the
@@ -48,12 +48,24 @@ pub mod layout {
     pub const PASTA_LOG: &str = "pasta.log";
 }
 
+/// How the guest's NIC is joined to the VM's namespace. Both are behind the same pasta
+/// and give the guest the same network (addresses, egress, DNS, host ports).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum NetBackend {
+    /// QEMU's user-mode network (slirp) inside the namespace. QEMU's default.
+    #[default]
+    UserMode,
+    /// A TAP device in the namespace with forwarding and nftables rules (`net_tap`):
+    /// what cloud-hypervisor uses; QEMU uses it when asked ([`crate::Qemu::with_net_backend`]).
+    Tap,
+}
+
 /// The guest's network: a virtio-net NIC with NAT egress, on a network of its own.
-/// Only the QEMU driver implements it so far.
 ///
 /// The addresses are the guest's static configuration, which the host also passes to
-/// PID 1 (`udos_layer::boot::NetConfig`, `udos.net=`); with QEMU they must be the ones
-/// slirp serves (the host builds both from `NetConfig::USER_MODE`).
+/// PID 1 (`udos_layer::boot::NetConfig`, `udos.net=`); they must be the ones slirp
+/// serves, which the TAP backend serves too (the host builds both from
+/// `NetConfig::USER_MODE`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Network {
     /// TCP ports on the host's loopback that the guest reaches at `gateway:PORT`.
@@ -73,6 +85,11 @@ impl Network {
     /// The subnet's network address, e.g. 10.0.2.0 for 10.0.2.15/24.
     pub fn subnet(&self) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(self.address) & mask(self.prefix_len))
+    }
+
+    /// The subnet's mask, e.g. 255.255.255.0 for /24.
+    pub fn netmask(&self) -> Ipv4Addr {
+        Ipv4Addr::from(mask(self.prefix_len))
     }
 
     /// What slirp needs: a prefix of 1 to 30 bits, the gateway and DNS on the guest's
@@ -107,22 +124,32 @@ impl Network {
     }
 
     /// QEMU's `-netdev` and `-device` arguments: slirp with our addresses, IPv4 only,
-    /// and a virtio-mmio NIC on it.
-    pub(crate) fn qemu_args(&self) -> [String; 4] {
-        let netdev = format!(
-            "user,id=net0,net={}/{},host={},dns={},dhcpstart={},ipv6=off",
-            self.subnet(),
-            self.prefix_len,
-            self.gateway,
-            self.dns,
-            self.address
-        );
-        [
-            "-netdev".into(),
-            netdev,
-            "-device".into(),
-            "virtio-net-device,netdev=net0".into(),
-        ]
+    /// or the namespace's TAP; and a virtio-mmio NIC on it.
+    pub(crate) fn qemu_args(&self, backend: NetBackend) -> [String; 4] {
+        let (netdev, device) = match backend {
+            NetBackend::UserMode => (
+                format!(
+                    "user,id=net0,net={}/{},host={},dns={},dhcpstart={},ipv6=off",
+                    self.subnet(),
+                    self.prefix_len,
+                    self.gateway,
+                    self.dns,
+                    self.address
+                ),
+                "virtio-net-device,netdev=net0".to_string(),
+            ),
+            NetBackend::Tap => (
+                format!(
+                    "tap,id=net0,ifname={},script=no,downscript=no",
+                    crate::net_tap::TAP_NAME
+                ),
+                format!(
+                    "virtio-net-device,netdev=net0,mac={}",
+                    crate::net_tap::GUEST_MAC
+                ),
+            ),
+        };
+        ["-netdev".into(), netdev, "-device".into(), device]
     }
 
     /// pasta's arguments: configure `netns` like the host (`--config-net`, IPv4 only),
@@ -187,9 +214,18 @@ pub(crate) struct Attached {
 impl Attached {
     /// Creates the namespace under `runtime_dir/net/`, starts pasta on it and waits (up
     /// to [`PASTA_READY_TIMEOUT`]) until the namespace has its default route and every
-    /// named port is listened on; then blocks the host's other addresses in it.
-    pub(crate) fn start(net: &Network, runtime_dir: &Path) -> Result<Attached, VmmError> {
-        Self::start_with(&find_pasta()?, net, runtime_dir)
+    /// named port is listened on; then blocks the host's other addresses in it, and
+    /// for [`NetBackend::Tap`] sets up the TAP and its rules (`net_tap::setup`).
+    pub(crate) fn start(
+        net: &Network,
+        runtime_dir: &Path,
+        backend: NetBackend,
+    ) -> Result<Attached, VmmError> {
+        let attached = Self::start_with(&find_pasta()?, net, runtime_dir)?;
+        if backend == NetBackend::Tap {
+            crate::net_tap::setup(&attached.ns, net)?;
+        }
+        Ok(attached)
     }
 
     fn start_with(
@@ -217,9 +253,9 @@ impl Attached {
         Ok(Attached { pasta, ns })
     }
 
-    /// The namespace, for QEMU to `setns` into before it starts.
+    /// The namespace, for the hypervisor to `setns` into before it starts.
     pub(crate) fn netns_fd(&self) -> RawFd {
-        self.ns.fd.as_raw_fd()
+        self.ns.raw_fd()
     }
 
     /// Ends the network after the VM: if pasta died while the VM ran (the guest lost
@@ -456,14 +492,14 @@ fn warn_if_loopback_resolver() {
 
 /// A network namespace bind-mounted on a file (as `ip netns add` does), with an open
 /// descriptor for `setns`. Dropping it unmounts and removes the file; the namespace
-/// ends once nothing else (pasta, QEMU) is in it.
-struct Namespace {
+/// ends once nothing else (pasta, QEMU) is in it, and with it its TAP and rules.
+pub(crate) struct Namespace {
     path: PathBuf,
     fd: OwnedFd,
 }
 
 impl Namespace {
-    fn create(path: &Path) -> Result<Namespace, VmmError> {
+    pub(crate) fn create(path: &Path) -> Result<Namespace, VmmError> {
         remove_stale(path);
         File::create(path).map_err(|e| VmmError::io("creating", path, e))?;
         let target = path.to_path_buf();
@@ -503,8 +539,12 @@ impl Namespace {
         }
     }
 
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
     /// Runs `f` on a helper thread inside the namespace.
-    fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, VmmError> {
+    pub(crate) fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, VmmError> {
         let fd = self.fd.as_fd();
         std::thread::scope(|s| {
             s.spawn(|| -> Result<T, VmmError> {
@@ -559,12 +599,21 @@ mod tests {
         let n = user_mode(&[]);
         assert_eq!(n.subnet(), Ipv4Addr::new(10, 0, 2, 0));
         assert_eq!(
-            n.qemu_args(),
+            n.qemu_args(NetBackend::UserMode),
             [
                 "-netdev",
                 "user,id=net0,net=10.0.2.0/24,host=10.0.2.2,dns=10.0.2.3,dhcpstart=10.0.2.15,ipv6=off",
                 "-device",
                 "virtio-net-device,netdev=net0",
+            ]
+        );
+        assert_eq!(
+            n.qemu_args(NetBackend::Tap),
+            [
+                "-netdev",
+                "tap,id=net0,ifname=udos0,script=no,downscript=no",
+                "-device",
+                "virtio-net-device,netdev=net0,mac=52:54:00:12:34:56",
             ]
         );
     }
@@ -676,7 +725,7 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let net = Attached::start(&user_mode(&[port]), dir.path()).unwrap();
+        let net = Attached::start(&user_mode(&[port]), dir.path(), NetBackend::UserMode).unwrap();
         let (route, tcp, ns_inode) = net
             .ns
             .enter(|| {
@@ -761,7 +810,7 @@ mod tests {
         spec.validate_with_network().unwrap();
         let err = spec.validate().unwrap_err();
         assert!(matches!(err, VmmError::Unsupported { .. }), "{err}");
-        assert!(err.to_string().contains("only the qemu driver"), "{err}");
+        assert!(err.to_string().contains("gives VMs no network"), "{err}");
         spec.network = Some(user_mode(&[8080, 8080]));
         let err = spec.validate_with_network().unwrap_err();
         assert!(err.to_string().contains("named twice"), "{err}");

@@ -1,6 +1,7 @@
 //! QEMU `microvm` driver: the console is the first serial port on QEMU's stdout,
 //! read line by line; disks are `virtio-blk-device`s (virtio-mmio) with serials; a
-//! network is a `virtio-net-device` on slirp, inside a namespace of its own (`net`).
+//! network is a `virtio-net-device` on slirp (or the namespace's TAP, [`NetBackend`]),
+//! inside a namespace of its own (`net`).
 
 use std::ffi::OsString;
 use std::io::Read;
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::attach::{Attach, Session};
 use crate::console::{Pump, StderrWatch};
-use crate::net;
+use crate::net::{self, NetBackend};
 use crate::process::{code_and_signal, note, Proc, RuntimeDir};
 use crate::{layout, Accel, Hypervisor, VmExit, VmOutcome, VmSpec, VmmError};
 
@@ -25,6 +26,7 @@ const QEMU_BIN: &str = "qemu-system-x86_64";
 pub struct Qemu {
     binary: PathBuf,
     accel: Accel,
+    net_backend: NetBackend,
 }
 
 /// Escapes a value for QEMU's `key=value,...` option syntax (a comma is doubled).
@@ -59,7 +61,16 @@ impl Qemu {
         Qemu {
             binary: binary.into(),
             accel,
+            net_backend: NetBackend::default(),
         }
+    }
+
+    /// The same QEMU with the guest's NIC on `backend` (default: slirp). The TAP
+    /// backend is cloud-hypervisor's; QEMU offers it so it can be tested where
+    /// cloud-hypervisor does not boot.
+    pub fn with_net_backend(mut self, backend: NetBackend) -> Qemu {
+        self.net_backend = backend;
+        self
     }
 
     pub fn binary(&self) -> &Path {
@@ -135,7 +146,12 @@ impl Qemu {
             );
         }
         if let Some(network) = &spec.network {
-            a.extend(network.qemu_args().into_iter().map(OsString::from));
+            a.extend(
+                network
+                    .qemu_args(self.net_backend)
+                    .into_iter()
+                    .map(OsString::from),
+            );
         }
         a
     }
@@ -181,7 +197,7 @@ impl Qemu {
         let rt = RuntimeDir::prepare(&spec.runtime_dir)?;
         // Before QEMU starts: its namespace must be connected when the guest boots.
         let network = match &spec.network {
-            Some(n) => Some(net::Attached::start(n, &rt.path)?),
+            Some(n) => Some(net::Attached::start(n, &rt.path, self.net_backend)?),
             None => None,
         };
         let netns = network.as_ref().map(net::Attached::netns_fd);

@@ -3,6 +3,9 @@
 //! The guest runs in manager mode; its "agent" is a busybox script (the probe below)
 //! that tries what a step could try and prints `PROBE ...` lines on the console. The
 //! host side runs real TCP servers on its loopback and counts who connects.
+//!
+//! Each check runs on both network backends: QEMU's slirp and the TAP backend
+//! (cloud-hypervisor's network, which cannot boot here, proven under QEMU/TCG).
 
 mod common;
 
@@ -15,7 +18,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use udos_vmm::{layout, net_layout, Accel, Disk, Hypervisor, Network, Qemu, VmExit, VmSpec};
+use udos_vmm::{
+    layout, net_layout, Accel, CloudHypervisor, Disk, Hypervisor, NetBackend, Network, Qemu,
+    VmExit, VmSpec, TAP_NAME,
+};
 
 /// Modules the guest loads (`/udos/modules`); depmod adds their dependencies' order.
 const GUEST_MODULES: &[&str] = &[
@@ -37,6 +43,13 @@ const MODULE_FILES: &[&str] = &[
     "overlay",
     "libcrc32c",
     "erofs",
+];
+/// cloud-hypervisor's devices are virtio-pci: its guest also loads these.
+const PCI_MODULES: &[&str] = &["virtio_pci"];
+const PCI_MODULE_FILES: &[&str] = &[
+    "virtio_pci_legacy_dev",
+    "virtio_pci_modern_dev",
+    "virtio_pci",
 ];
 
 /// What the host renders for `udos_layer::boot::NetConfig::USER_MODE` (`udos.net=`).
@@ -68,8 +81,37 @@ echo "PROBE upper $($B ls -A /run/udos/upperfs/upper 2>&1 | one)"
 echo "PROBE end"
 "#;
 
-fn qemu() -> Qemu {
-    Qemu::find(Accel::Tcg).expect("qemu-system-x86_64 (apt-get install qemu-system-x86)")
+fn qemu(backend: NetBackend) -> Qemu {
+    Qemu::find(Accel::Tcg)
+        .expect("qemu-system-x86_64 (apt-get install qemu-system-x86)")
+        .with_net_backend(backend)
+}
+
+/// After a QEMU VM: its network is gone ([`assert_namespace_gone`]), and QEMU's NIC
+/// was on the backend asked for.
+fn assert_network_gone(name: &str, rt: &Path, backend: NetBackend) {
+    assert_namespace_gone(name, rt);
+    let cmd = std::fs::read_to_string(rt.join(layout::COMMAND)).unwrap();
+    let netdev = match backend {
+        NetBackend::UserMode => "\nuser,id=net0,",
+        NetBackend::Tap => "\ntap,id=net0,ifname=udos0,",
+    };
+    assert!(cmd.contains(netdev), "{name}: {cmd}");
+}
+
+/// After a VM: its namespace is unmounted and gone, and no TAP is left in the host.
+fn assert_namespace_gone(name: &str, rt: &Path) {
+    let ns = rt.join(net_layout::NET_DIR).join(net_layout::NETNS);
+    assert!(!ns.exists(), "{name}: the namespace outlived the VM");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(&*ns.to_string_lossy()),
+        "{name}: the namespace is still mounted: {mounts}"
+    );
+    assert!(
+        !Path::new("/sys/class/net").join(TAP_NAME).exists(),
+        "{name}: a TAP {TAP_NAME} is in the host"
+    );
 }
 
 /// The static udos-init: `$UDOS_INIT`, else what `scripts/setup` builds next to this
@@ -132,13 +174,21 @@ fn add_tree(c: &mut Cpio, dir: &Path, prefix: &str) {
 }
 
 /// An initramfs like `udos image build` makes: udos-init as `/init`, the modules with
-/// depmod's `modules.dep`, and `/udos/modules`.
-fn initramfs(dir: &Path) -> PathBuf {
+/// depmod's `modules.dep`, and `/udos/modules` (with the virtio-pci ones if `pci`).
+fn initramfs(dir: &Path, pci: bool) -> PathBuf {
+    let pick = |base: &[&'static str], extra: &[&'static str]| -> Vec<&'static str> {
+        let extra = if pci { extra } else { &[] };
+        base.iter().chain(extra).copied().collect()
+    };
+    let (load, files) = (
+        pick(GUEST_MODULES, PCI_MODULES),
+        pick(MODULE_FILES, PCI_MODULE_FILES),
+    );
     let (root, release) = kernel_tree();
     let mods = root.join("lib/modules").join(release);
     let tree = dir.join("modroot");
     let rel_dir = tree.join("lib/modules").join(release);
-    for m in MODULE_FILES {
+    for m in &files {
         let src = find_file(&mods, &format!("{m}.ko")).unwrap_or_else(|| panic!("{m}.ko"));
         let dst = rel_dir.join(src.strip_prefix(&mods).unwrap());
         std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
@@ -169,7 +219,7 @@ fn initramfs(dir: &Path) -> PathBuf {
     c.file(
         "udos/modules",
         0o644,
-        format!("{}\n", GUEST_MODULES.join("\n")).as_bytes(),
+        format!("{}\n", load.join("\n")).as_bytes(),
     );
     c.dir(&format!("lib/modules/{release}"));
     add_tree(&mut c, &rel_dir, &format!("lib/modules/{release}"));
@@ -213,12 +263,13 @@ struct Guest {
     _dir: tempfile::TempDir,
 }
 
-fn guest() -> &'static Guest {
-    static G: std::sync::OnceLock<Guest> = std::sync::OnceLock::new();
-    G.get_or_init(|| {
+fn guest(pci: bool) -> &'static Guest {
+    static G: [std::sync::OnceLock<Guest>; 2] =
+        [std::sync::OnceLock::new(), std::sync::OnceLock::new()];
+    G[usize::from(pci)].get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         Guest {
-            initramfs: initramfs(dir.path()),
+            initramfs: initramfs(dir.path(), pci),
             lower: lower(dir.path()),
             _dir: dir,
         }
@@ -229,7 +280,18 @@ type Lines = Arc<Mutex<Vec<String>>>;
 
 /// A VM of the probe guest; `network` and the probe's parameters as given.
 fn spec(name: &str, dir: &Path, network: Option<Network>, probe: &str) -> (VmSpec, Lines) {
-    let g = guest();
+    spec_for(false, name, dir, network, probe)
+}
+
+/// [`spec`] for QEMU (`pci` false) or cloud-hypervisor (`pci` true: virtio-pci).
+fn spec_for(
+    pci: bool,
+    name: &str,
+    dir: &Path,
+    network: Option<Network>,
+    probe: &str,
+) -> (VmSpec, Lines) {
+    let g = guest(pci);
     let lines: Lines = Arc::default();
     let l2 = lines.clone();
     let mut spec = VmSpec::new(name, kernel(), &g.initramfs, dir.join("vm"));
@@ -413,6 +475,15 @@ fn blocked(out: &str) -> bool {
 
 #[test]
 fn two_networked_vms_reach_only_the_host_ports_they_name() {
+    two_networked_vms(NetBackend::UserMode);
+}
+
+#[test]
+fn two_networked_vms_on_taps_reach_only_the_host_ports_they_name() {
+    two_networked_vms(NetBackend::Tap);
+}
+
+fn two_networked_vms(backend: NetBackend) {
     // The host's services: two named by one VM each, one that nobody names, and one on
     // every address (a database listening on 0.0.0.0).
     let for_a = Server::start(Ipv4Addr::LOCALHOST, "a");
@@ -437,7 +508,7 @@ fn two_networked_vms_reach_only_the_host_ports_they_name() {
         .zip(&dirs)
         .map(|((name, port), dir)| {
             let (spec, lines) = spec(name, dir.path(), Some(user_mode(&[port])), &probe);
-            let handle = std::thread::spawn(move || qemu().run(spec));
+            let handle = std::thread::spawn(move || qemu(backend).run(spec));
             (name, lines, handle)
         })
         .collect();
@@ -458,6 +529,7 @@ fn two_networked_vms_reach_only_the_host_ports_they_name() {
         results.iter().zip([(&for_a, &for_b), (&for_b, &for_a)])
     {
         let p = Probe::of(lines);
+        println!("{name}: {:#?}", p.0);
         assert_eq!(p.get("ifaces"), "eth0 lo", "{name}");
         assert_eq!(p.get("resolv"), "nameserver 10.0.2.3", "{name}");
         assert_eq!(
@@ -481,7 +553,6 @@ fn two_networked_vms_reach_only_the_host_ports_they_name() {
                 assert!(blocked(out), "{name}: {a}:{port}: {out}");
             }
         }
-        println!("{name}: {:#?}", p.0);
         // resolv.conf and hosts came from PID 1's network layer, not the step's own.
         assert_eq!(p.get("upper"), "", "{name}: the step's layer is not empty");
         let log = std::fs::read_to_string(&outcome.console_log).unwrap();
@@ -489,13 +560,7 @@ fn two_networked_vms_reach_only_the_host_ports_they_name() {
             log.contains("network: eth0 10.0.2.15/24 via 10.0.2.2, DNS 10.0.2.3"),
             "{log}"
         );
-        let rt = outcome.console_log.parent().unwrap();
-        assert!(
-            !rt.join(net_layout::NET_DIR)
-                .join(net_layout::NETNS)
-                .exists(),
-            "{name}: the namespace outlived the VM"
-        );
+        assert_network_gone(name, outcome.console_log.parent().unwrap(), backend);
     }
     assert_eq!(for_a.hits(), 1, "only VM a connected to its port, once");
     assert_eq!(for_b.hits(), 1, "only VM b connected to its port, once");
@@ -506,7 +571,8 @@ fn two_networked_vms_reach_only_the_host_ports_they_name() {
         "a service on the host's addresses was reached"
     );
 
-    // DNS: slirp's forwarder at 10.0.2.3 answers whenever the host's resolver does.
+    // DNS: 10.0.2.3 (slirp's forwarder, or the TAP's DNAT to the host's resolver)
+    // answers whenever the host's resolver does.
     let host_dns = host_resolver_answers();
     for (name, lines, _) in &results {
         let dns = Probe::of(lines).get("dns").to_string();
@@ -520,16 +586,25 @@ fn two_networked_vms_reach_only_the_host_ports_they_name() {
         }
     }
     println!(
-        "two networked TCG VMs: {:?} and {:?}",
+        "two networked TCG VMs ({backend:?}): {:?} and {:?}",
         results[0].2.wall, results[1].2.wall
     );
 }
 
 #[test]
 fn without_a_network_the_guest_has_no_nic() {
+    without_a_network(NetBackend::UserMode);
+}
+
+#[test]
+fn without_a_network_the_guest_has_no_nic_on_the_tap_backend() {
+    without_a_network(NetBackend::Tap);
+}
+
+fn without_a_network(backend: NetBackend) {
     let dir = tempfile::tempdir().unwrap();
     let (spec, lines) = spec("no-net", dir.path(), None, "probe.tcp=1");
-    let outcome = qemu().run(spec).expect("qemu runs");
+    let outcome = qemu(backend).run(spec).expect("qemu runs");
     assert_powered_off("no-net", &outcome.exit, &lines, &outcome.hypervisor_log);
     let p = Probe::of(&lines);
     assert_eq!(p.get("ifaces"), "lo");
@@ -545,6 +620,8 @@ fn without_a_network_the_guest_has_no_nic() {
 }
 
 const HELPER_ENV: &str = "UDOS_VMM_TEST_NET_HOLD_DIR";
+/// `tap` for the TAP backend, else slirp.
+const HELPER_BACKEND_ENV: &str = "UDOS_VMM_TEST_NET_HOLD_BACKEND";
 
 /// Not a test by itself: run by `no_orphan_pasta_when_the_host_process_is_killed` in a
 /// child process, which it then SIGKILLs.
@@ -554,9 +631,13 @@ fn helper_hold_a_networked_vm() {
     let Some(dir) = std::env::var_os(HELPER_ENV) else {
         return;
     };
+    let backend = match std::env::var(HELPER_BACKEND_ENV).as_deref() {
+        Ok("tap") => NetBackend::Tap,
+        _ => NetBackend::UserMode,
+    };
     let (mut spec, _) = spec("held", Path::new(&dir), Some(user_mode(&[])), "probe.sleep");
     spec.timeout = Duration::from_secs(300);
-    let _ = qemu().run(spec);
+    let _ = qemu(backend).run(spec);
 }
 
 fn read_pid(path: &Path, deadline: Instant, child: &mut std::process::Child) -> u32 {
@@ -573,8 +654,33 @@ fn read_pid(path: &Path, deadline: Instant, child: &mut std::process::Child) -> 
     }
 }
 
+/// `nsenter --net=NS program args...`: its stdout, or the failure.
+fn in_namespace(ns: &Path, program: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", ns.display()))
+        .arg(program)
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
 #[test]
 fn no_orphan_pasta_when_the_host_process_is_killed() {
+    no_orphan_pasta(NetBackend::UserMode);
+}
+
+#[test]
+fn no_orphan_pasta_when_the_host_process_of_a_tap_vm_is_killed() {
+    no_orphan_pasta(NetBackend::Tap);
+}
+
+fn no_orphan_pasta(backend: NetBackend) {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
@@ -584,6 +690,14 @@ fn no_orphan_pasta_when_the_host_process_is_killed() {
             "--nocapture",
         ])
         .env(HELPER_ENV, dir.path())
+        .env(
+            HELPER_BACKEND_ENV,
+            if backend == NetBackend::Tap {
+                "tap"
+            } else {
+                "user"
+            },
+        )
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -597,6 +711,15 @@ fn no_orphan_pasta_when_the_host_process_is_killed() {
     );
     assert!(process_alive_with(qemu_pid, "qemu"));
     assert!(process_alive_with(pasta_pid, "no-map-gw"));
+    let ns = rt.join(net_layout::NET_DIR).join(net_layout::NETNS);
+    if backend == NetBackend::Tap {
+        // QEMU's NIC is on the namespace's TAP, and the rules are loaded there only.
+        let link = in_namespace(&ns, "ip", &["-o", "link", "show", TAP_NAME]).unwrap();
+        assert!(link.contains(TAP_NAME), "{link}");
+        let table = in_namespace(&ns, "nft", &["list", "table", "inet", "udos"]).unwrap();
+        assert!(table.contains("masquerade"), "{table}");
+        assert!(!Path::new("/sys/class/net").join(TAP_NAME).exists());
+    }
     child.kill().unwrap(); // SIGKILL: no unwinding, no Drop
     child.wait().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -607,7 +730,41 @@ fn no_orphan_pasta_when_the_host_process_is_killed() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    // The killed host could not unmount its namespace: detach it so the directory goes.
-    let ns = rt.join(net_layout::NET_DIR).join(net_layout::NETNS);
+    // The killed host could not unmount its namespace: detach it so the directory goes
+    // (its TAP and rules go with it: they never were in the host).
     let _ = nix::mount::umount2(&ns, nix::mount::MntFlags::MNT_DETACH);
+    assert!(!Path::new("/sys/class/net").join(TAP_NAME).exists());
+}
+
+/// cloud-hypervisor's own network path, end to end: one VM on the TAP reaches the
+/// port it names and no other, DNS answers, and everything is gone afterwards.
+#[test]
+#[ignore = "needs a KVM host where cloud-hypervisor boots"]
+fn cloud_hypervisor_vm_reaches_its_host_port_through_the_tap() {
+    let ch = CloudHypervisor::find().expect("cloud-hypervisor (UDOS_CLOUD_HYPERVISOR)");
+    let mine = Server::start(Ipv4Addr::LOCALHOST, "ch");
+    let unnamed = Server::start(Ipv4Addr::LOCALHOST, "unnamed");
+    let dir = tempfile::tempdir().unwrap();
+    let probe = format!("probe.tcp={},{}", mine.port, unnamed.port);
+    let (mut spec, lines) = spec_for(
+        true,
+        "ch-net",
+        dir.path(),
+        Some(user_mode(&[mine.port])),
+        &probe,
+    );
+    spec.kernel = extract_vmlinux(&kernel(), dir.path());
+    let outcome = ch.run(spec).expect("cloud-hypervisor runs");
+    assert_powered_off("ch-net", &outcome.exit, &lines, &outcome.hypervisor_log);
+    let p = Probe::of(&lines);
+    assert_eq!(p.get("ifaces"), "eth0 lo");
+    assert_eq!(p.get(&format!("tcp {}", mine.port)), mine.token);
+    let out = p.get(&format!("tcp {}", unnamed.port));
+    assert!(refused(out) || out.contains("timed out"), "{out}");
+    assert!(p.get("dns").contains("10.0.2.3"), "{}", p.get("dns"));
+    assert_eq!((mine.hits(), unnamed.hits()), (1, 0));
+    let rt = outcome.console_log.parent().unwrap();
+    let config = std::fs::read_to_string(rt.join(layout::VM_CONFIG)).unwrap();
+    assert!(config.contains("\"tap\": \"udos0\""), "{config}");
+    assert_namespace_gone("ch-net", rt);
 }

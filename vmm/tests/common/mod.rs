@@ -296,3 +296,30 @@ pub fn process_alive_with(pid: u32, needle: &str) -> bool {
         .map(|c| String::from_utf8_lossy(&c).contains(needle))
         .unwrap_or(false)
 }
+
+/// Cuts the ELF vmlinux out of a bzImage whose payload is LZ4 (legacy frame), like
+/// the kernel's scripts/extract-vmlinux; needs the `lz4` CLI (test-only).
+pub fn extract_vmlinux(bzimage: &Path, dir: &Path) -> PathBuf {
+    let data = std::fs::read(bzimage).unwrap();
+    let magic = [0x02, 0x21, 0x4c, 0x18];
+    let out = dir.join("vmlinux");
+    for (i, w) in data.windows(4).enumerate() {
+        if w != magic {
+            continue;
+        }
+        let payload = dir.join("payload.lz4");
+        std::fs::write(&payload, &data[i..]).unwrap();
+        // lz4 complains about the trailing bytes after the frame; the output is whole.
+        let _ = std::process::Command::new("lz4")
+            .args(["-d", "-c", "-q"])
+            .arg(&payload)
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("lz4 (apt-get install lz4)");
+        if std::fs::read(&out).is_ok_and(|b| b.starts_with(b"\x7fELF")) {
+            return out;
+        }
+    }
+    panic!("no LZ4 ELF payload in {}", bzimage.display());
+}
