@@ -268,7 +268,7 @@ pub fn run_leg(
             }
             Next::Decided(summary) => {
                 let m = masks.read().map(|m| m.clone()).unwrap_or_default();
-                print_step(shared, &job, &summary, &m, None);
+                step_ended(shared, &job, &summary, &m, None);
                 let r = report(&summary, &m, None, None);
                 persist(shared, leg_index, leg.ticket(), &r);
                 reports.push(r);
@@ -292,7 +292,7 @@ pub fn run_leg(
             let m = leg.masks();
             let mut r = report(&summary, &m, None, None);
             r.actions = pinned;
-            print_step(shared, &job, &summary, &m, None);
+            step_ended(shared, &job, &summary, &m, None);
             persist(shared, leg_index, leg.ticket(), &r);
             reports.push(r);
             continue;
@@ -358,7 +358,7 @@ pub fn run_leg(
                         }
                         parent = layer.clone();
                     }
-                    print_step(shared, &job, &summary, &m, Some((hit.from.0, hit.from.2)));
+                    step_ended(shared, &job, &summary, &m, Some((hit.from.0, hit.from.2)));
                     persist(shared, leg_index, leg.ticket(), &r);
                     reports.push(r);
                     continue;
@@ -500,7 +500,7 @@ pub fn run_leg(
         {
             r.summary = Some(mask(&summary_text, &m));
         }
-        print_step(shared, &job, &summary, &m, None);
+        step_ended(shared, &job, &summary, &m, None);
         persist(shared, leg_index, leg.ticket(), &r);
         reports.push(r);
     }
@@ -527,7 +527,7 @@ fn node_missing(
 
 /// Tells the progress display how step `s` ended (`cached_from`: reused from that run
 /// and step).
-fn print_step(
+fn step_ended(
     shared: &RunShared<'_>,
     job: &JobRef,
     s: &StepSummary,
