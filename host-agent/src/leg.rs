@@ -17,6 +17,7 @@ use udos_core::engine::Conclusion;
 use udos_layer::RecordStatus;
 
 use crate::hashfiles::LayeredWorkspace;
+use crate::progress::{Event, JobRef};
 use crate::report::{ActionReport, CachedFrom, StepReport};
 use crate::restic::Tags;
 use crate::runner::{Prepared, RunSettings};
@@ -222,6 +223,10 @@ pub fn run_leg(
     };
     let mut leg = Leg::new(ticket);
     let masks = Arc::new(RwLock::new(leg.masks()));
+    let job = JobRef {
+        leg: leg_index,
+        name: mask(&leg.ticket().name, &leg.masks()),
+    };
     let mut lowers = Lowers {
         base,
         workspace: shared.workspace.clone(),
@@ -263,7 +268,7 @@ pub fn run_leg(
             }
             Next::Decided(summary) => {
                 let m = masks.read().map(|m| m.clone()).unwrap_or_default();
-                print_step(leg.ticket(), &summary, &m);
+                step_ended(shared, &job, &summary, &m, None);
                 let r = report(&summary, &m, None, None);
                 persist(shared, leg_index, leg.ticket(), &r);
                 reports.push(r);
@@ -287,7 +292,7 @@ pub fn run_leg(
             let m = leg.masks();
             let mut r = report(&summary, &m, None, None);
             r.actions = pinned;
-            print_step(leg.ticket(), &summary, &m);
+            step_ended(shared, &job, &summary, &m, None);
             persist(shared, leg_index, leg.ticket(), &r);
             reports.push(r);
             continue;
@@ -353,14 +358,7 @@ pub fn run_leg(
                         }
                         parent = layer.clone();
                     }
-                    eprintln!(
-                        "udos: {} step {} {:?}: cached (run {} step {})",
-                        leg.ticket().name,
-                        step.number,
-                        step.name,
-                        hit.from.0,
-                        hit.from.2
-                    );
+                    step_ended(shared, &job, &summary, &m, Some((hit.from.0, hit.from.2)));
                     persist(shared, leg_index, leg.ticket(), &r);
                     reports.push(r);
                     continue;
@@ -373,12 +371,11 @@ pub fn run_leg(
         missed = true;
         // Its layer will need the repository: open it while the VM boots.
         queue.warm();
-        eprintln!(
-            "udos: {} step {} {:?}: starting VM",
-            leg.ticket().name,
-            step.number,
-            step.name
-        );
+        shared.settings.progress.event(Event::StepStarted {
+            job: job.clone(),
+            number: step.number,
+            name: mask(&step.name, &leg.masks()),
+        });
         // The step's own limit, within what is left of the job's (a step that runs
         // after a cancellation gets a cleanup allowance).
         let own = step
@@ -402,6 +399,7 @@ pub fn run_leg(
                 .step_dir(shared.run_id, leg_index, step.number),
             event_json: &shared.event_json,
             label: format!("{} {}", leg.ticket().name, step.number),
+            job: job.clone(),
             masks: masks.clone(),
             actions: crate::actions::control_trees(
                 &crate::actions::ActionStore::new(shared.prep.state.root()),
@@ -462,11 +460,13 @@ pub fn run_leg(
             for a in &actions {
                 tags = tags.with("action", format!("{}@{}", a.at.slug(), a.pin));
             }
-            queue.add(
-                format!("leg-{leg_index}-step-{}", step.number),
-                &shared.prep.state.layer_dir(&layer.id),
-                tags,
-            );
+            let key = format!("leg-{leg_index}-step-{}", step.number);
+            queue.add(key.clone(), &shared.prep.state.layer_dir(&layer.id), tags);
+            shared.settings.progress.event(Event::SnapshotQueued {
+                job: job.clone(),
+                number: step.number,
+                key,
+            });
             parent = layer.id.clone();
             if let Ok(st) = shared.store.lock() {
                 let _ = st.put_layer(&layer.id, "step", layer.bytes, layer.entries);
@@ -502,7 +502,7 @@ pub fn run_leg(
         {
             r.summary = Some(mask(&summary_text, &m));
         }
-        print_step(leg.ticket(), &summary, &m);
+        step_ended(shared, &job, &summary, &m, None);
         persist(shared, leg_index, leg.ticket(), &r);
         reports.push(r);
     }
@@ -527,22 +527,27 @@ fn node_missing(
     })
 }
 
-fn print_step(ticket: &LegTicket, s: &StepSummary, masks: &[String]) {
-    let detail = s
-        .error
-        .as_deref()
-        .or(s.note.as_deref())
-        .map(|e| {
-            format!(
-                " ({})",
-                udos_core::text::sanitize_for_terminal(&mask(e, masks))
-            )
-        })
-        .unwrap_or_default();
-    eprintln!(
-        "udos: {} step {} {:?}: {}{detail}",
-        ticket.name, s.number, s.name, s.outcome
-    );
+/// Tells the progress display how step `s` ended (`cached_from`: reused from that run
+/// and step).
+fn step_ended(
+    shared: &RunShared<'_>,
+    job: &JobRef,
+    s: &StepSummary,
+    masks: &[String],
+    cached_from: Option<(i64, i64)>,
+) {
+    shared.settings.progress.event(Event::StepFinished {
+        job: job.clone(),
+        number: s.number,
+        name: mask(&s.name, masks),
+        outcome: s.outcome,
+        cached_from,
+        detail: s
+            .error
+            .as_deref()
+            .or(s.note.as_deref())
+            .map(|e| mask(e, masks)),
+    });
 }
 
 fn report(

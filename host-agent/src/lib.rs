@@ -31,6 +31,7 @@ pub mod hashfiles;
 pub mod leg;
 pub mod plan;
 pub mod proc;
+pub mod progress;
 pub mod repo;
 pub mod report;
 pub mod repository;

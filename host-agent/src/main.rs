@@ -293,6 +293,11 @@ struct RunArgs {
     /// Don't stream the guests' consoles to the terminal
     #[arg(long)]
     no_console: bool,
+    /// Plain progress lines, not the board redrawn in place (also `UDOS_PROGRESS=plain`;
+    /// automatic when stderr is not a terminal)
+    #[arg(long)]
+    #[serde(skip)]
+    plain: bool,
     /// Run every step, even those whose inputs are unchanged since a recorded run
     #[arg(long)]
     no_cache: bool,
@@ -339,6 +344,9 @@ struct RerunArgs {
     /// Don't stream the guests' consoles to the terminal
     #[arg(long)]
     no_console: bool,
+    /// Plain progress lines, not the board redrawn in place
+    #[arg(long)]
+    plain: bool,
 }
 
 #[derive(Subcommand)]
@@ -423,7 +431,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_env("UDOS_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(udos_host_agent::progress::log_writer)
         .init();
     let cli = Cli::parse();
     match dispatch(cli) {
@@ -460,22 +468,31 @@ fn dispatch(cli: Cli) -> Result<ExitCode, SetupFailed> {
             } else if runs.is_empty() {
                 println!("no runs yet: start one with `udos run WORKFLOW`");
             } else {
-                println!(
-                    "{:>5} {:>5}  {:<9} {:<20} {:<18} {:<24} WORKFLOW",
-                    "RUN", "GEN", "STATUS", "STARTED", "EVENT", "JOBS"
-                );
-                for r in runs {
-                    println!(
-                        "{:>5} {:>5}  {:<9} {:<20} {:<18} {:<24} {}",
-                        r.run_id,
-                        r.generation,
-                        r.status,
-                        r.started_at,
-                        r.event,
-                        truncate(&r.job, 24),
-                        r.workflow
-                    );
-                }
+                use udos_host_agent::progress::{table, Align};
+                let rows: Vec<Vec<String>> = runs
+                    .into_iter()
+                    .map(|r| {
+                        vec![
+                            r.run_id.to_string(),
+                            r.generation.to_string(),
+                            r.status,
+                            r.started_at,
+                            r.event,
+                            truncate(&r.job, 24),
+                            r.workflow,
+                        ]
+                    })
+                    .collect();
+                let columns = [
+                    ("RUN", Align::Right),
+                    ("GEN", Align::Right),
+                    ("STATUS", Align::Left),
+                    ("STARTED", Align::Left),
+                    ("EVENT", Align::Left),
+                    ("JOBS", Align::Left),
+                    ("WORKFLOW", Align::Left),
+                ];
+                table(&columns, &rows).iter().for_each(|l| println!("{l}"));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -493,35 +510,41 @@ fn dispatch(cli: Cli) -> Result<ExitCode, SetupFailed> {
                 let v = serde_json::json!({ "run_id": run, "inputs": inputs, "jobs": jobs, "steps": steps });
                 print_json(&v);
             } else {
-                println!(
-                    "{:<24} {:<9} {:<14} {:<10} NAME",
-                    "LAYER OF", "STATUS", "LAYER", "SNAPSHOT"
-                );
-                for i in &inputs {
-                    println!(
-                        "{:<24} {:<9} {:<14} {:<10}",
-                        i.kind,
-                        "-",
-                        short(&i.layer_id),
-                        short(i.snapshot_id.as_deref().unwrap_or("-"))
-                    );
-                }
+                use udos_host_agent::progress::{table, Align};
+                let mut rows: Vec<Vec<String>> = inputs
+                    .iter()
+                    .map(|i| {
+                        vec![
+                            i.kind.clone(),
+                            "-".into(),
+                            short(&i.layer_id).into(),
+                            short(i.snapshot_id.as_deref().unwrap_or("-")).into(),
+                        ]
+                    })
+                    .collect();
                 let several = jobs.len() > 1;
-                for s in &steps {
+                rows.extend(steps.iter().map(|s| {
                     let of = if several {
-                        format!("{} step {}", truncate(&s.job_id, 15), s.number)
+                        format!("{} step {}", truncate(&s.job_id, 24), s.number)
                     } else {
                         format!("step {}", s.number)
                     };
-                    println!(
-                        "{:<24} {:<9} {:<14} {:<10} {}",
+                    vec![
                         of,
-                        s.status,
-                        short(s.layer_id.as_deref().unwrap_or("-")),
-                        short(s.snapshot_id.as_deref().unwrap_or("-")),
-                        s.name
-                    );
-                }
+                        s.status.clone(),
+                        short(s.layer_id.as_deref().unwrap_or("-")).into(),
+                        short(s.snapshot_id.as_deref().unwrap_or("-")).into(),
+                        s.name.clone(),
+                    ]
+                }));
+                let columns = [
+                    ("LAYER OF", Align::Left),
+                    ("STATUS", Align::Left),
+                    ("LAYER", Align::Left),
+                    ("SNAPSHOT", Align::Left),
+                    ("NAME", Align::Left),
+                ];
+                table(&columns, &rows).iter().for_each(|l| println!("{l}"));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -945,6 +968,7 @@ fn rerun(state: &StateDir, r: RerunArgs) -> Result<ExitCode, SetupFailed> {
     }
     a.json = r.json;
     a.no_console |= r.no_console;
+    a.plain = r.plain;
     let attempt = Attempt {
         number: inv.attempt.saturating_add(1),
         from: r.from.map(|step| udos_host_agent::rerun::RerunFrom {
@@ -1042,25 +1066,25 @@ fn run(state: &StateDir, a: RunArgs, attempt: Attempt) -> Result<ExitCode, Setup
     let mut settings = settings;
     settings.network = match a.network {
         NetworkArg::None => None,
-        // cloud-hypervisor has no network yet (docs/hypervisors.md): its steps run
-        // without one, and the run says so.
+        // A driver that gives VMs no network (both built-in ones do give one): its
+        // steps run without one, and the run says so.
         NetworkArg::Nat if !env.hypervisor.has_network() => {
             if !a.host_port.is_empty() {
                 return Err(SetupFailed(anyhow::anyhow!(
-                    "--host-port needs a network, and {} gives steps none yet: use --hypervisor qemu",
+                    "--host-port needs a network, and {} gives steps none",
                     env.hypervisor.name()
                 )));
             }
-            progress(&format!(
-                "{} gives steps no network yet",
-                env.hypervisor.name()
-            ));
+            progress(&format!("{} gives steps no network", env.hypervisor.name()));
             None
         }
         NetworkArg::Nat => Some(runner::nat_network(a.host_port.clone())),
     };
     let store = Store::open(&state.db()).map_err(SetupFailed)?;
-    let report = match runner::run(&env.prepared(state), store, *req, &settings) {
+    settings.progress = udos_host_agent::progress::Progress::stderr(a.plain);
+    let ran = runner::run(&env.prepared(state), store, *req, &settings);
+    settings.progress.finish();
+    let report = match ran {
         Ok(r) => r,
         Err(e) => {
             // The run began (and is recorded as `error`): a failed run, not a setup error.

@@ -20,6 +20,7 @@ use udos_core::engine::Conclusion;
 use udos_core::value::Value;
 
 use crate::leg::{run_leg, LegOutput, RunShared};
+use crate::progress::{Event, JobRef, Progress};
 use crate::report::{InputReport, JobReport, RunReport, StepReport};
 use crate::restic::{Repo, Tags};
 use crate::snapshots::Snapshotter;
@@ -50,6 +51,8 @@ pub struct RunSettings {
     pub use_cache: bool,
     /// `udos rerun --from`: steps that run again even when their inputs are unchanged.
     pub rerun_from: Option<crate::rerun::RerunFrom>,
+    /// Where the run's lines go: plain lines, or the board on a terminal.
+    pub progress: Arc<Progress>,
 }
 
 impl Default for RunSettings {
@@ -64,6 +67,7 @@ impl Default for RunSettings {
             network: None,
             use_cache: true,
             rerun_from: None,
+            progress: Progress::plain(),
         }
     }
 }
@@ -212,7 +216,13 @@ fn run_begun(
     let secret_masks =
         udos_core::engine::leg::masks_of(req.config.secrets.values().filter_map(Value::as_str));
 
-    let snapshotter = Snapshotter::start(prep.repo.clone(), prep.state.clone())?;
+    let progress = settings.progress.clone();
+    let snapshotter = Snapshotter::start_with(prep.repo.clone(), prep.state.clone(), move |d| {
+        progress.event(Event::SnapshotDone {
+            key: d.key.clone(),
+            ok: d.result.is_ok(),
+        })
+    })?;
     let queue = snapshotter.queue();
     let first = req
         .workflow_paths
@@ -259,11 +269,11 @@ fn run_begun(
         event_json,
         store,
     };
-    let outputs = drive(&mut engine, &shared, &queue, settings);
+    let outputs = drive(&mut engine, &shared, &queue, &secret_masks);
     drop(queue);
 
     // Wait for the snapshots still being written; each comes with its full id.
-    eprintln!("udos: waiting for layer snapshots");
+    settings.progress.log("waiting for layer snapshots");
     let done = snapshotter.finish();
     let mut full_by_key: BTreeMap<String, String> = BTreeMap::new();
     let mut took_by_key: BTreeMap<String, u64> = BTreeMap::new();
@@ -352,7 +362,7 @@ fn run_begun(
     if !snapshot_errors.is_empty() {
         // A layer that is not in the repository is not a restore point: say so loudly.
         for e in &snapshot_errors {
-            eprintln!("udos: error: {e}");
+            settings.progress.log(&format!("error: {e}"));
         }
         notices.extend(
             snapshot_errors
@@ -398,12 +408,20 @@ fn base_key(id: &str) -> String {
 }
 
 /// The loop: start what the engine says, stop what it cancels, feed back what ends.
+/// `masks` (the run's secrets) mask the job names it shows.
 fn drive(
     engine: &mut Run,
     shared: &RunShared<'_>,
     queue: &crate::snapshots::Queue,
-    settings: &RunSettings,
+    masks: &[String],
 ) -> BTreeMap<LegId, LegOutput> {
+    let settings = shared.settings;
+    let progress = &settings.progress;
+    let job_ref = |id: LegId, name: &str| JobRef {
+        leg: id,
+        name: mask(name, masks),
+    };
+    let mut shown = Shown::default();
     let mut outputs = BTreeMap::new();
     let mut cancels: BTreeMap<LegId, Arc<AtomicBool>> = BTreeMap::new();
     let mut cancelled_all = false;
@@ -418,14 +436,16 @@ fn drive(
                     .is_some_and(|c| c.load(Ordering::Acquire))
             {
                 cancelled_all = true;
-                eprintln!("udos: the run is cancelled: stopping its legs");
+                progress.log("the run is cancelled: stopping its legs");
                 engine.cancel_all();
             }
-            for action in engine.poll() {
+            let actions = engine.poll();
+            shown.update(engine, progress, &job_ref);
+            for action in actions {
                 match action {
                     Action::Start(ticket) => {
                         let id = ticket.id;
-                        eprintln!("udos: job {}: starting", ticket.name);
+                        progress.event(Event::LegStarted(job_ref(id, &ticket.name)));
                         let flag = Arc::new(AtomicBool::new(false));
                         cancels.insert(id, flag.clone());
                         let (tx, queue) = (tx.clone(), queue.clone());
@@ -451,13 +471,9 @@ fn drive(
             match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok((id, out)) => {
                     running -= 1;
-                    eprintln!(
-                        "udos: job {}: {}",
-                        engine.legs()[id].name,
-                        out.result.outcome
-                    );
                     engine.leg_finished(id, out.result.clone());
                     outputs.insert(id, out);
+                    shown.update(engine, progress, &job_ref);
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -465,4 +481,35 @@ fn drive(
         }
     });
     outputs
+}
+
+/// The legs the progress display was told about: each is queued once it exists and
+/// finished once it has an outcome, whether it ran or was decided without running.
+#[derive(Default)]
+struct Shown {
+    queued: BTreeSet<LegId>,
+    finished: BTreeSet<LegId>,
+}
+
+impl Shown {
+    fn update(
+        &mut self,
+        engine: &Run,
+        progress: &Progress,
+        job_ref: &dyn Fn(LegId, &str) -> JobRef,
+    ) {
+        for view in engine.legs() {
+            if self.queued.insert(view.id) {
+                progress.event(Event::LegQueued(job_ref(view.id, &view.name)));
+            }
+            if let Some(outcome) = view.outcome {
+                if self.finished.insert(view.id) {
+                    progress.event(Event::LegFinished {
+                        job: job_ref(view.id, &view.name),
+                        outcome,
+                    });
+                }
+            }
+        }
+    }
 }

@@ -140,6 +140,16 @@ impl Snapshotter {
     /// Starts the thread, which opens the repository (with the engine `repo.engine`
     /// names; the CLI engine is said on stderr) once the first message asks for it.
     pub fn start(repo: Repo, state: StateDir) -> Result<Snapshotter> {
+        Snapshotter::start_with(repo, state, |_| {})
+    }
+
+    /// [`Snapshotter::start`], calling `on_done` on the thread as each snapshot ends
+    /// (the progress display shows which layers are still being written).
+    pub fn start_with(
+        repo: Repo,
+        state: StateDir,
+        on_done: impl Fn(&Done) + Send + 'static,
+    ) -> Result<Snapshotter> {
         if repo.engine == Engine::Cli {
             eprintln!(
                 "udos: layer snapshots through {} (repository {})",
@@ -164,11 +174,13 @@ impl Snapshotter {
                         Ok(w) => snapshot_layer(w, &state, &j),
                         Err(e) => Err(anyhow::anyhow!("{e}")),
                     };
-                    done.push(Done {
+                    let d = Done {
                         key: j.key,
                         result,
                         took: t.elapsed(),
-                    });
+                    };
+                    on_done(&d);
+                    done.push(d);
                 }
                 done
             })

@@ -67,6 +67,8 @@ pub struct StepVm<'a> {
     pub event_json: &'a [u8],
     /// A label for the console prefix and the VM's name.
     pub label: String,
+    /// Its leg, for the progress display.
+    pub job: crate::progress::JobRef,
     /// Masks for what the host prints and keeps of the console.
     pub masks: Arc<RwLock<Vec<String>>>,
     /// The trees of the step's actions of other repositories: where each is on the
@@ -86,6 +88,29 @@ impl Drop for Scratch {
         for p in &self.0 {
             let _ = std::fs::remove_file(p);
         }
+    }
+}
+
+/// The phase a console line of PID 1 announces: `act started`, `act exited`.
+fn guest_phase(
+    line: &str,
+    job: &crate::progress::JobRef,
+    number: usize,
+) -> Option<crate::progress::Event> {
+    use crate::progress::Event;
+    let said = line.trim().strip_prefix("udos-init: ")?;
+    if said.starts_with("act started") {
+        Some(Event::ActStarted {
+            job: job.clone(),
+            number,
+        })
+    } else if said.starts_with("act exited") {
+        Some(Event::ActEnded {
+            job: job.clone(),
+            number,
+        })
+    } else {
+        None
     }
 }
 
@@ -250,6 +275,8 @@ impl StepVm<'_> {
         );
         let prefix = format!("  [{}] ", self.label);
         let stream = self.settings.stream_console;
+        let progress = self.settings.progress.clone();
+        let (job, number) = (self.job.clone(), step.number);
         let masks = self.masks.clone();
         let filter_masks = self.masks.clone();
         let spec = VmSpec {
@@ -263,12 +290,15 @@ impl StepVm<'_> {
             runtime_dir: self.dir.join("vm"),
             timeout: guest_timeout + HOST_GRACE,
             console: Some(Box::new(move |line: &str| {
+                if let Some(ev) = guest_phase(line, &job, number) {
+                    progress.event(ev);
+                }
                 if stream {
                     let m = masks.read().map(|m| m.clone()).unwrap_or_default();
-                    eprintln!(
+                    progress.line(format!(
                         "{prefix}{}",
                         udos_core::text::sanitize_for_terminal(&mask(line, &m))
-                    );
+                    ));
                 }
             })),
             network: self.settings.network.clone(),

@@ -311,8 +311,7 @@ impl VmExecutor {
             step_timeout: shared.config.step_timeout,
             stream_console: shared.config.stream_console,
             cancel: Some(halt.clone()),
-            // NAT egress as `udos run` gives it (QEMU; cloud-hypervisor has no network
-            // yet); no port of the worker itself.
+            // NAT egress as `udos run` gives it; no port of the worker itself.
             network: shared
                 .env
                 .hypervisor
