@@ -299,6 +299,7 @@ struct RunArgs {
     /// Neither squash the jobs' final roots on a tagged commit into bases, nor start
     /// from such a base (docs/bases.md)
     #[arg(long)]
+    #[serde(default)]
     no_squash: bool,
     /// The steps' network: `nat` (egress through NAT, DNS; QEMU) or `none`
     #[arg(long, value_enum, default_value = "nat")]
