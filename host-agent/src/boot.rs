@@ -590,6 +590,7 @@ fn record_begun(
         outputs: Default::default(),
         error: None,
         base: None,
+        squashed_base: None,
         steps,
     };
     store.put_job(run_id, 0, &job)?;

@@ -18,6 +18,10 @@
 //!   the database does not name (another state dir's, say) are never touched.
 //! - Guest images and base layers in `images/` go when they are not the current ones
 //!   and no kept run booted or stacked them.
+//! - A squashed base (crate::squash_tag) stays, with its snapshot, while a tag it was
+//!   made at still names its commit in the workspace repository (or git cannot tell),
+//!   while a kept run used it, and while a run is in progress; otherwise it goes like
+//!   an evicted layer: its directory, its snapshot, its rows.
 //! - Action trees in `actions/` go when no kept run's report names them and no ref
 //!   is pinned to them now (`pins.json`), unless a run is in progress or a kept run
 //!   has no report to tell; the store's scratch (`actions/.staging`) goes with them.
@@ -78,7 +82,8 @@ pub struct Kept {
 /// Something removed from the state dir.
 #[derive(Debug, Clone, Serialize)]
 pub struct Freed {
-    /// What it was: `layer`, `squash`, `image`, `base`, `run-dir`, `action`.
+    /// What it was: `layer`, `squash`, `image`, `base`, `squashed-base`, `run-dir`,
+    /// `action`.
     pub what: What,
     /// Its id (run number for a run dir).
     pub id: String,
@@ -99,6 +104,8 @@ pub enum What {
     Image,
     /// A base layer (`images/base/<id>`).
     Base,
+    /// A squashed base (`images/base/<id>`, crate::squash_tag).
+    SquashedBase,
     /// A removed run's VM directories (`runs/<run>`).
     RunDir,
     /// An action tree in the action store (`actions/<owner>/<repo>/<commit>`,
@@ -160,6 +167,15 @@ impl RunFacts {
     }
 }
 
+/// A squashed base as gc sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Squashed {
+    layer_id: String,
+    /// Why its tag keeps it (a tag still names its commit, or git cannot tell), if it
+    /// does.
+    tag_keeps: Option<String>,
+}
+
 /// What is on disk in the state dir.
 #[derive(Debug, Clone, Default)]
 struct OnDisk {
@@ -191,6 +207,7 @@ struct Plan {
     evict_layers: Vec<(What, String)>,
     evict_images: Vec<String>,
     evict_bases: Vec<String>,
+    evict_squashed: Vec<String>,
     run_dirs: Vec<i64>,
     evict_actions: Vec<String>,
     notes: Vec<String>,
@@ -242,6 +259,7 @@ fn plan(
     layers: &[LayerRow],
     snapshots: &[SnapshotInfo],
     disk: &OnDisk,
+    squashed: &[Squashed],
 ) -> Plan {
     let kept_ids: BTreeSet<i64> = keep
         .iter()
@@ -262,9 +280,20 @@ fn plan(
     let progress_since = in_progress.iter().map(|r| r.row.started_at.as_str()).min();
 
     let needed: BTreeSet<&String> = kept.iter().flat_map(|r| r.layers()).collect();
+    // Squashed bases no tag, kept run or run in progress needs.
+    let dropped_squashed: BTreeSet<&String> = squashed
+        .iter()
+        .filter(|s| s.tag_keeps.is_none() && !needed.contains(&s.layer_id))
+        .filter(|_| in_progress.is_empty())
+        .map(|s| &s.layer_id)
+        .collect();
+    let all_squashed: BTreeSet<&String> = squashed.iter().map(|s| &s.layer_id).collect();
     let removed_layers: Vec<String> = layers
         .iter()
-        .filter(|l| EVICTABLE_KINDS.contains(&l.kind.as_str()) && !needed.contains(&l.id))
+        .filter(|l| {
+            (EVICTABLE_KINDS.contains(&l.kind.as_str()) || dropped_squashed.contains(&l.id))
+                && !needed.contains(&l.id)
+        })
         .filter(|l| progress_since.is_none_or(|t| l.created_at.as_str() < t))
         .map(|l| l.id.clone())
         .collect::<BTreeSet<_>>()
@@ -319,7 +348,14 @@ fn plan(
     let evict_bases = disk
         .bases
         .iter()
+        .filter(|b| !all_squashed.contains(b))
         .filter(|b| !kept_bases.contains(b) && disk.current_base.as_ref() != Some(*b))
+        .cloned()
+        .collect();
+    let evict_squashed = disk
+        .bases
+        .iter()
+        .filter(|b| dropped_squashed.contains(b))
         .cloned()
         .collect();
     let removed_runs: BTreeSet<i64> = runs
@@ -338,6 +374,14 @@ fn plan(
         Vec::new()
     };
     let mut notes = Vec::new();
+    for s in squashed {
+        if let Some(why) = &s.tag_keeps {
+            notes.push(format!(
+                "squashed base {} kept: {why}",
+                &s.layer_id[..s.layer_id.len().min(12)]
+            ));
+        }
+    }
     if !in_progress.is_empty() {
         notes.push(format!(
             "run(s) {} are still `running`: kept, with every layer recorded since they began, every squashed layer and every action",
@@ -361,6 +405,7 @@ fn plan(
         evict_layers,
         evict_images,
         evict_bases,
+        evict_squashed,
         run_dirs,
         evict_actions,
         notes,
@@ -484,6 +529,38 @@ fn run_tags(state: &StateDir, run: &RunFacts) -> std::result::Result<Vec<String>
     Ok(tags.into_iter().collect())
 }
 
+/// Whether the tags of a squashed base's rows keep it: one still names its commit in
+/// the repository it was made in, or git cannot tell (when in doubt, keep).
+fn squashed_facts(store: &Store) -> Result<Vec<Squashed>> {
+    let mut by_layer: std::collections::BTreeMap<String, Option<String>> = Default::default();
+    for row in store.squashed_bases()? {
+        let keeps = by_layer.entry(row.layer_id.clone()).or_default();
+        if keeps.is_some() {
+            continue;
+        }
+        for t in &row.tags {
+            match crate::repo::tag_names(Path::new(&row.repo), t, &row.commit) {
+                Some(true) => *keeps = Some(format!("tag {t} still names its commit")),
+                Some(false) => continue,
+                None => {
+                    *keeps = Some(format!(
+                        "cannot tell whether tag {t} still names its commit in {}",
+                        row.repo
+                    ))
+                }
+            }
+            break;
+        }
+    }
+    Ok(by_layer
+        .into_iter()
+        .map(|(layer_id, tag_keeps)| Squashed {
+            layer_id,
+            tag_keeps,
+        })
+        .collect())
+}
+
 fn facts(store: &Store) -> Result<Vec<RunFacts>> {
     let images: HashMap<i64, String> = store.run_images()?.into_iter().collect();
     store
@@ -599,7 +676,7 @@ fn paths_of(state: &StateDir, what: What, id: &str) -> Vec<PathBuf> {
     match what {
         What::Layer | What::Squash => vec![state.layer_dir(id), state.layer_erofs(id)],
         What::Image => vec![state.images_dir().join(id)],
-        What::Base => vec![state.images_dir().join("base").join(id)],
+        What::Base | What::SquashedBase => vec![state.images_dir().join("base").join(id)],
         What::RunDir => vec![state.root().join("runs").join(id)],
         What::Action => vec![ActionStore::new(state.root()).key_path(id)],
     }
@@ -647,11 +724,17 @@ pub fn gc(
     progress("listing the repository's snapshots");
     let snapshots = repo.snapshots(&[])?;
     let disk = on_disk(state);
-    let p = plan(&runs, &keep, &layers, &snapshots, &disk);
+    let squashed = squashed_facts(store)?;
+    let p = plan(&runs, &keep, &layers, &snapshots, &disk, &squashed);
 
     let mut things: Vec<(What, String)> = p.evict_layers.clone();
     things.extend(p.evict_images.iter().map(|i| (What::Image, i.clone())));
     things.extend(p.evict_bases.iter().map(|b| (What::Base, b.clone())));
+    things.extend(
+        p.evict_squashed
+            .iter()
+            .map(|b| (What::SquashedBase, b.clone())),
+    );
     things.extend(p.run_dirs.iter().map(|r| (What::RunDir, r.to_string())));
     things.extend(p.evict_actions.iter().map(|a| (What::Action, a.clone())));
     let freed: Vec<Freed> = things
@@ -819,7 +902,7 @@ mod tests {
             ..Options::default()
         };
         let keep = keep_runs(&runs, &opts, &no_tags);
-        let p = plan(&runs, &keep, &layers, &repo, &disk);
+        let p = plan(&runs, &keep, &layers, &repo, &disk, &[]);
         assert_eq!(p.kept, vec![(3, KeepReason::Newest)]);
         assert_eq!(p.removed_runs, vec![1, 2]);
         // L1 stays (run 3 names it), so does its snapshot made by run 1; the base and
@@ -838,6 +921,66 @@ mod tests {
         assert_eq!(p.evict_images, vec!["img1", "img2"]);
         assert_eq!(p.evict_bases, vec!["Bold"]);
         assert_eq!(p.run_dirs, vec![1, 2]);
+    }
+
+    #[test]
+    fn squashed_bases_stay_while_a_tag_a_kept_run_or_a_run_in_progress_needs_them() {
+        let (mut runs, mut layers, mut repo, mut disk) = three_runs();
+        // SB: its tag is alive. Q1: tag gone, run 3 (kept) ran on it. Q2: tag gone,
+        // run 1 (removed) ran on it. Q3: tag gone, no run used it.
+        let input = |r: &mut Vec<RunFacts>, id: i64, l: &str| {
+            let run = r.iter_mut().find(|x| x.row.run_id == id).unwrap();
+            let pos = run.inputs.len();
+            run.inputs.insert(pos - 1, ("base".into(), l.into()));
+        };
+        input(&mut runs, 3, "Q1");
+        input(&mut runs, 1, "Q2");
+        for q in ["Q1", "Q2", "Q3"] {
+            layers.push(layer(q, "squashed-base", &format!("s{q}"), 2));
+            repo.extend(snaps(&[&format!("s{q}")]));
+        }
+        disk.bases.extend(set(&["SB", "Q1", "Q2", "Q3"]));
+        let squashed: Vec<Squashed> = [
+            ("SB", Some("tag v1 still names its commit")),
+            ("Q1", None),
+            ("Q2", None),
+            ("Q3", None),
+        ]
+        .iter()
+        .map(|(id, why)| Squashed {
+            layer_id: id.to_string(),
+            tag_keeps: why.map(str::to_string),
+        })
+        .collect();
+        let opts = Options {
+            keep_last: Some(1),
+            ..Options::default()
+        };
+        let keep = keep_runs(&runs, &opts, &no_tags);
+        let p = plan(&runs, &keep, &layers, &repo, &disk, &squashed);
+        assert_eq!(p.evict_squashed, vec!["Q2", "Q3"]);
+        assert_eq!(p.removed_layers, vec!["L1b", "L2", "Q2", "Q3", "W1"]);
+        assert_eq!(p.forget, vec!["s1b", "s2", "sQ2", "sQ3", "sW1"]);
+        // Squashed bases never go as plain bases.
+        assert_eq!(p.evict_bases, vec!["Bold"]);
+        assert!(
+            p.notes
+                .iter()
+                .any(|n| n == "squashed base SB kept: tag v1 still names its commit"),
+            "{:?}",
+            p.notes
+        );
+
+        // A run in progress may be on any of them: all stay.
+        runs.iter_mut()
+            .find(|r| r.row.run_id == 1)
+            .unwrap()
+            .row
+            .status = "running".into();
+        let keep = keep_runs(&runs, &opts, &no_tags);
+        let p = plan(&runs, &keep, &layers, &repo, &disk, &squashed);
+        assert!(p.evict_squashed.is_empty(), "{:?}", p.evict_squashed);
+        assert!(!p.removed_layers.iter().any(|l| l.starts_with('Q')));
     }
 
     #[test]
@@ -864,7 +1007,7 @@ mod tests {
             ..Options::default()
         };
         let keep = keep_runs(&runs, &opts, &no_tags);
-        let p = plan(&runs, &keep, &layers, &repo, &disk);
+        let p = plan(&runs, &keep, &layers, &repo, &disk, &[]);
         assert_eq!(
             p.evict_actions,
             vec![unused_local.clone(), old.clone(), ".staging".to_string()]
@@ -872,7 +1015,7 @@ mod tests {
 
         // A kept run that cannot tell what it used keeps every tree.
         runs.iter_mut().find(|r| r.row.run_id == 3).unwrap().actions = None;
-        let p = plan(&runs, &keep, &layers, &repo, &disk);
+        let p = plan(&runs, &keep, &layers, &repo, &disk, &[]);
         assert!(p.evict_actions.is_empty(), "{:?}", p.evict_actions);
     }
 
@@ -902,7 +1045,7 @@ mod tests {
     fn without_keep_last_every_run_and_its_layers_stay() {
         let (runs, layers, repo, disk) = three_runs();
         let keep = keep_runs(&runs, &Options::default(), &no_tags);
-        let p = plan(&runs, &keep, &layers, &repo, &disk);
+        let p = plan(&runs, &keep, &layers, &repo, &disk, &[]);
         assert_eq!(p.kept.len(), 3);
         assert!(p.kept.iter().all(|(_, w)| *w == KeepReason::All));
         assert!(p.removed_runs.is_empty() && p.removed_layers.is_empty());
@@ -925,7 +1068,7 @@ mod tests {
             ..Options::default()
         };
         let keep = keep_runs(&runs, &opts, &no_tags);
-        let p = plan(&runs, &keep, &layers, &repo, &disk);
+        let p = plan(&runs, &keep, &layers, &repo, &disk, &[]);
         assert_eq!(
             p.kept,
             vec![(2, KeepReason::Running), (3, KeepReason::Newest)]
@@ -951,7 +1094,7 @@ mod tests {
             _ => Ok(Vec::new()),
         };
         let keep = keep_runs(&runs, &opts, &tags);
-        let p = plan(&runs, &keep, &layers, &repo, &disk);
+        let p = plan(&runs, &keep, &layers, &repo, &disk, &[]);
         assert_eq!(
             p.kept,
             vec![

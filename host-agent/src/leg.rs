@@ -47,6 +47,8 @@ pub struct RunShared<'a> {
     pub event_json: Vec<u8>,
     /// The store (one connection, shared).
     pub store: &'a Mutex<Store>,
+    /// The squashed bases legs start from, by base name and job (crate::squash_tag).
+    pub squashed: crate::squash_tag::Choices,
 }
 
 /// How a leg went, for the engine and the report.
@@ -59,6 +61,8 @@ pub struct LegOutput {
     pub notices: Vec<String>,
     /// The base it ran on, by name (none when it could not get it).
     pub base: Option<String>,
+    /// The squashed base it ran on instead of that base's plain one.
+    pub squashed: Option<crate::report::SquashedBaseRef>,
 }
 
 /// The leg's stack of layers: base and workspace, then its steps' layers (squashed
@@ -218,9 +222,26 @@ pub fn run_leg(
                 steps: Vec::new(),
                 notices: Vec::new(),
                 base: None,
+                squashed: None,
             }
         }
     };
+    // A squashed base of a tagged ancestor commit, made by this job on this base.
+    let squashed = shared.squashed.pick(&base_name, &ticket.report_id);
+    let base = match &squashed {
+        Some((s, layer)) => {
+            eprintln!(
+                "udos: job {}: starting from the squashed base {} (tag {}, run {})",
+                ticket.name,
+                &s.id[..12],
+                s.tag,
+                s.run
+            );
+            layer.clone()
+        }
+        None => base,
+    };
+    let squashed = squashed.map(|(s, _)| s);
     let mut leg = Leg::new(ticket);
     let masks = Arc::new(RwLock::new(leg.masks()));
     let job = JobRef {
@@ -264,6 +285,7 @@ pub fn run_leg(
                     steps: reports,
                     notices,
                     base: Some(base_name),
+                    squashed,
                 };
             }
             Next::Decided(summary) => {

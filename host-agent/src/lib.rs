@@ -13,6 +13,7 @@
 //! - [`restore`]: the root as a step left it, from the snapshots;
 //! - [`boot`]: a VM on a restore point with a shell on the terminal, kept as a new one;
 //! - [`diff`], [`export`]: what a step changed; a restore point as an OCI layer tar;
+//! - [`squash_tag`]: a job's final root on a tagged commit as a base later runs use;
 //! - [`gc`]: keep the runs that matter, free what only the others needed;
 //! - [`bench`]: per-phase figures against act on the host;
 //! - [`state`]: the state directory layout;
@@ -42,6 +43,7 @@ pub mod restore;
 pub mod runner;
 pub mod setup;
 pub mod snapshots;
+pub mod squash_tag;
 pub mod state;
 pub mod step_vm;
 pub mod store;

@@ -301,6 +301,11 @@ struct RunArgs {
     /// Run every step, even those whose inputs are unchanged since a recorded run
     #[arg(long)]
     no_cache: bool,
+    /// Neither squash the jobs' final roots on a tagged commit into bases, nor start
+    /// from such a base (docs/bases.md)
+    #[arg(long)]
+    #[serde(default)]
+    no_squash: bool,
     /// The steps' network: `nat` (egress through NAT, DNS; QEMU) or `none`
     #[arg(long, value_enum, default_value = "nat")]
     network: NetworkArg,
@@ -1058,6 +1063,7 @@ fn run(state: &StateDir, a: RunArgs, attempt: Attempt) -> Result<ExitCode, Setup
         cancel: Some(cancel),
         use_cache: !a.no_cache,
         rerun_from: attempt.from,
+        squash: !a.no_squash,
         ..runner::RunSettings::default()
     };
     req.config.facts.run_attempt = attempt.number.to_string();

@@ -37,6 +37,57 @@ fn git(root: &Path, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// git's exit code for `args` in `root` (`None` when it could not run or was stopped).
+fn git_code(root: &Path, args: &[&str]) -> Option<i32> {
+    let expr = duct::cmd("git", args).dir(root).unchecked();
+    let out = crate::proc::run_bounded(&expr.stdout_null().stderr_null(), GIT_LIMIT, "git").ok()?;
+    out.status.code()
+}
+
+/// HEAD's commit (`None`: not a git tree, or no commit yet).
+pub fn head(root: &Path) -> Option<String> {
+    git(root, &["rev-parse", "--verify", "-q", "HEAD"])
+}
+
+/// The tags pointing at HEAD of the tree at `root`, sorted (`None`: git cannot tell).
+pub fn head_tags(root: &Path) -> Option<Vec<String>> {
+    let out = git(root, &["tag", "--points-at", "HEAD"])?;
+    let mut tags: Vec<String> = out.lines().map(str::to_string).collect();
+    tags.retain(|t| !t.is_empty());
+    tags.sort();
+    Some(tags)
+}
+
+/// Whether the working tree at `root` is HEAD's commit: nothing changed, staged or
+/// untracked (ignored files aside). `None`: git cannot tell.
+pub fn is_clean(root: &Path) -> Option<bool> {
+    git(root, &["status", "--porcelain", "--untracked-files=normal"]).map(|o| o.is_empty())
+}
+
+/// Whether commit `ancestor` is `descendant` or one of its ancestors (`None`: git
+/// cannot tell, e.g. a commit it does not have).
+pub fn is_ancestor(root: &Path, ancestor: &str, descendant: &str) -> Option<bool> {
+    match git_code(root, &["merge-base", "--is-ancestor", ancestor, descendant])? {
+        0 => Some(true),
+        1 => Some(false),
+        _ => None,
+    }
+}
+
+/// Whether the tag `tag` still names `commit` in the repository at `root` (`None`: git
+/// cannot tell, e.g. the repository is gone).
+pub fn tag_names(root: &Path, tag: &str, commit: &str) -> Option<bool> {
+    if !root.is_dir() {
+        return None;
+    }
+    let r = format!("refs/tags/{tag}^{{commit}}");
+    match git_code(root, &["rev-parse", "-q", "--verify", &r])? {
+        0 => Some(git(root, &["rev-parse", "-q", "--verify", &r]).as_deref() == Some(commit)),
+        1 => Some(false),
+        _ => None,
+    }
+}
+
 /// Reads the facts of the tree at `root`.
 pub fn inspect(root: &Path) -> RepoInfo {
     // Four independent queries at once: each is a process start, on every run.
@@ -334,5 +385,22 @@ mod tests {
         // A payload naming a tag push wins over the branch.
         let tag = Value::from_json_str(r#"{"ref": "refs/tags/v1"}"#).unwrap();
         assert_eq!(run_facts(&info, "push", &tag, 3).ref_type(), "tag");
+
+        // Tags, cleanliness and ancestry, as the tag squash reads them.
+        let first = git(root, &["rev-parse", "HEAD^"]).unwrap();
+        assert_eq!(head_tags(root), Some(vec![]));
+        g(&["tag", "v2"]);
+        g(&["tag", "-a", "-m", "annotated", "v1"]);
+        assert_eq!(head_tags(root), Some(vec!["v1".into(), "v2".into()]));
+        assert_eq!(is_clean(root), Some(true));
+        std::fs::write(root.join("c"), "3").unwrap();
+        assert_eq!(is_clean(root), Some(false));
+        assert_eq!(is_ancestor(root, &first, &info.sha), Some(true));
+        assert_eq!(is_ancestor(root, &info.sha, &first), Some(false));
+        assert_eq!(is_ancestor(root, &"1".repeat(40), &first), None);
+        assert_eq!(tag_names(root, "v1", &info.sha), Some(true));
+        assert_eq!(tag_names(root, "v1", &first), Some(false));
+        assert_eq!(tag_names(root, "gone", &info.sha), Some(false));
+        assert_eq!(tag_names(&root.join("nowhere"), "v1", &info.sha), None);
     }
 }

@@ -84,8 +84,24 @@ pub struct JobReport {
     pub error: Option<String>,
     /// The base it ran on.
     pub base: Option<String>,
+    /// The squashed base (of a tagged ancestor commit) it ran on instead of `base`'s
+    /// plain one, or null.
+    pub squashed_base: Option<SquashedBaseRef>,
     /// Its steps, in order (none for a skipped job or a reusable workflow call).
     pub steps: Vec<StepReport>,
+}
+
+/// A squashed base a leg ran on (docs/bases.md, "Squashed bases").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SquashedBaseRef {
+    /// Its layer id.
+    pub id: String,
+    /// The tag of the commit it was made on (the first, when it had several).
+    pub tag: String,
+    /// That commit.
+    pub commit: String,
+    /// The run that made it.
+    pub run: i64,
 }
 
 /// Where a cached step's result was made.

@@ -53,6 +53,9 @@ pub struct RunSettings {
     pub rerun_from: Option<crate::rerun::RerunFrom>,
     /// Where the run's lines go: plain lines, or the board on a terminal.
     pub progress: Arc<Progress>,
+    /// On a tagged commit, squash each leg's final root into a base; start legs from
+    /// the squashed base of a tagged ancestor (`--no-squash`: neither).
+    pub squash: bool,
 }
 
 impl Default for RunSettings {
@@ -68,6 +71,7 @@ impl Default for RunSettings {
             use_cache: true,
             rerun_from: None,
             progress: Progress::plain(),
+            squash: true,
         }
     }
 }
@@ -152,8 +156,27 @@ pub fn run(
         &prep.image.id,
     )?;
     tracing::info!(run_id, generation, "run started");
-    match run_begun(prep, &store, req, settings, run_id, generation, workflows) {
-        Ok(report) => Ok(report),
+    // Read before the run: the commit the workspace layer is made of.
+    let tags = settings
+        .squash
+        .then(|| crate::squash_tag::TagState::read(&req.repo_root))
+        .flatten();
+    match run_begun(
+        prep,
+        &store,
+        req,
+        settings,
+        run_id,
+        generation,
+        workflows,
+        tags.as_ref(),
+    ) {
+        Ok(report) => {
+            if let Some(t) = &tags {
+                crate::squash_tag::after_run(prep, &store, t, &report);
+            }
+            Ok(report)
+        }
         Err(e) => {
             let why = crate::errors::describe(&e);
             let _ = lock(&store).finish_run(
@@ -207,6 +230,7 @@ fn run_begun(
     run_id: i64,
     generation: i64,
     workflows: Vec<String>,
+    tags: Option<&crate::squash_tag::TagState>,
 ) -> Result<RunReport> {
     let started = Instant::now();
     req.config.facts.run_id = run_id.to_string();
@@ -257,6 +281,15 @@ fn run_begun(
         }
         st.add_input(run_id, 1, "workspace", &ws_id)?;
     }
+    let squashed = match tags {
+        Some(t) => {
+            let images = udos_images::ImageStore::new(prep.state.root());
+            let (choices, notes) = crate::squash_tag::prepare(&lock(store), &images, t);
+            req.notices.extend(notes);
+            choices
+        }
+        None => Default::default(),
+    };
 
     let mut engine =
         Run::new(req.set, &req.selection, req.config).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -268,6 +301,7 @@ fn run_begun(
         workspace: ws_id.clone(),
         event_json,
         store,
+        squashed,
     };
     let outputs = drive(&mut engine, &shared, &queue, &secret_masks);
     drop(queue);
@@ -290,13 +324,21 @@ fn run_begun(
 
     let mut notices = req.notices;
     notices.extend(engine.notices.iter().cloned());
-    let used = prep
-        .bases
-        .distinct(outputs.values().filter_map(|o| o.base.as_deref()));
-    if used.len() > 1 {
+    // A leg on a squashed base used that one instead of its plain base.
+    let used = prep.bases.distinct(
+        outputs
+            .values()
+            .filter(|o| o.squashed.is_none())
+            .filter_map(|o| o.base.as_deref()),
+    );
+    let squashed_used: BTreeSet<String> = outputs
+        .values()
+        .filter_map(|o| o.squashed.as_ref().map(|s| s.id.clone()))
+        .collect();
+    if used.len() + squashed_used.len() > 1 {
         notices.push(format!(
             "the jobs ran on several bases ({}): `udos restore` of any leg applies all of them under the workspace",
-            used.iter().map(|b| b.name.as_str()).collect::<Vec<_>>().join(", ")
+            used.iter().map(|b| b.name.clone()).chain(squashed_used.iter().map(|s| format!("squashed {}", &s[..12]))).collect::<Vec<_>>().join(", ")
         ));
     }
     let mut jobs = Vec::new();
@@ -307,6 +349,9 @@ fn run_begun(
         // 0 and below).
         for (i, b) in used.iter().enumerate() {
             st.add_input(run_id, -(i as i64), "base", &b.layer.id)?;
+        }
+        for (i, id) in squashed_used.iter().enumerate() {
+            st.add_input(run_id, -((used.len() + i) as i64), "base", id)?;
         }
         for b in &bases {
             if let Some(full) = full_by_key.get(&base_key(&b.layer.id)) {
@@ -320,10 +365,12 @@ fn run_begun(
             let out = outputs.remove(&view.id);
             let mut steps: Vec<StepReport> = Vec::new();
             let mut base = None;
+            let mut squashed_base = None;
             if let Some(out) = out {
                 notices.extend(out.notices);
                 steps = out.steps;
                 base = out.base;
+                squashed_base = out.squashed;
             }
             for s in &mut steps {
                 let key = format!("leg-{}-step-{}", view.id, s.number);
@@ -351,6 +398,7 @@ fn run_begun(
                     .collect(),
                 error: view.error.as_deref().map(|e| mask(e, &secret_masks)),
                 base,
+                squashed_base,
                 steps,
             };
             st.put_job(run_id, view.id as i64, &job)?;
@@ -384,6 +432,7 @@ fn run_begun(
         inputs: used
             .iter()
             .map(|b| (b.layer.id.clone(), "base"))
+            .chain(squashed_used.iter().map(|s| (s.clone(), "base")))
             .chain([(ws_id.clone(), "workspace")])
             .map(|(id, kind)| {
                 Ok(InputReport {

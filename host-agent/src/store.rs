@@ -117,7 +117,7 @@ pub struct Deleted {
 }
 
 /// The schema version this code writes.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// Version 1: one job per run, steps numbered within the run.
 const SCHEMA_V1: &str = r#"
@@ -235,10 +235,30 @@ const V3_TO_V4: &str = r#"
 ALTER TABLE runs ADD COLUMN invocation TEXT;
 "#;
 
+/// Version 5: bases squashed from a job's final root on a tagged commit
+/// (crate::squash_tag); one row per (layer, commit): two tagged commits can give the
+/// same layers, hence the same base.
+const V4_TO_V5: &str = r#"
+CREATE TABLE squashed_bases (
+    layer_id    TEXT NOT NULL REFERENCES layers(id),
+    commit_sha  TEXT NOT NULL,
+    base_name   TEXT NOT NULL,
+    base_layer  TEXT NOT NULL,
+    job_id      TEXT NOT NULL,
+    tags        TEXT NOT NULL,
+    run_id      INTEGER NOT NULL,
+    repo        TEXT NOT NULL,
+    snapshot_id TEXT,
+    created_at  TEXT NOT NULL,
+    PRIMARY KEY (layer_id, commit_sha)
+);
+CREATE INDEX squashed_bases_job ON squashed_bases(base_name, job_id);
+"#;
+
 /// Migrations: `MIGRATIONS[v]` takes a database at version `v` to `v + 1`. A database
 /// made before versions existed has `user_version` 0 and the version 1 tables (or
 /// none, when new).
-const MIGRATIONS: &[&str] = &[SCHEMA_V1, V1_TO_V2, V2_TO_V3, V3_TO_V4];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, V1_TO_V2, V2_TO_V3, V3_TO_V4, V4_TO_V5];
 
 /// A recorded step result the cache may reuse.
 #[derive(Debug, Clone)]
@@ -607,10 +627,89 @@ impl Store {
             d.runs += tx.execute("DELETE FROM runs WHERE id = ?1", params![r])? as u64;
         }
         for l in layers {
+            tx.execute("DELETE FROM squashed_bases WHERE layer_id = ?1", params![l])?;
             d.layers += tx.execute("DELETE FROM layers WHERE id = ?1", params![l])? as u64;
         }
         tx.commit()?;
         Ok(d)
+    }
+}
+
+/// A base squashed from a job's final root on a tagged commit (crate::squash_tag).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SquashedBaseRow {
+    /// Its layer id (`images/base/<id>`).
+    pub layer_id: String,
+    /// The tagged commit whose run made it.
+    pub commit: String,
+    /// The base name the job's `runs-on` mapped to (`minimal`, `debian`, ...).
+    pub base_name: String,
+    /// The base layer the job ran on (a plain base, or an earlier squashed one).
+    pub base_layer: String,
+    /// The job's report id.
+    pub job_id: String,
+    /// The commit's tags when it was made.
+    pub tags: Vec<String>,
+    /// The run that made it.
+    pub run_id: i64,
+    /// The workspace repository's top, where gc looks for the tags.
+    pub repo: String,
+    /// Its restic snapshot (full id).
+    pub snapshot_id: Option<String>,
+    /// When it was recorded (RFC 3339, UTC; empty on a row not yet written).
+    pub created_at: String,
+}
+
+impl Store {
+    /// Records a squashed base (its layer row first, kind `squashed-base`); again for
+    /// the same layer and commit replaces the row.
+    pub fn put_squashed_base(&self, r: &SquashedBaseRow, bytes: u64) -> Result<()> {
+        self.put_layer(&r.layer_id, "squashed-base", bytes, 0)?;
+        if let Some(snap) = &r.snapshot_id {
+            self.set_layer_snapshot(&r.layer_id, snap)?;
+        }
+        self.conn.execute(
+            "INSERT OR REPLACE INTO squashed_bases (layer_id, commit_sha, base_name, base_layer,
+                 job_id, tags, run_id, repo, snapshot_id, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, strftime('%Y-%m-%dT%H:%M:%SZ','now'))",
+            params![
+                r.layer_id,
+                r.commit,
+                r.base_name,
+                r.base_layer,
+                r.job_id,
+                r.tags.join(" "),
+                r.run_id,
+                r.repo,
+                r.snapshot_id
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Every squashed base, newest run first.
+    pub fn squashed_bases(&self) -> Result<Vec<SquashedBaseRow>> {
+        let mut st = self.conn.prepare(
+            "SELECT layer_id, commit_sha, base_name, base_layer, job_id, tags, run_id, repo,
+                    snapshot_id, created_at
+             FROM squashed_bases ORDER BY run_id DESC, layer_id",
+        )?;
+        let rows = st.query_map([], |r| {
+            let tags: String = r.get(5)?;
+            Ok(SquashedBaseRow {
+                layer_id: r.get(0)?,
+                commit: r.get(1)?,
+                base_name: r.get(2)?,
+                base_layer: r.get(3)?,
+                job_id: r.get(4)?,
+                tags: tags.split_whitespace().map(str::to_string).collect(),
+                run_id: r.get(6)?,
+                repo: r.get(7)?,
+                snapshot_id: r.get(8)?,
+                created_at: r.get(9)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 }
 
@@ -661,6 +760,38 @@ mod tests {
             console_log: None,
             actions: Vec::new(),
         }
+    }
+
+    #[test]
+    fn squashed_bases_round_trip_and_go_with_their_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("udos.db")).unwrap();
+        let row = |commit: &str, run_id: i64| SquashedBaseRow {
+            layer_id: "q".into(),
+            commit: commit.into(),
+            base_name: "minimal".into(),
+            base_layer: "b".into(),
+            job_id: "build".into(),
+            tags: vec!["v1".into(), "v1.0".into()],
+            run_id,
+            repo: "/src/r".into(),
+            snapshot_id: Some("snap".into()),
+            created_at: String::new(),
+        };
+        s.put_squashed_base(&row("c1", 1), 10).unwrap();
+        s.put_squashed_base(&row("c2", 2), 10).unwrap();
+        // Again for one layer and commit: one row.
+        s.put_squashed_base(&row("c2", 2), 10).unwrap();
+        let got = s.squashed_bases().unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!((got[0].commit.as_str(), got[0].run_id), ("c2", 2));
+        assert_eq!(got[0].tags, ["v1", "v1.0"]);
+        assert!(!got[0].created_at.is_empty());
+        assert_eq!(s.layer_snapshot("q").unwrap().as_deref(), Some("snap"));
+        assert_eq!(s.layers().unwrap()[0].kind, "squashed-base");
+        let d = s.delete_runs_and_layers(&[], &["q".into()]).unwrap();
+        assert_eq!(d.layers, 1);
+        assert!(s.squashed_bases().unwrap().is_empty());
     }
 
     #[test]

@@ -43,6 +43,9 @@ pub enum BaseKind {
     Debian,
     /// `udos base import`.
     Imported,
+    /// A job's final root on a tagged commit, merged with its base (`udos run` on a
+    /// git tag; host-agent's `squash_tag`).
+    Squashed,
 }
 
 impl std::fmt::Display for BaseKind {
@@ -51,6 +54,7 @@ impl std::fmt::Display for BaseKind {
             BaseKind::Busybox => "busybox",
             BaseKind::Debian => "debian",
             BaseKind::Imported => "imported",
+            BaseKind::Squashed => "squashed",
         })
     }
 }
@@ -169,6 +173,51 @@ impl ImageStore {
             layer,
             meta,
         })
+    }
+
+    /// The complete base recorded as `base/<id>` (under `name`), if there is one.
+    pub fn base_by_id(&self, id: &str, name: &str) -> Result<Option<NamedBase>> {
+        check_hex_id(id)?;
+        if !self.bases_dir().join(id).join("base.json").is_file() {
+            return Ok(None);
+        }
+        self.load_named(id, name).map(Some)
+    }
+
+    /// Records the finished root `stage/tree` as the base `id` of `kind`: its erofs
+    /// and `base.json` are made in `stage`, which is then renamed to `base/<id>` (on
+    /// the same file system as the store; a base of that id already there is kept).
+    /// Gives it no name. `stage` is removed on every error.
+    pub fn publish_tree_base(
+        &self,
+        stage: tempfile::TempDir,
+        id: &str,
+        kind: BaseKind,
+        origin: String,
+        progress: &dyn Fn(&str),
+    ) -> Result<NamedBase> {
+        check_hex_id(id)?;
+        fs::set_permissions(stage.path(), fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("chmod {}", stage.path().display()))?;
+        let started = Instant::now();
+        let pkgs = installed_packages(&stage.path().join("tree"))
+            .context("read the tree's dpkg status")?;
+        let packages = packages_text(&pkgs);
+        let mut meta = BaseMeta {
+            format: BASE_FORMAT.to_string(),
+            id: id.to_string(),
+            kind,
+            origin,
+            package_count: pkgs.len(),
+            packages_sha256: sha256_hex(packages.as_bytes()),
+            erofs_bytes: 0,
+            build_ms: 0,
+        };
+        fs::create_dir_all(self.bases_dir())?;
+        self.publish_base(stage, &mut meta, &packages, progress)?;
+        meta.build_ms = millis(started);
+        self.rewrite_meta(&meta)?;
+        self.load_named(id, id)
     }
 
     /// The base named `name` (`debian` once built, or an imported name), if there is one.
