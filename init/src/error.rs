@@ -69,6 +69,10 @@ pub enum Error {
     #[error("start {}: {error}", path.display())]
     Spawn { path: PathBuf, error: io::Error },
 
+    /// The thread bringing the network up ended without an answer.
+    #[error("network thread: {0}")]
+    NetworkThread(String),
+
     /// `udos.net` is set but no Ethernet interface appeared.
     #[error("udos.net is set but no network interface appeared within {waited:?} (is virtio_net in /udos/modules?)")]
     NoNetworkInterface { waited: std::time::Duration },

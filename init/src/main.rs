@@ -47,6 +47,12 @@ const MODULE_LIST: &str = "/udos/modules";
 const AGENT: &str = "/sbin/udos-agent";
 
 /// PID 1's state, kept outside the fallible boot so shutdown can always use it.
+/// The network being brought up ([`Init::start_network`]).
+enum NetStart {
+    Thread(std::thread::JoinHandle<Result<(String, std::time::Duration), Error>>),
+    Done(Result<(String, std::time::Duration), Error>),
+}
+
 struct Init {
     started: Instant,
     cfg: BootConfig,
@@ -116,16 +122,19 @@ impl Init {
             Some(dir) => root::prepare_harness(&self.cfg, &dir, &mut self.mounts)?,
             None => {
                 self.load_modules()?;
-                self.configure_network()?;
+                // The NIC comes up while the layers are mounted: neither needs the other
+                // (the root's resolv.conf comes from the config, not the interface).
+                let net = self.start_network();
+                // A root that cannot be assembled is the error to report (the thread
+                // is left to finish on its own: power-off follows).
                 let root = root::assemble_and_switch(&self.cfg, &mut self.mounts)?;
+                self.finish_network(net)?;
                 set_hostname();
                 root
             }
         };
-        let before: u64 = ["modules", "net"]
-            .iter()
-            .filter_map(|k| self.timings.get(*k))
-            .sum();
+        // The network comes up beside the mounts, so only the modules came before.
+        let before = self.timings.get("modules").copied().unwrap_or(0);
         self.timings
             .insert("mount".into(), ms(boot.elapsed()).saturating_sub(before));
         let root = self.root.insert(root).clone();
@@ -184,18 +193,43 @@ impl Init {
         Ok(())
     }
 
-    /// `udos.net`: the NIC and `lo` up with the host's addresses (the step root's
-    /// `resolv.conf` comes with the root, `root::assemble_and_switch`).
-    fn configure_network(&mut self) -> Result<(), Error> {
-        let Some(cfg) = self.cfg.net else {
+    /// `udos.net`: brings the NIC and `lo` up with the host's addresses on a thread of
+    /// its own (the step root's `resolv.conf` comes with the root,
+    /// `root::assemble_and_switch`). Without a thread, it is done here and now.
+    fn start_network(&mut self) -> Option<NetStart> {
+        let cfg = self.cfg.net?;
+        let timeout = self.cfg.device_timeout;
+        let configure = move || {
+            let t = Instant::now();
+            net::configure(&cfg, timeout).map(|iface| (iface, t.elapsed()))
+        };
+        Some(
+            match std::thread::Builder::new().name("net".into()).spawn(configure) {
+                Ok(handle) => NetStart::Thread(handle),
+                Err(e) => {
+                    warning!("network on a thread: {e}; configuring it first");
+                    NetStart::Done(configure())
+                }
+            },
+        )
+    }
+
+    /// Waits for [`Init::start_network`]'s result and reports it.
+    fn finish_network(&mut self, started: Option<NetStart>) -> Result<(), Error> {
+        let (Some(started), Some(cfg)) = (started, self.cfg.net) else {
             return Ok(());
         };
-        let t = Instant::now();
-        let iface = net::configure(&cfg, self.cfg.device_timeout)?;
-        let took = ms(t.elapsed());
+        let result = match started {
+            NetStart::Done(r) => r,
+            NetStart::Thread(h) => h.join().unwrap_or_else(|payload| {
+                Err(Error::NetworkThread(panic_message(payload.as_ref())))
+            }),
+        };
+        let (iface, took) = result?;
+        let took = ms(took);
         self.timings.insert("net".into(), took);
         info!(
-            "network: {iface} {}/{} via {}, DNS {} ({took} ms)",
+            "network: {iface} {}/{} via {}, DNS {} ({took} ms, beside the mounts)",
             cfg.address, cfg.prefix_len, cfg.gateway, cfg.dns
         );
         Ok(())
