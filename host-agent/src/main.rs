@@ -296,6 +296,11 @@ struct RunArgs {
     /// Run every step, even those whose inputs are unchanged since a recorded run
     #[arg(long)]
     no_cache: bool,
+    /// A VM per `step` (each step its own restore point) or per `job` (its steps in
+    /// one VM, one restore point per job; no step cache)
+    #[arg(long, value_enum, default_value = "step")]
+    #[serde(default)]
+    per: udos_host_agent::runner::Per,
     /// The steps' network: `nat` (egress through NAT, DNS; QEMU) or `none`
     #[arg(long, value_enum, default_value = "nat")]
     network: NetworkArg,
@@ -1034,6 +1039,7 @@ fn run(state: &StateDir, a: RunArgs, attempt: Attempt) -> Result<ExitCode, Setup
         cancel: Some(cancel),
         use_cache: !a.no_cache,
         rerun_from: attempt.from,
+        per: a.per,
         ..runner::RunSettings::default()
     };
     req.config.facts.run_attempt = attempt.number.to_string();

@@ -50,6 +50,29 @@ pub struct RunSettings {
     pub use_cache: bool,
     /// `udos rerun --from`: steps that run again even when their inputs are unchanged.
     pub rerun_from: Option<crate::rerun::RerunFrom>,
+    /// A VM per step (default) or per job (`--per`, docs/job-mode.md).
+    pub per: Per,
+}
+
+/// What one VM runs (`udos run --per`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Per {
+    /// Each step in its own VM, with its own restore point.
+    #[default]
+    Step,
+    /// Each job's steps in one VM, one restore point per job (docs/job-mode.md).
+    Job,
 }
 
 impl Default for RunSettings {
@@ -64,6 +87,7 @@ impl Default for RunSettings {
             network: None,
             use_cache: true,
             rerun_from: None,
+            per: Per::Step,
         }
     }
 }

@@ -60,6 +60,9 @@ pub mod layout {
     pub const VM_CONFIG: &str = "vm-config.json";
     /// Held (flock) for the whole run: a second VM on the same directory is refused.
     pub const LOCK: &str = ".lock";
+    /// The job channel's socket ([`crate::VmSpec::channel`]): the hypervisor listens,
+    /// the host connects.
+    pub const CHANNEL_SOCKET: &str = "ctl.sock";
 }
 
 /// A raw disk image given to the guest as a virtio-blk device.
@@ -125,6 +128,10 @@ pub struct VmSpec {
     /// A virtio-net NIC with NAT egress on a network of the VM's own; `None`: no NIC.
     /// Only QEMU implements it so far; other drivers refuse a spec that asks for one.
     pub network: Option<Network>,
+    /// Job mode's host channel: a virtio-console port of this name, backed by the
+    /// Unix socket [`layout::CHANNEL_SOCKET`] in `runtime_dir` that the hypervisor
+    /// listens on. Only QEMU implements it; other drivers refuse a spec that asks.
+    pub channel: Option<String>,
 }
 
 impl fmt::Debug for VmSpec {
@@ -142,6 +149,7 @@ impl fmt::Debug for VmSpec {
             .field("console", &self.console.as_ref().map(|_| "callback"))
             .field("log_filter", &self.log_filter.as_ref().map(|_| "filter"))
             .field("network", &self.network)
+            .field("channel", &self.channel)
             .finish()
     }
 }
@@ -168,6 +176,7 @@ impl VmSpec {
             console: None,
             log_filter: None,
             network: None,
+            channel: None,
         }
     }
 
@@ -181,6 +190,12 @@ impl VmSpec {
             return Err(VmmError::Unsupported {
                 what: "a network for the VM",
                 hint: "only the qemu driver gives VMs a network so far (--hypervisor qemu); see docs/hypervisors.md".into(),
+            });
+        }
+        if self.channel.is_some() {
+            return Err(VmmError::Unsupported {
+                what: "a job channel (udos run --per job)",
+                hint: "only the qemu driver has a socket-backed virtio-console port (--hypervisor qemu); see docs/job-mode.md".into(),
             });
         }
         Ok(())
@@ -534,6 +549,15 @@ mod tests {
         assert!(spec.validate().unwrap_err().to_string().contains("twice"));
         spec.disks = vec![Disk::read_only(&f, "has space")];
         assert!(spec.validate().is_err());
+        spec.disks.clear();
+        spec.channel = Some("udos.ctl".into());
+        assert!(spec
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("job channel"));
+        spec.validate_with_network().unwrap();
+        spec.channel = None;
         spec.disks = vec![Disk::read_only(dir.path().join("missing"), "m")];
         assert!(spec
             .validate()

@@ -1,0 +1,145 @@
+//! `udos run --per job` end to end, in real VMs (QEMU; TCG here): the same workflow
+//! run once with a VM per step and once with a VM per job gives the same outcomes,
+//! conclusions, outputs and exit codes per step; job mode boots one VM for the job,
+//! and the job's one layer restores with what its steps wrote. Needs what e2e.rs
+//! needs (scripts/test provides it; UDOS_DEFAULT_BASE=minimal for speed).
+
+use serde_json::Value;
+
+mod common;
+use common::{json, repo, serial, udos};
+
+/// Outputs between steps, `$GITHUB_ENV`, a file from step 1 read by step 2, a masked
+/// secret, a failing step, then `failure()` / `always()` / a skipped step.
+const WORKFLOW: &str = r#"
+on: push
+jobs:
+  chain:
+    runs-on: ubuntu-latest
+    steps:
+      - id: first
+        run: |
+          echo hello > made.txt
+          echo "greeting=hi there" >> "$GITHUB_OUTPUT"
+          echo "CARRIED=from-env" >> "$GITHUB_ENV"
+      - id: second
+        run: |
+          test "$(cat made.txt)" = hello
+          test "$CARRIED" = from-env
+          echo "seen=${{ steps.first.outputs.greeting }}" >> "$GITHUB_OUTPUT"
+          echo second > second.txt
+      - id: secret
+        env:
+          TOKEN: ${{ secrets.TOKEN }}
+        run: |
+          test "$TOKEN" = s3cret-value
+          echo "token is $TOKEN"
+          echo "leak=$TOKEN" >> "$GITHUB_OUTPUT"
+      - id: fails
+        run: |
+          echo doomed > doomed.txt
+          exit 3
+      - id: skipped
+        run: echo never > never.txt
+      - id: on-failure
+        if: failure()
+        run: echo "${{ steps.second.outputs.seen }}" > recovered.txt
+      - id: always
+        if: always()
+        run: rm second.txt
+"#;
+
+/// (id, outcome, conclusion, exit code, outputs) of each step of the only job.
+fn steps(report: &Value) -> Vec<(Value, Value, Value, Value, Value)> {
+    report["jobs"][0]["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| {
+            (
+                s["id"].clone(),
+                s["outcome"].clone(),
+                s["conclusion"].clone(),
+                s["exit_code"].clone(),
+                s["outputs"].clone(),
+            )
+        })
+        .collect()
+}
+
+fn run(per: &str, wf: &str) -> (Option<i32>, Value) {
+    let out = udos(&[
+        "run",
+        "--hypervisor",
+        "qemu",
+        "--per",
+        per,
+        "--no-cache",
+        "--json",
+        "--no-console",
+        "-s",
+        "TOKEN=s3cret-value",
+        wf,
+    ]);
+    (out.status.code(), json(&out))
+}
+
+#[test]
+fn per_job_gives_the_outcomes_of_per_step_in_one_vm_with_one_restore_point() {
+    let _g = serial();
+    let (_dir, wf) = repo(WORKFLOW, &[]);
+    let wf = wf.to_str().unwrap();
+
+    let (code_step, by_step) = run("step", wf);
+    let (code_job, by_job) = run("job", wf);
+    assert_eq!(code_step, Some(1), "{by_step:#}");
+    assert_eq!(code_job, code_step, "{by_job:#}");
+    assert_eq!(steps(&by_job), steps(&by_step), "{by_job:#}");
+    assert_eq!(
+        by_job["jobs"][0]["conclusion"],
+        by_step["jobs"][0]["conclusion"]
+    );
+
+    // What the comparison covers, said outright.
+    let s = steps(&by_job);
+    let outcomes: Vec<&str> = s.iter().map(|x| x.1.as_str().unwrap()).collect();
+    assert_eq!(
+        outcomes,
+        ["success", "success", "success", "failure", "skipped", "success", "success"]
+    );
+    assert_eq!(s[1].4["seen"], "hi there");
+    assert_eq!(s[3].3, 3, "the failing step's exit code");
+    assert_eq!(s[2].4["leak"], "***", "the secret is masked in outputs");
+    assert!(!by_job.to_string().contains("s3cret-value"));
+
+    // One VM for the job; one per step that ran with --per step.
+    assert_eq!(by_step["vms_booted"], 6, "{by_step:#}");
+    assert_eq!(by_job["vms_booted"], 1, "{by_job:#}");
+
+    // The job's one layer is on its last step, and restores with what the steps wrote.
+    let job_steps = by_job["jobs"][0]["steps"].as_array().unwrap();
+    let with_layer: Vec<&Value> = job_steps
+        .iter()
+        .filter(|s| !s["layer_id"].is_null())
+        .collect();
+    assert_eq!(with_layer.len(), 1, "{by_job:#}");
+    assert_eq!(with_layer[0]["number"], 7);
+    assert!(with_layer[0]["snapshot_id"].is_string(), "{by_job:#}");
+
+    let run_id = by_job["run_id"].as_i64().unwrap().to_string();
+    let target = tempfile::tempdir().unwrap();
+    let root = target.path().join("root");
+    let out = udos(&["restore", &run_id, "7", "--target", root.to_str().unwrap()]);
+    assert!(out.status.success());
+    let ws = root.join("workspace");
+    let read = |p: &str| std::fs::read_to_string(ws.join(p)).unwrap_or_default();
+    assert_eq!(read("made.txt"), "hello\n");
+    assert_eq!(read("doomed.txt"), "doomed\n");
+    assert_eq!(read("recovered.txt"), "hi there\n");
+    assert!(!ws.join("second.txt").exists(), "step 7 deleted it");
+    assert!(!ws.join("never.txt").exists());
+    assert!(
+        !root.join(".actrc").exists() && !root.join(".udos").exists(),
+        "no control files in the layer"
+    );
+}
