@@ -30,6 +30,9 @@ use crate::store::Store;
 pub const MAX_STEP_LOWERS: usize = 8;
 /// How long a step that runs after its job was cancelled (`if: always()`) may take.
 pub const CLEANUP_STEP_LIMIT: Duration = Duration::from_secs(300);
+/// `--per job`: how much later than the job's deadline the guest's own clock stops a
+/// step the deadline bounds, so that the host's stop decides, as in step mode.
+const JOB_DEADLINE_MARGIN: Duration = Duration::from_secs(10);
 
 /// What every leg of a run shares.
 pub struct RunShared<'a> {
@@ -444,14 +447,22 @@ fn run_leg_in<'scope, 'env>(
                 }
             });
             let out = if per_job {
+                // The job's deadline is the host's to enforce (it stops the VM), as in
+                // step mode, where the guest's clock starts only after its boot.
+                let by_deadline = !(cancelled || timed_out) && left < own;
                 let run = JobStepRun {
                     step: &step,
                     files: &files,
                     lowers: &lowers.paths(shared),
-                    limit,
-                    life: deadline
-                        .saturating_duration_since(Instant::now())
-                        .max(CLEANUP_STEP_LIMIT),
+                    limit: limit
+                        + if by_deadline {
+                            JOB_DEADLINE_MARGIN
+                        } else {
+                            Duration::ZERO
+                        },
+                    // A backstop only: the leg bounds each step and the job itself.
+                    life: deadline.saturating_duration_since(Instant::now())
+                        + shared.settings.step_timeout,
                 };
                 let dir = shared.prep.state.step_dir(shared.run_id, leg_index, 0);
                 let dir = dir.parent().unwrap_or(&dir);

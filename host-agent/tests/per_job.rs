@@ -10,7 +10,8 @@ mod common;
 use common::{json, repo, serial, udos};
 
 /// Outputs between steps, `$GITHUB_ENV`, a file from step 1 read by step 2, a masked
-/// secret, a failing step, then `failure()` / `always()` / a skipped step.
+/// secret, a failing step, then `failure()` / `always()` / a skipped step, and a step
+/// that overruns its `timeout-minutes` (the guest stops it; the job VM goes on).
 const WORKFLOW: &str = r#"
 on: push
 jobs:
@@ -47,10 +48,16 @@ jobs:
       - id: always
         if: always()
         run: rm second.txt
+      - id: overrun
+        if: always()
+        timeout-minutes: 0.1
+        run: |
+          echo started > overrun.txt
+          sleep 120
 "#;
 
-/// (id, outcome, conclusion, exit code, outputs) of each step of the only job.
-fn steps(report: &Value) -> Vec<(Value, Value, Value, Value, Value)> {
+/// (id, outcome, conclusion, exit code, outputs, error) of each step of the only job.
+fn steps(report: &Value) -> Vec<(Value, Value, Value, Value, Value, Value)> {
     report["jobs"][0]["steps"]
         .as_array()
         .expect("steps")
@@ -62,6 +69,7 @@ fn steps(report: &Value) -> Vec<(Value, Value, Value, Value, Value)> {
                 s["conclusion"].clone(),
                 s["exit_code"].clone(),
                 s["outputs"].clone(),
+                s["error"].clone(),
             )
         })
         .collect()
@@ -105,7 +113,7 @@ fn per_job_gives_the_outcomes_of_per_step_in_one_vm_with_one_restore_point() {
     let outcomes: Vec<&str> = s.iter().map(|x| x.1.as_str().unwrap()).collect();
     assert_eq!(
         outcomes,
-        ["success", "success", "success", "failure", "skipped", "success", "success"]
+        ["success", "success", "success", "failure", "skipped", "success", "success", "failure"]
     );
     assert_eq!(s[1].4["seen"], "hi there");
     assert_eq!(s[3].3, 3, "the failing step's exit code");
@@ -113,7 +121,7 @@ fn per_job_gives_the_outcomes_of_per_step_in_one_vm_with_one_restore_point() {
     assert!(!by_job.to_string().contains("s3cret-value"));
 
     // One VM for the job; one per step that ran with --per step.
-    assert_eq!(by_step["vms_booted"], 6, "{by_step:#}");
+    assert_eq!(by_step["vms_booted"], 7, "{by_step:#}");
     assert_eq!(by_job["vms_booted"], 1, "{by_job:#}");
 
     // The job's one layer is on its last step, and restores with what the steps wrote.
@@ -123,13 +131,13 @@ fn per_job_gives_the_outcomes_of_per_step_in_one_vm_with_one_restore_point() {
         .filter(|s| !s["layer_id"].is_null())
         .collect();
     assert_eq!(with_layer.len(), 1, "{by_job:#}");
-    assert_eq!(with_layer[0]["number"], 7);
+    assert_eq!(with_layer[0]["number"], 8);
     assert!(with_layer[0]["snapshot_id"].is_string(), "{by_job:#}");
 
     let run_id = by_job["run_id"].as_i64().unwrap().to_string();
     let target = tempfile::tempdir().unwrap();
     let root = target.path().join("root");
-    let out = udos(&["restore", &run_id, "7", "--target", root.to_str().unwrap()]);
+    let out = udos(&["restore", &run_id, "8", "--target", root.to_str().unwrap()]);
     assert!(out.status.success());
     let ws = root.join("workspace");
     let read = |p: &str| std::fs::read_to_string(ws.join(p)).unwrap_or_default();
@@ -138,8 +146,52 @@ fn per_job_gives_the_outcomes_of_per_step_in_one_vm_with_one_restore_point() {
     assert_eq!(read("recovered.txt"), "hi there\n");
     assert!(!ws.join("second.txt").exists(), "step 7 deleted it");
     assert!(!ws.join("never.txt").exists());
+    assert_eq!(read("overrun.txt"), "started\n");
     assert!(
         !root.join(".actrc").exists() && !root.join(".udos").exists(),
         "no control files in the layer"
     );
+}
+
+/// The job's deadline stops the job VM mid-step, as it stops a step VM; the
+/// `always()` step after it runs in a new job VM, from the job's inputs.
+const DEADLINE: &str = r#"
+on: push
+jobs:
+  late:
+    runs-on: ubuntu-latest
+    timeout-minutes: 0.25
+    steps:
+      - run: echo one > one.txt
+      - run: sleep 300
+      - if: always()
+        run: echo cleanup > cleanup.txt
+"#;
+
+#[test]
+fn the_jobs_deadline_stops_the_job_vm_and_always_steps_get_a_new_one() {
+    let _g = serial();
+    let (_dir, wf) = repo(DEADLINE, &[]);
+    let wf = wf.to_str().unwrap();
+
+    let (code_step, by_step) = run("step", wf);
+    let (code_job, by_job) = run("job", wf);
+    assert_eq!(code_job, code_step, "{by_job:#}");
+    assert_eq!(steps(&by_job), steps(&by_step), "{by_job:#}");
+    assert_eq!(
+        by_job["jobs"][0]["conclusion"],
+        by_step["jobs"][0]["conclusion"]
+    );
+    let outcomes: Vec<Value> = steps(&by_job).into_iter().map(|s| s.1).collect();
+    assert_eq!(outcomes, ["success", "cancelled", "success"], "{by_job:#}");
+    assert_eq!(by_job["vms_booted"], 2, "{by_job:#}");
+
+    // The second VM's layer, on step 3: the first VM's work went with it.
+    let run_id = by_job["run_id"].as_i64().unwrap().to_string();
+    let target = tempfile::tempdir().unwrap();
+    let root = target.path().join("root");
+    let out = udos(&["restore", &run_id, "3", "--target", root.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert!(root.join("workspace/cleanup.txt").is_file());
+    assert!(!root.join("workspace/one.txt").exists());
 }
