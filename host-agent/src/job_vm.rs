@@ -29,6 +29,8 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long the host tries to connect to the channel's socket.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const TICK: Duration = Duration::from_millis(50);
+/// How long one write to the channel may block.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A job VM that is up: the channel, and the thread the hypervisor runs on.
 pub struct JobVm<'scope> {
@@ -227,7 +229,10 @@ impl<'scope> JobVm<'scope> {
             match UnixStream::connect(socket) {
                 Ok(s) => break s,
                 Err(e) => {
-                    if self.vm_ended() || started.elapsed() >= CONNECT_TIMEOUT {
+                    if self.vm_ended() {
+                        return Err(self.why_ended());
+                    }
+                    if started.elapsed() >= CONNECT_TIMEOUT {
                         anyhow::bail!(
                             "cannot connect to the job VM's channel {}: {e}",
                             socket.display()
@@ -237,6 +242,10 @@ impl<'scope> JobVm<'scope> {
                 }
             }
         };
+        // A guest that stops reading must not hang the leg on a full socket.
+        stream
+            .set_write_timeout(Some(WRITE_TIMEOUT))
+            .context("setting the channel's write timeout")?;
         let mut reader = stream.try_clone().context("cloning the channel")?;
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
@@ -257,6 +266,21 @@ impl<'scope> JobVm<'scope> {
         self.writer = stream;
         self.messages = rx;
         Ok(())
+    }
+
+    /// Why the VM ended before its channel opened (a driver that refuses a channel
+    /// says so here).
+    fn why_ended(&mut self) -> anyhow::Error {
+        match self.vm.take().map(|h| h.join()) {
+            Some(Ok(Err(e))) => anyhow::anyhow!("the hypervisor could not run the job VM: {e}"),
+            Some(Ok(Ok(o))) => anyhow::anyhow!(
+                "the job VM ended ({}) before its channel opened; console log: {}",
+                o.exit,
+                self.console_log.display()
+            ),
+            Some(Err(_)) => anyhow::anyhow!("the job VM's thread panicked"),
+            None => anyhow::anyhow!("the job VM is not running"),
+        }
     }
 
     fn vm_ended(&self) -> bool {

@@ -600,6 +600,10 @@ fn seal_job(
         return Ok(());
     };
     r.layer_id = Some(layer.id.clone());
+    // The layer first: the step's row refers to it.
+    if let Ok(st) = shared.store.lock() {
+        let _ = st.put_layer(&layer.id, "step", layer.bytes, layer.entries);
+    }
     persist(shared, leg, ticket, r);
     let tags = Tags::default()
         .with("udos", "layer")
@@ -616,9 +620,6 @@ fn seal_job(
         &shared.prep.state.layer_dir(&layer.id),
         tags,
     );
-    if let Ok(st) = shared.store.lock() {
-        let _ = st.put_layer(&layer.id, "step", layer.bytes, layer.entries);
-    }
     Ok(())
 }
 
