@@ -76,7 +76,11 @@ fn steps(report: &Value) -> Vec<(Value, Value, Value, Value, Value, Value)> {
 }
 
 fn run(per: &str, wf: &str) -> (Option<i32>, Value) {
-    let out = udos(&[
+    run_with(per, wf, &[])
+}
+
+fn run_with(per: &str, wf: &str, extra: &[&str]) -> (Option<i32>, Value) {
+    let args = [
         "run",
         "--hypervisor",
         "qemu",
@@ -87,8 +91,8 @@ fn run(per: &str, wf: &str) -> (Option<i32>, Value) {
         "--no-console",
         "-s",
         "TOKEN=s3cret-value",
-        wf,
-    ]);
+    ];
+    let out = udos(&[&args[..], extra, &[wf]].concat());
     (out.status.code(), json(&out))
 }
 
@@ -194,4 +198,130 @@ fn the_jobs_deadline_stops_the_job_vm_and_always_steps_get_a_new_one() {
     assert!(out.status.success());
     assert!(root.join("workspace/cleanup.txt").is_file());
     assert!(!root.join("workspace/one.txt").exists());
+}
+
+/// Several jobs: needs and job outputs, a matrix, a local composite action that reads
+/// the workspace, an action of another repository (its tree, with an executable,
+/// travels in the step message), legs that never see each other's files.
+const GRAPH: &str = r#"
+on: push
+jobs:
+  left:
+    runs-on: ubuntu-latest
+    outputs:
+      word: ${{ steps.greet.outputs.greeting }}
+    steps:
+      - run: echo left > from-left.txt
+      - id: greet
+        uses: ./.github/actions/greet
+        with:
+          who: left-${{ github.event_name }}
+      - run: test "$(cat from-left.txt)" = left
+      - id: remote
+        uses: acme/say@v1
+      - run: test "${{ steps.remote.outputs.said }}" = remote-ok
+  matrix:
+    runs-on: ubuntu-latest
+    strategy:
+      matrix:
+        os: [ubuntu, debian]
+    outputs:
+      leg: ${{ steps.m.outputs.leg }}
+    steps:
+      - id: m
+        run: echo "leg=${{ matrix.os }}" >> "$GITHUB_OUTPUT"
+  join:
+    needs: [left, matrix]
+    runs-on: ubuntu-latest
+    steps:
+      - run: |
+          test "${{ needs.left.outputs.word }}" = "hello left-push"
+          test -n "${{ needs.matrix.outputs.leg }}"
+          test ! -e from-left.txt
+"#;
+
+const GREET: &str = r#"
+name: greet
+inputs:
+  who:
+    required: true
+outputs:
+  greeting:
+    value: ${{ steps.g.outputs.greeting }}
+runs:
+  using: composite
+  steps:
+    - id: g
+      shell: sh
+      run: |
+        test -f data/seed.txt
+        echo "greeting=hello ${{ inputs.who }}" >> "$GITHUB_OUTPUT"
+"#;
+
+/// An action of another repository (`--local-repository`): it runs a script of its
+/// own tree.
+const SAY: &str = r#"
+name: say
+outputs:
+  said:
+    value: ${{ steps.s.outputs.said }}
+runs:
+  using: composite
+  steps:
+    - id: s
+      shell: sh
+      run: echo "said=$(${{ github.action_path }}/say.sh)" >> "$GITHUB_OUTPUT"
+"#;
+
+/// Each job leg's (id, matrix, conclusion, outputs, steps), in a stable order.
+fn legs(report: &Value) -> Vec<Value> {
+    let mut legs: Vec<Value> = report["jobs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .map(|j| {
+            let one = serde_json::json!({ "jobs": [j] });
+            serde_json::json!([
+                j["id"],
+                j["matrix"],
+                j["conclusion"],
+                j["outputs"],
+                format!("{:?}", steps(&one)),
+            ])
+        })
+        .collect();
+    legs.sort_by_key(|l| l.to_string());
+    legs
+}
+
+#[test]
+fn several_jobs_with_needs_a_matrix_and_actions_agree_per_job() {
+    let _g = serial();
+    let (_dir, wf) = repo(
+        GRAPH,
+        &[
+            ("data/seed.txt", "42"),
+            (".github/actions/greet/action.yml", GREET),
+        ],
+    );
+    let wf = wf.to_str().unwrap();
+    let say = tempfile::tempdir().unwrap();
+    std::fs::write(say.path().join("action.yml"), SAY).unwrap();
+    std::fs::write(say.path().join("say.sh"), "#!/bin/sh\necho remote-ok\n").unwrap();
+    std::fs::set_permissions(
+        say.path().join("say.sh"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let flag = format!("acme/say@v1={}", say.path().display());
+    let extra = ["--network", "none", "--local-repository", &flag];
+    let (code_step, by_step) = run_with("step", wf, &extra);
+    let (code_job, by_job) = run_with("job", wf, &extra);
+    assert_eq!(code_step, Some(0), "{by_step:#}");
+    assert_eq!(code_job, code_step, "{by_job:#}");
+    assert_eq!(legs(&by_job), legs(&by_step), "{by_job:#}");
+    assert_eq!(legs(&by_job).len(), 4);
+    // One VM per leg: left, two matrix legs, join.
+    assert_eq!(by_job["vms_booted"], 4, "{by_job:#}");
+    assert_eq!(by_step["vms_booted"], 8, "{by_step:#}");
 }
