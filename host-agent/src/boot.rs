@@ -300,6 +300,7 @@ fn vm_spec(
         console: None,
         log_filter: None,
         network: opts.network.clone(),
+        channel: None,
     })
 }
 

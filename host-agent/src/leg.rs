@@ -17,10 +17,11 @@ use udos_core::engine::Conclusion;
 use udos_layer::RecordStatus;
 
 use crate::hashfiles::LayeredWorkspace;
+use crate::job_vm::{JobSlot, JobStepRun};
 use crate::progress::{Event, JobRef};
 use crate::report::{ActionReport, CachedFrom, StepReport};
 use crate::restic::Tags;
-use crate::runner::{Prepared, RunSettings};
+use crate::runner::{Per, Prepared, RunSettings};
 use crate::snapshots::Queue;
 use crate::step_vm::{mask, StepVm, StepVmOutcome};
 use crate::store::Store;
@@ -30,6 +31,9 @@ use crate::store::Store;
 pub const MAX_STEP_LOWERS: usize = 8;
 /// How long a step that runs after its job was cancelled (`if: always()`) may take.
 pub const CLEANUP_STEP_LIMIT: Duration = Duration::from_secs(300);
+/// `--per job`: how much later than the job's deadline the guest's own clock stops a
+/// step the deadline bounds, so that the host's stop decides, as in step mode.
+const JOB_DEADLINE_MARGIN: Duration = Duration::from_secs(10);
 
 /// What every leg of a run shares.
 pub struct RunShared<'a> {
@@ -205,6 +209,17 @@ pub fn run_leg(
     cancel: &AtomicBool,
     queue: &Queue,
 ) -> LegOutput {
+    // The scope a job VM (`--per job`) runs in across the leg's steps.
+    std::thread::scope(|scope| run_leg_in(shared, ticket, cancel, queue, scope))
+}
+
+fn run_leg_in<'scope, 'env>(
+    shared: &RunShared<'env>,
+    ticket: LegTicket,
+    cancel: &AtomicBool,
+    queue: &Queue,
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+) -> LegOutput {
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(ticket.timeout_minutes * 60.0);
     let leg_index = ticket.id;
@@ -259,6 +274,7 @@ pub fn run_leg(
     let mut timed_out = false;
     let mut missed = false;
     let mut parent = shared.workspace.clone();
+    let mut slot = JobSlot::default();
     loop {
         if !cancelled && cancel.load(Ordering::Acquire) {
             cancelled = true;
@@ -278,6 +294,11 @@ pub fn run_leg(
                         "the job timed out after {} minutes",
                         leg.ticket().timeout_minutes
                     ));
+                }
+                let at = (leg_index, leg.ticket(), &job);
+                if let Err(e) = seal_job(shared, at, &mut slot, &mut reports, &parent, queue) {
+                    result.outcome = Conclusion::Failure;
+                    result.error = Some(e);
                 }
                 notices.append(&mut leg.notices);
                 return LegOutput {
@@ -348,7 +369,10 @@ pub fn run_leg(
         if let Some(from) = &shared.settings.rerun_from {
             missed |= from.forces(&step.job_id, step.number);
         }
-        let cacheable = shared.settings.use_cache && !missed && !udos_core::cache::opted_out(&step);
+        // A job VM is one unit: its steps are neither looked up nor kept.
+        let per_job = shared.settings.per == Per::Job;
+        let cacheable =
+            shared.settings.use_cache && !per_job && !missed && !udos_core::cache::opted_out(&step);
         if cacheable && !key.is_empty() {
             match crate::cache::lookup(shared.store, shared.prep.state, &key, &entries) {
                 Ok(Some(hit)) => {
@@ -444,7 +468,30 @@ pub fn run_leg(
                     std::thread::sleep(Duration::from_millis(50));
                 }
             });
-            let out = vm.run(&step, &files, &lowers.paths(shared), limit, stop);
+            let out = if per_job {
+                // The job's deadline is the host's to enforce (it stops the VM), as in
+                // step mode, where the guest's clock starts only after its boot.
+                let by_deadline = !(cancelled || timed_out) && left < own;
+                let run = JobStepRun {
+                    step: &step,
+                    files: &files,
+                    lowers: &lowers.paths(shared),
+                    limit: limit
+                        + if by_deadline {
+                            JOB_DEADLINE_MARGIN
+                        } else {
+                            Duration::ZERO
+                        },
+                    // A backstop only: the leg bounds each step and the job itself.
+                    life: deadline.saturating_duration_since(Instant::now())
+                        + shared.settings.step_timeout,
+                };
+                let dir = shared.prep.state.step_dir(shared.run_id, leg_index, 0);
+                let dir = dir.parent().unwrap_or(&dir);
+                slot.run((scope, shared.prep.hypervisor), &vm, dir, run, stop)
+            } else {
+                vm.run(&step, &files, &lowers.paths(shared), limit, stop)
+            };
             done.store(true, Ordering::Release);
             let _ = watcher.join();
             out
@@ -495,7 +542,11 @@ pub fn run_leg(
             }
         }
         // After its layer is recorded: a kept result refers to it.
-        if shared.settings.use_cache && !udos_core::cache::opted_out(&step) && !key.is_empty() {
+        if shared.settings.use_cache
+            && !per_job
+            && !udos_core::cache::opted_out(&step)
+            && !key.is_empty()
+        {
             let kept = out.record.as_ref().and_then(|rec| {
                 let reads = crate::cache::reads_of(rec, &entries)?;
                 let text = rec
@@ -526,8 +577,75 @@ pub fn run_leg(
         }
         step_ended(shared, &job, &summary, &m, None);
         persist(shared, leg_index, leg.ticket(), &r);
+        if per_job {
+            slot.last_ran = Some(reports.len());
+        }
         reports.push(r);
     }
+}
+
+/// `--per job`: seals the leg's job VM, if one is up, and makes its layer the job's
+/// restore point, on the last step that ran in it (docs/job-mode.md).
+fn seal_job(
+    shared: &RunShared<'_>,
+    (leg, ticket, job): (usize, &LegTicket, &JobRef),
+    slot: &mut JobSlot<'_>,
+    reports: &mut [StepReport],
+    parent: &str,
+    queue: &Queue,
+) -> Result<(), String> {
+    let Some(idx) = slot.last_ran else {
+        return Ok(());
+    };
+    let Some(r) = reports.get_mut(idx) else {
+        return Ok(());
+    };
+    let vm = StepVm {
+        prep: shared.prep,
+        settings: shared.settings,
+        dir: PathBuf::new(),
+        event_json: &shared.event_json,
+        label: String::new(),
+        job: job.clone(),
+        masks: Arc::new(RwLock::new(Vec::new())),
+        actions: Vec::new(),
+    };
+    let Some(out) = slot.seal(&vm) else {
+        return Ok(());
+    };
+    for (k, v) in &out.phases {
+        r.phases_ms.insert(format!("job_{k}"), *v);
+    }
+    if let Some(e) = out.error {
+        let e = format!("sealing the job's layer: {e}");
+        persist(shared, leg, ticket, r);
+        return Err(e);
+    }
+    let Some(layer) = out.layer else {
+        return Ok(());
+    };
+    r.layer_id = Some(layer.id.clone());
+    // The layer first: the step's row refers to it.
+    if let Ok(st) = shared.store.lock() {
+        let _ = st.put_layer(&layer.id, "step", layer.bytes, layer.entries);
+    }
+    persist(shared, leg, ticket, r);
+    let tags = Tags::default()
+        .with("udos", "layer")
+        .with("kind", "job")
+        .with("run", shared.run_id)
+        .with("generation", shared.generation)
+        .with("job", &ticket.report_id)
+        .with("leg", leg)
+        .with("step", r.number)
+        .with("parent", parent)
+        .with("layer", &layer.id);
+    queue.add(
+        format!("leg-{leg}-step-{}", r.number),
+        &shared.prep.state.layer_dir(&layer.id),
+        tags,
+    );
+    Ok(())
 }
 
 /// Why `actions` cannot run on the base `name` (its root at `tree`): a JavaScript

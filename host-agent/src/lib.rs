@@ -29,6 +29,7 @@ pub mod errors;
 pub mod export;
 pub mod gc;
 pub mod hashfiles;
+pub mod job_vm;
 pub mod leg;
 pub mod plan;
 pub mod proc;

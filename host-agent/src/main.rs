@@ -306,6 +306,11 @@ struct RunArgs {
     #[arg(long)]
     #[serde(default)]
     no_squash: bool,
+    /// A VM per `step` (each step its own restore point) or per `job` (its steps in
+    /// one VM, one restore point per job; no step cache)
+    #[arg(long, value_enum, default_value = "step")]
+    #[serde(default)]
+    per: udos_host_agent::runner::Per,
     /// The steps' network: `nat` (egress through NAT, DNS; QEMU) or `none`
     #[arg(long, value_enum, default_value = "nat")]
     network: NetworkArg,
@@ -1064,6 +1069,7 @@ fn run(state: &StateDir, a: RunArgs, attempt: Attempt) -> Result<ExitCode, Setup
         use_cache: !a.no_cache,
         rerun_from: attempt.from,
         squash: !a.no_squash,
+        per: a.per,
         ..runner::RunSettings::default()
     };
     req.config.facts.run_attempt = attempt.number.to_string();
@@ -1086,6 +1092,12 @@ fn run(state: &StateDir, a: RunArgs, attempt: Attempt) -> Result<ExitCode, Setup
         }
         NetworkArg::Nat => Some(runner::nat_network(a.host_port.clone())),
     };
+    if settings.per == runner::Per::Job && !env.hypervisor.has_channel() {
+        return Err(SetupFailed(anyhow::anyhow!(
+            "--per job needs a channel to the VM, and {} has none: use --hypervisor qemu (docs/job-mode.md)",
+            env.hypervisor.name()
+        )));
+    }
     let store = Store::open(&state.db()).map_err(SetupFailed)?;
     settings.progress = udos_host_agent::progress::Progress::stderr(a.plain);
     let ran = runner::run(&env.prepared(state), store, *req, &settings);

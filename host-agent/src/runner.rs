@@ -56,6 +56,29 @@ pub struct RunSettings {
     /// On a tagged commit, squash each leg's final root into a base; start legs from
     /// the squashed base of a tagged ancestor (`--no-squash`: neither).
     pub squash: bool,
+    /// A VM per step (default) or per job (`--per`, docs/job-mode.md).
+    pub per: Per,
+}
+
+/// What one VM runs (`udos run --per`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Per {
+    /// Each step in its own VM, with its own restore point.
+    #[default]
+    Step,
+    /// Each job's steps in one VM, one restore point per job (docs/job-mode.md).
+    Job,
 }
 
 impl Default for RunSettings {
@@ -72,6 +95,7 @@ impl Default for RunSettings {
             rerun_from: None,
             progress: Progress::plain(),
             squash: true,
+            per: Per::Step,
         }
     }
 }

@@ -306,6 +306,7 @@ impl StepVm<'_> {
                 let m = filter_masks.read().map(|m| m.clone()).unwrap_or_default();
                 mask(line, &m)
             })),
+            channel: None,
         };
         out.phases.insert("materialize".into(), ms(t0.elapsed()));
         let vm_started = Instant::now();
@@ -327,7 +328,7 @@ impl StepVm<'_> {
     /// Reads what the guest sealed. Nothing from it is believed before its checksums
     /// verify: the record's (by `read_output`), then the layer stream's, before its id
     /// is used to find or store the layer.
-    fn read_back(
+    pub(crate) fn read_back(
         &self,
         output: &Path,
         exit: &VmExit,

@@ -24,6 +24,8 @@ pub const WANTED_MODULES: &[&str] = &[
     "virtio_blk",
     // The NIC of VMs with a network (`udos.net`); brings failover and net_failover.
     "virtio_net",
+    // Job mode's host channel (`udos run --per job`): a virtio-console port.
+    "virtio_console",
     "overlay",
     "libcrc32c",
     "erofs",

@@ -93,6 +93,14 @@ pub enum Error {
     #[error("the step root's /etc is not a directory: no place for resolv.conf")]
     EtcNotADirectory,
 
+    /// Job mode: the channel to the host failed, or the host sent what PID 1 refuses.
+    #[error("job channel: {0}")]
+    Channel(String),
+
+    /// Job mode without `udos.channel`.
+    #[error("udos.mode=job needs udos.channel (the host's port)")]
+    NoChannel,
+
     /// Manager mode with neither a shell requested nor an agent in the image.
     #[error("no /.actrc and no agent: nothing to run")]
     NothingToRun,

@@ -14,6 +14,7 @@ mod button;
 mod console;
 mod devices;
 mod error;
+mod job;
 mod modules;
 mod mounts;
 mod net;
@@ -141,6 +142,9 @@ impl Init {
         if self.cfg.mode == Mode::Service {
             return self.run_service(&root);
         }
+        if self.cfg.mode == Mode::Job {
+            return self.run_job(&root);
+        }
         if self.cfg.mode == Mode::Step && root.path(".actrc").exists() {
             self.run_act(&root)
         } else {
@@ -204,7 +208,10 @@ impl Init {
             net::configure(&cfg, timeout).map(|iface| (iface, t.elapsed()))
         };
         Some(
-            match std::thread::Builder::new().name("net".into()).spawn(configure) {
+            match std::thread::Builder::new()
+                .name("net".into())
+                .spawn(configure)
+            {
                 Ok(handle) => NetStart::Thread(handle),
                 Err(e) => {
                     warning!("network on a thread: {e}; configuring it first");
@@ -292,6 +299,82 @@ impl Init {
         let mut args = vec!["--json".to_string()];
         args.extend(secrets.act_args());
         Ok((args, ActLog::new(secrets.masker())))
+    }
+
+    /// Job mode: tell the host the root is ready, then run each step it sends until
+    /// it says seal (or closes the channel). The record returned is the job's, sealed
+    /// with the one layer of everything the steps wrote.
+    fn run_job(&mut self, root: &StepRoot) -> Result<StepRecord, Error> {
+        let name = self.cfg.channel.clone().ok_or(Error::NoChannel)?;
+        let mut channel = job::Channel::open(&name, self.cfg.device_timeout)?;
+        self.timings
+            .insert("init_to_ready".into(), ms(self.started.elapsed()));
+        channel.send(&udos_layer::job::GuestMessage::Ready)?;
+        info!("job mode: ready on {name}");
+        let mut steps = 0u32;
+        loop {
+            match channel.recv()? {
+                Some(udos_layer::job::JobMessage::Step(step)) => {
+                    steps += 1;
+                    let record = self.run_job_step(root, &step);
+                    info!("job step {steps}: {}", report::status_word(record.status));
+                    let done = udos_layer::job::GuestMessage::StepDone(Box::new(record));
+                    channel.send(&done)?;
+                }
+                Some(udos_layer::job::JobMessage::Seal) => {
+                    info!("job mode: sealing after {steps} step(s)");
+                    break;
+                }
+                None => {
+                    warning!(
+                        "job mode: the host closed the channel after {steps} step(s); sealing"
+                    );
+                    break;
+                }
+            }
+        }
+        Ok(StepRecord {
+            version: RECORD_VERSION,
+            status: RecordStatus::Success,
+            error: None,
+            act_exit_code: None,
+            steps: Vec::new(),
+            timings_ms: BTreeMap::new(),
+            layer: Default::default(),
+            reads: None,
+        })
+    }
+
+    /// One step of a job: its control files into the root, act as in step mode (with
+    /// the step's secrets and timeout), then the files and act's home removed again.
+    /// Every failure is the step's record, never the job's end.
+    fn run_job_step(&mut self, root: &StepRoot, step: &udos_layer::job::JobStep) -> StepRecord {
+        let timeout = std::time::Duration::try_from_secs_f64(step.timeout_secs)
+            .unwrap_or(std::time::Duration::from_secs(1));
+        self.cfg.timeout = Some(timeout.max(std::time::Duration::from_millis(1)));
+        let result = job::write_control_files(&root.dir, &step.files).and_then(|()| {
+            let mut args = vec!["--json".to_string()];
+            args.extend(step.secrets.act_args());
+            let mut log = ActLog::new(step.secrets.masker());
+            let running = act::spawn(&self.cfg.act, &args, root, Stdio3::Piped)?;
+            let done = self.supervise(running, &mut log)?;
+            info!("act exited: {}", describe(done.exit));
+            let mut record = outcome("act", &done, self.cfg.timeout);
+            record.act_exit_code = Some(done.exit.code());
+            record.steps = log.into_steps();
+            record.timings_ms.insert("act".into(), ms(done.elapsed));
+            Ok(record)
+        });
+        let mut record = result.unwrap_or_else(|e| {
+            error!("{e}");
+            StepRecord::error(e.to_string())
+        });
+        // act's home too: each step gets a fresh one, as in its own VM.
+        for e in job::remove_control_files(&root.dir, &step.files, &[act::HOME]) {
+            warning!("job mode: {e}");
+            record.error.get_or_insert_with(|| e.to_string());
+        }
+        record
     }
 
     /// Manager mode: an emergency shell, the agent, or nothing to do.

@@ -47,6 +47,10 @@ pub enum Mode {
     /// A service VM: assemble the root, report `service up`, idle (reaping children)
     /// until SIGTERM, SIGINT or the power button, then shut down in order.
     Service,
+    /// A whole job in one VM: assemble the root, then run the steps the host sends
+    /// over the channel ([`BootConfig::channel`], `job::JobMessage`) one at a time,
+    /// and seal once at the end.
+    Job,
 }
 
 impl Mode {
@@ -57,6 +61,7 @@ impl Mode {
             Mode::Probe => "probe",
             Mode::Manager => "manager",
             Mode::Service => "service",
+            Mode::Job => "job",
         }
     }
 }
@@ -70,6 +75,7 @@ impl FromStr for Mode {
             "probe" => Ok(Mode::Probe),
             "manager" => Ok(Mode::Manager),
             "service" => Ok(Mode::Service),
+            "job" => Ok(Mode::Job),
             _ => Err(()),
         }
     }
@@ -231,6 +237,9 @@ pub struct BootConfig {
     pub root: Option<PathBuf>,
     /// `udos.net`: configure the NIC with these addresses; `None`: no network.
     pub net: Option<NetConfig>,
+    /// `udos.channel`: the name of the virtio-console port job mode talks to the host
+    /// on (`/sys/class/virtio-ports/*/name`); same rules as a serial.
+    pub channel: Option<String>,
 }
 
 impl Default for BootConfig {
@@ -248,6 +257,7 @@ impl Default for BootConfig {
             device_timeout: DEFAULT_DEVICE_TIMEOUT,
             root: None,
             net: None,
+            channel: None,
         }
     }
 }
@@ -330,6 +340,10 @@ impl BootConfig {
             })?;
             words.push(pair("udos.net", &net.to_string()));
         }
+        if let Some(channel) = &self.channel {
+            let port = DeviceRef::Serial(channel.clone());
+            words.push(pair("udos.channel", &device_value("udos.channel", &port)?));
+        }
         Ok(words.join(" "))
     }
 
@@ -375,7 +389,7 @@ impl BootConfig {
             "udos.mode" => {
                 self.mode = value
                     .parse()
-                    .map_err(|()| "expected step, probe, manager or service")?
+                    .map_err(|()| "expected step, probe, manager, service or job")?
             }
             "udos.lowers" => {
                 self.lowers = value
@@ -394,6 +408,17 @@ impl BootConfig {
             "udos.act" => self.act = absolute(value)?,
             "udos.root" => self.root = Some(absolute(value)?),
             "udos.net" => self.net = Some(value.parse()?),
+            "udos.channel" => {
+                let ok = !value.is_empty()
+                    && value.len() <= MAX_SERIAL_LEN
+                    && value
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+                if !ok {
+                    return Err("expected a port name [A-Za-z0-9._-], at most 20 bytes");
+                }
+                self.channel = Some(value.to_string());
+            }
             _ => {}
         }
         Ok(())
@@ -529,7 +554,7 @@ mod tests {
             "console=ttyS0 quiet udos.mode=manager udos.lowers=udos-l0,udos-l1,udos-l2 \
              udos.upper=udos-up udos.output=/tmp/out udos.secrets=udos-secrets \
              udos.timeout=1.5 udos.grace=2 udos.shell=1 udos.act=/bin/true \
-             udos.devtimeout=0.5 udos.root=\"/tmp/a b\" udos.net=10.0.2.15/24,10.0.2.2,10.0.2.3 -- x",
+             udos.devtimeout=0.5 udos.root=\"/tmp/a b\" udos.net=10.0.2.15/24,10.0.2.2,10.0.2.3 udos.channel=udos.ctl -- x",
         )
         .unwrap();
         let expected = BootConfig {
@@ -545,8 +570,29 @@ mod tests {
             device_timeout: Duration::from_millis(500),
             root: Some(PathBuf::from("/tmp/a b")),
             net: Some(NetConfig::USER_MODE),
+            channel: Some("udos.ctl".into()),
         };
         assert_eq!(cfg, expected);
+    }
+
+    #[test]
+    fn job_mode_and_its_channel() {
+        let cfg = BootConfig::parse("udos.mode=job udos.channel=udos.ctl").unwrap();
+        assert_eq!(cfg.mode, Mode::Job);
+        assert_eq!(cfg.channel.as_deref(), Some("udos.ctl"));
+        assert_eq!(BootConfig::parse(&cfg.render().unwrap()).unwrap(), cfg);
+        for bad in [
+            "udos.channel=a,b",
+            "udos.channel=",
+            "udos.channel=a-port-name-over-20-bytes",
+        ] {
+            assert!(BootConfig::parse(bad).is_err(), "{bad}");
+        }
+        let bad = BootConfig {
+            channel: Some("has space".into()),
+            ..BootConfig::default()
+        };
+        assert!(bad.render().is_err());
     }
 
     #[test]
@@ -752,7 +798,7 @@ mod tests {
 
     prop_compose! {
         fn arb_config()(
-            mode in prop_oneof![Just(Mode::Step), Just(Mode::Probe), Just(Mode::Manager), Just(Mode::Service)],
+            mode in prop_oneof![Just(Mode::Step), Just(Mode::Probe), Just(Mode::Manager), Just(Mode::Service), Just(Mode::Job)],
             lowers in prop::collection::vec(arb_device(), 0..6),
             upper in prop::option::of(arb_device()),
             output in prop::option::of(arb_device()),
@@ -764,9 +810,10 @@ mod tests {
             device_timeout in arb_duration(),
             root in prop::option::of(arb_path()),
             net in prop::option::of(arb_net()),
+            channel in prop::option::of("[A-Za-z0-9._-]{1,20}"),
         ) -> BootConfig {
             BootConfig { mode, lowers, upper, output, secrets, timeout, grace, shell, act,
-                         device_timeout, root, net }
+                         device_timeout, root, net, channel }
         }
     }
 

@@ -1,6 +1,7 @@
 //! The udos layer stream (docs/layer-format.md).
 //!
 //! - [`boot`]: the kernel command line, rendered by the host and parsed by PID 1.
+//! - [`job`]: job mode's channel: frames and messages between the host and PID 1.
 //! - [`secrets`]: the secrets device: what the host gives a step and PID 1 reads.
 //! - [`mask`]: hiding secret values in text (PID 1's console, the host's logs).
 //! - [`record`]: the step record PID 1 writes beside the layer.
@@ -19,6 +20,7 @@ pub mod apply;
 pub mod boot;
 pub mod format;
 mod fsutil;
+pub mod job;
 pub mod mask;
 pub mod output;
 pub mod record;

@@ -649,6 +649,7 @@ impl Hypervisor for CloudHypervisor {
 
     fn run_until(&self, mut spec: VmSpec, halt: &AtomicBool) -> Result<VmOutcome, VmmError> {
         spec.validate_with_network()?;
+        spec.refuse_channel()?;
         let deadline = Instant::now() + spec.timeout;
         let rt = RuntimeDir::prepare(&spec.runtime_dir)?;
         // Before the VMM starts: the TAP must exist when `vm.create` opens it.

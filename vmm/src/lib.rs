@@ -62,6 +62,9 @@ pub mod layout {
     pub const VM_CONFIG: &str = "vm-config.json";
     /// Held (flock) for the whole run: a second VM on the same directory is refused.
     pub const LOCK: &str = ".lock";
+    /// The job channel's socket ([`crate::VmSpec::channel`]): the hypervisor listens,
+    /// the host connects.
+    pub const CHANNEL_SOCKET: &str = "ctl.sock";
 }
 
 /// A raw disk image given to the guest as a virtio-blk device.
@@ -128,6 +131,10 @@ pub struct VmSpec {
     /// QEMU and cloud-hypervisor implement it; a driver that does not refuses a spec
     /// that asks for one.
     pub network: Option<Network>,
+    /// Job mode's host channel: a virtio-console port of this name, backed by the
+    /// Unix socket [`layout::CHANNEL_SOCKET`] in `runtime_dir` that the hypervisor
+    /// listens on. Only QEMU implements it; other drivers refuse a spec that asks.
+    pub channel: Option<String>,
 }
 
 impl fmt::Debug for VmSpec {
@@ -145,6 +152,7 @@ impl fmt::Debug for VmSpec {
             .field("console", &self.console.as_ref().map(|_| "callback"))
             .field("log_filter", &self.log_filter.as_ref().map(|_| "filter"))
             .field("network", &self.network)
+            .field("channel", &self.channel)
             .finish()
     }
 }
@@ -171,6 +179,7 @@ impl VmSpec {
             console: None,
             log_filter: None,
             network: None,
+            channel: None,
         }
     }
 
@@ -184,6 +193,18 @@ impl VmSpec {
             return Err(VmmError::Unsupported {
                 what: "a network for the VM",
                 hint: "this driver gives VMs no network (--hypervisor qemu or cloud-hypervisor do); see docs/hypervisors.md".into(),
+            });
+        }
+        self.refuse_channel()
+    }
+
+    /// Refuses a [`VmSpec::channel`] ([`VmmError::Unsupported`]): for drivers without
+    /// one, whatever they say about the network.
+    pub fn refuse_channel(&self) -> Result<(), VmmError> {
+        if self.channel.is_some() {
+            return Err(VmmError::Unsupported {
+                what: "a job channel (udos run --per job)",
+                hint: "only the qemu driver has a socket-backed virtio-console port (--hypervisor qemu); see docs/job-mode.md".into(),
             });
         }
         Ok(())
@@ -347,6 +368,11 @@ pub trait Hypervisor: Send + Sync {
     /// Whether it gives a VM the network its spec asks for (`VmSpec::network`); one
     /// that does not would run the VM without a NIC.
     fn has_network(&self) -> bool {
+        false
+    }
+    /// Whether it gives a VM the host channel its spec asks for (`VmSpec::channel`,
+    /// `udos run --per job`); one that does not refuses such a spec.
+    fn has_channel(&self) -> bool {
         false
     }
     /// Human-readable, e.g. `qemu (tcg)`.
@@ -537,6 +563,16 @@ mod tests {
         assert!(spec.validate().unwrap_err().to_string().contains("twice"));
         spec.disks = vec![Disk::read_only(&f, "has space")];
         assert!(spec.validate().is_err());
+        spec.disks.clear();
+        spec.channel = Some("udos.ctl".into());
+        assert!(spec
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("job channel"));
+        spec.validate_with_network().unwrap();
+        assert!(spec.refuse_channel().is_err());
+        spec.channel = None;
         spec.disks = vec![Disk::read_only(dir.path().join("missing"), "m")];
         assert!(spec
             .validate()

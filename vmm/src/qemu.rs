@@ -153,6 +153,12 @@ impl Qemu {
                     .map(OsString::from),
             );
         }
+        if let Some(port) = &spec.channel {
+            a.extend(channel_args(
+                port,
+                &spec.runtime_dir.join(layout::CHANNEL_SOCKET),
+            ));
+        }
         a
     }
 }
@@ -163,6 +169,10 @@ impl Hypervisor for Qemu {
     }
 
     fn has_network(&self) -> bool {
+        true
+    }
+
+    fn has_channel(&self) -> bool {
         true
     }
 
@@ -323,6 +333,22 @@ impl Qemu {
     }
 }
 
+/// Job mode's channel: a virtio-console port named `port` on a virtio-serial bus
+/// (virtio-mmio, as microvm has no PCI), backed by a Unix socket QEMU listens on
+/// without waiting for the host to connect.
+fn channel_args(port: &str, socket: &Path) -> Vec<OsString> {
+    let mut chardev = OsString::from("socket,id=udosctl,server=on,wait=off,path=");
+    chardev.push(opt_escape(&socket.to_string_lossy()));
+    vec![
+        "-device".into(),
+        "virtio-serial-device".into(),
+        "-chardev".into(),
+        chardev,
+        "-device".into(),
+        format!("virtserialport,chardev=udosctl,name={}", opt_escape(port)).into(),
+    ]
+}
+
 /// The host's TSC rate in kHz (measured once against the monotonic clock), when the
 /// host has an invariant TSC. Under QEMU TCG the guest's TSC is the host's.
 pub fn host_tsc_khz() -> Option<u64> {
@@ -396,6 +422,24 @@ mod tests {
         assert!(joined.contains("serial=udos-upper"));
         let i = a.iter().position(|s| s == "-append").unwrap();
         assert_eq!(a[i + 1], "console=ttyS0 quiet");
+    }
+
+    #[test]
+    fn a_channel_is_a_named_virtio_console_port_on_a_socket() {
+        let q = Qemu::with_binary("/usr/bin/qemu-system-x86_64", Accel::Tcg);
+        let mut spec = VmSpec::new("vm", "/k", "/i", "/rt,x");
+        let joined = |spec: &VmSpec| {
+            q.args(spec)
+                .into_iter()
+                .map(|s| s.into_string().unwrap())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert!(!joined(&spec).contains("virtio-serial"));
+        spec.channel = Some("udos.ctl".into());
+        assert!(joined(&spec).contains(
+            "-device virtio-serial-device -chardev socket,id=udosctl,server=on,wait=off,path=/rt,,x/ctl.sock -device virtserialport,chardev=udosctl,name=udos.ctl"
+        ));
     }
 
     #[test]
