@@ -51,7 +51,10 @@ pub fn spawn(
         .env("TERM", "dumb")
         .env("CI", "true")
         // As on GitHub's runners; glibc has C.UTF-8 built in, so every base has it.
-        .env("LANG", "C.UTF-8");
+        .env("LANG", "C.UTF-8")
+        // act would otherwise ask api.nektosact.com for notices from every step VM
+        // with a network: a request off the host nobody asked for, and a wait.
+        .env("ACT_DISABLE_VERSION_CHECK", "1");
     if stdio == Stdio3::Piped {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -34,6 +34,7 @@ fn happy_path_collects_outputs_env_and_the_layer() {
           echo "saw $(cat /workspace/out/result.txt)"
           echo checked > /workspace/checked.txt
           echo "ok=yes" >> "$GITHUB_OUTPUT"
+          echo "version_check=${ACT_DISABLE_VERSION_CHECK:-on}" >> "$GITHUB_OUTPUT"
 "#,
     ));
     let done = h.spawn(&h.cmdline("")).wait(LIMIT);
@@ -70,6 +71,11 @@ fn happy_path_collects_outputs_env_and_the_layer() {
     let check = r.step("check").unwrap();
     assert_eq!(check.result, ActResult::Success);
     assert_eq!(check.outputs.get("ok").map(String::as_str), Some("yes"));
+    // act is told not to fetch its notices from the internet.
+    assert_eq!(
+        check.outputs.get("version_check").map(String::as_str),
+        Some("1")
+    );
     assert!(check.env.is_empty());
     for key in ["init_to_act", "act", "seal", "mount"] {
         assert!(
