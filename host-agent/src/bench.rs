@@ -3,7 +3,9 @@
 //! invocation (the baseline).
 //!
 //! Host-side overhead is what the run costs beyond the guests: the run's wall time
-//! minus, for every step, the guest's boot and the step's own work, divided by the
+//! minus, for every step, the guest's boot and the step's own work, and minus the
+//! workspace layer (a per-run cost, printed on its own: building it when the tree's
+//! content is new grows with the repository, not with the steps), divided by the
 //! steps. Work the host does while a guest runs (the restic snapshot of the previous
 //! layer) overlaps and so is not counted; the last step's snapshot is.
 //!
@@ -80,10 +82,17 @@ pub fn run(
         .map(VmPhases::of)
         .collect();
     let guest_total: u64 = ran.iter().map(|p| p.boot + p.act + p.seal).sum();
-    let overhead = report.wall_ms.saturating_sub(guest_total) / (ran.len() as u64).max(1);
+    // The workspace layer is per run (and built only when the tree's content is new),
+    // so it is shown on its own line rather than spread over the steps.
+    let workspace = report.phases_ms.get("workspace").copied().unwrap_or(0);
+    let overhead =
+        report.wall_ms.saturating_sub(guest_total + workspace) / (ran.len() as u64).max(1);
     println!();
     println!("run wall time:                 {:>8} ms", report.wall_ms);
     println!("guests' boot + work (sum):     {:>8} ms", guest_total);
+    println!(
+        "workspace layer (per run):     {workspace:>8} ms   (listing and hashing the tree; building its layer when new)"
+    );
     if let Some(m) = median(ran.iter().map(|p| p.vm)) {
         println!("step VM wall (median):         {m:>8} ms   (target <= 2000 ms under TCG)");
     }
@@ -91,7 +100,7 @@ pub fn run(
         println!("PID 1 start -> act (median):   {m:>8} ms   (target <= 50 ms)");
     }
     println!(
-        "host-side overhead per step:   {:>8} ms   (target <= 100 ms; critical path only)",
+        "host-side overhead per step:   {:>8} ms   (target <= 100 ms; critical path, beyond the workspace layer)",
         overhead
     );
     println!(

@@ -616,6 +616,7 @@ fn record_begun(
         jobs: vec![job],
         notices: Vec::new(),
         wall_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        phases_ms: Default::default(),
     };
     store.finish_run(run_id, shell.as_str(), &serde_json::to_string(&report)?)?;
     Ok(Kept {

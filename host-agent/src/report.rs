@@ -38,6 +38,10 @@ pub struct RunReport {
     pub notices: Vec<String>,
     /// Wall time of the run, ms.
     pub wall_ms: u64,
+    /// Where the run's own time went, ms: `workspace` (listing and hashing the working
+    /// tree, and building its layer when its content is new), `snapshot_wait` (after
+    /// the last VM, for the layers still being written).
+    pub phases_ms: BTreeMap<String, u64>,
     /// Step VMs booted (cached and host-decided steps boot none).
     pub vms_booted: usize,
 }

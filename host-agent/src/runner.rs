@@ -277,7 +277,10 @@ fn run_begun(
         .first()
         .context("no workflow to run")?
         .clone();
+    let mut phases_ms = BTreeMap::new();
+    let t = Instant::now();
     let (ws_id, ws_files) = workspace_layer(prep.state, &first, req.workspace.take())?;
+    phases_ms.insert("workspace".to_string(), ms(t.elapsed()));
     // Every base the run can use is ready (built or loaded) before the first leg.
     let bases = prep.bases.ready(req.bases.iter().map(String::as_str))?;
     {
@@ -332,7 +335,9 @@ fn run_begun(
 
     // Wait for the snapshots still being written; each comes with its full id.
     settings.progress.log("waiting for layer snapshots");
+    let t = Instant::now();
     let done = snapshotter.finish();
+    phases_ms.insert("snapshot_wait".to_string(), ms(t.elapsed()));
     let mut full_by_key: BTreeMap<String, String> = BTreeMap::new();
     let mut took_by_key: BTreeMap<String, u64> = BTreeMap::new();
     let mut snapshot_errors = Vec::new();
@@ -467,6 +472,7 @@ fn run_begun(
             })
             .collect::<Result<Vec<_>>>()?,
         vms_booted: RunReport::count_vms(&jobs),
+        phases_ms,
         jobs,
         notices,
         wall_ms: ms(started.elapsed()),
