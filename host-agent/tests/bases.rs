@@ -38,6 +38,11 @@ jobs:
           test "$(id -u)" = 0
           echo "python=$(python3 --version | cut -d' ' -f2)" >> "$GITHUB_OUTPUT"
           echo "node=$(node --version)" >> "$GITHUB_OUTPUT"
+          # act's probe and a step's own question both get the real node's path
+          # (udos answers act's probe without starting node: init/src/node_shim.rs).
+          echo "probe=$(node --no-warnings -e 'console.log(process.execPath)')" >> "$GITHUB_OUTPUT"
+          echo "exec_path=$(node -e 'console.log(process.execPath)')" >> "$GITHUB_OUTPUT"
+          echo "real=$(readlink -f /usr/bin/node)" >> "$GITHUB_OUTPUT"
 "#;
 
 /// The restic snapshots of base layers whose tags include all of `tags`.
@@ -116,6 +121,10 @@ fn debian_base_runs_what_ubuntu_steps_use() {
         .unwrap()
         .starts_with("3."));
     assert!(step["outputs"]["node"].as_str().unwrap().starts_with('v'));
+    let real = step["outputs"]["real"].as_str().unwrap();
+    assert!(real.starts_with("/usr/"), "{step:#}");
+    assert_eq!(step["outputs"]["probe"], real, "{step:#}");
+    assert_eq!(step["outputs"]["exec_path"], real, "{step:#}");
     eprintln!(
         "FIGURES debian step: run {:.1} s wall, boot {} ms, guest {} ms",
         t.elapsed().as_secs_f64(),

@@ -1,6 +1,7 @@
 //! Block devices by virtio serial: the host sets `serial=` on each virtio-blk device,
 //! because probe order (`vda`, `vdb`, ...) differs between hypervisors.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::thread::sleep;
@@ -10,27 +11,30 @@ use udos_layer::boot::DeviceRef;
 
 use crate::error::Error;
 
+/// The longest wait between two scans; the first waits are shorter (disks usually
+/// appear within a few ms of PID 1's start, and a step VM waits for every one of them).
 const POLL: Duration = Duration::from_millis(10);
 
-/// The `/dev/vdX` whose `/sys/block/vdX/serial` is `serial`, if present right now.
-fn lookup(sys_block: &Path, dev: &Path, serial: &str) -> Option<PathBuf> {
-    let entries = fs::read_dir(sys_block).ok()?;
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if !name.starts_with("vd") {
-            continue;
-        }
-        let Ok(found) = fs::read_to_string(entry.path().join("serial")) else {
-            continue;
-        };
-        if found.trim() == serial {
-            let node = dev.join(name);
-            // devtmpfs creates the node right after the disk appears; wait for both.
-            return node.exists().then_some(node);
-        }
-    }
-    None
+/// Every virtio disk under `sys_block` by its serial: the node in `dev` of each that has
+/// one. Each serial is read once per scan: reading it asks the device (a round trip
+/// to the hypervisor), so looking disks up one by one would ask every disk again for
+/// each of them.
+fn scan(sys_block: &Path, dev: &Path) -> BTreeMap<String, PathBuf> {
+    let Ok(entries) = fs::read_dir(sys_block) else {
+        return BTreeMap::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().to_str()?.to_string();
+            if !name.starts_with("vd") {
+                return None;
+            }
+            let serial = fs::read_to_string(entry.path().join("serial")).ok()?;
+            let node = dev.join(&name);
+            node.exists().then(|| (serial.trim().to_string(), node))
+        })
+        .collect()
 }
 
 /// Resolves each target to a device path, waiting up to `timeout` for serials to appear.
@@ -48,10 +52,14 @@ pub fn resolve(
             DeviceRef::Serial(_) => None,
         })
         .collect();
+    let mut nap = Duration::from_millis(1);
     loop {
-        for (slot, target) in found.iter_mut().zip(targets) {
-            if let (None, DeviceRef::Serial(serial)) = (&slot, target) {
-                *slot = lookup(Path::new("/sys/block"), Path::new("/dev"), serial);
+        if found.iter().any(Option::is_none) {
+            let disks = scan(Path::new("/sys/block"), Path::new("/dev"));
+            for (slot, target) in found.iter_mut().zip(targets) {
+                if let (None, DeviceRef::Serial(serial)) = (&slot, target) {
+                    *slot = disks.get(serial).cloned();
+                }
             }
         }
         if let Some(missing) = found.iter().position(Option::is_none) {
@@ -62,7 +70,8 @@ pub fn resolve(
                 };
                 return Err(Error::DeviceNotFound { role, serial });
             }
-            sleep(POLL);
+            sleep(nap);
+            nap = (nap * 2).min(POLL);
             continue;
         }
         return Ok(found.into_iter().flatten().collect());
@@ -84,12 +93,21 @@ mod tests {
         }
         fs::create_dir_all(&dev).unwrap();
         fs::write(dev.join("vdb"), "").unwrap();
-        assert_eq!(lookup(&sys, &dev, "udos-out"), Some(dev.join("vdb")));
+        let disks = scan(&sys, &dev);
+        assert_eq!(disks.get("udos-out"), Some(&dev.join("vdb")));
         // No node yet: not found (yet).
-        assert_eq!(lookup(&sys, &dev, "udos-l0"), None);
+        assert_eq!(disks.get("udos-l0"), None);
         // Only vd* disks are virtio-blk.
         fs::write(dev.join("sda"), "").unwrap();
-        assert_eq!(lookup(&sys, &dev, "udos-x"), None);
+        assert_eq!(scan(&sys, &dev).get("udos-x"), None);
+        fs::write(dev.join("vda"), "").unwrap();
+        assert_eq!(
+            scan(&sys, &dev).into_iter().collect::<Vec<_>>(),
+            [
+                ("udos-l0".to_string(), dev.join("vda")),
+                ("udos-out".to_string(), dev.join("vdb"))
+            ]
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@ mod job;
 mod modules;
 mod mounts;
 mod net;
+mod node_shim;
 mod reads;
 mod reaper;
 mod report;
@@ -262,7 +263,9 @@ impl Init {
     /// Step mode: act, with the step's secrets, supervised to the end.
     fn run_act(&mut self, root: &StepRoot) -> Result<StepRecord, Error> {
         let (args, mut log) = self.act_args_and_log()?;
+        let t = Instant::now();
         let watch = start_watch(root);
+        self.timings.insert("watch".into(), ms(t.elapsed()));
         let running = act::spawn(&self.cfg.act, &args, root, Stdio3::Piped)?;
         self.reads = watch.map(|mut w| {
             w.ignore(running.pid);
@@ -270,10 +273,14 @@ impl Init {
         });
         let init_to_act = self.started.elapsed();
         self.timings.insert("init_to_act".into(), ms(init_to_act));
+        let phase = |k: &str| self.timings.get(k).copied().unwrap_or(0);
         info!(
-            "act started (pid {}), {:.3} ms after PID 1 start",
+            "act started (pid {}), {:.3} ms after PID 1 start (modules {} ms, mounts {} ms, read recording {} ms)",
             running.pid,
-            init_to_act.as_secs_f64() * 1000.0
+            init_to_act.as_secs_f64() * 1000.0,
+            phase("modules"),
+            phase("mount"),
+            phase("watch")
         );
         let done = self.supervise(running, &mut log)?;
         self.timings.insert("act".into(), ms(done.elapsed));
@@ -521,6 +528,13 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 }
 
 fn main() {
+    // Linked into act's PATH as `node` (node_shim.rs): then it is not PID 1 at all.
+    if std::env::args_os()
+        .next()
+        .is_some_and(|argv0| node_shim::invoked_as_shim(&argv0))
+    {
+        node_shim::main();
+    }
     let started = Instant::now();
     std::panic::set_hook(Box::new(|info| {
         console::line(&format!("udos-init: panic: {info}"));

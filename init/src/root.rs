@@ -184,6 +184,7 @@ fn switch_root(mounts: &mut Mounts, newroot: &Path) -> Result<(), Error> {
     for dir in ["run", "proc", "sys", "dev"] {
         mounts.move_mount(&Path::new("/").join(dir), &newroot.join(dir))?;
     }
+    link_node_shim();
     bind_udos_bin(mounts, newroot)?;
     chdir(newroot).map_err(|error| Error::Syscall {
         call: "chdir /newroot",
@@ -201,6 +202,20 @@ fn switch_root(mounts: &mut Mounts, newroot: &Path) -> Result<(), Error> {
         error,
     })?;
     Ok(())
+}
+
+/// `/udos/bin/node`: udos-init itself, which run as `node` answers act's node probe
+/// without starting node (`node_shim.rs`). Without it act only starts slower.
+fn link_node_shim() {
+    let link = Path::new(UDOS_BIN).join(crate::node_shim::NAME);
+    match std::fs::hard_link("/init", &link) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => crate::console::warning!(
+            "linking {}: {e} (act probes node the slow way)",
+            link.display()
+        ),
+    }
 }
 
 /// `/udos/bin` (act) at `<root>/run/udos/bin`, read-only, and act's HOME next to it.
