@@ -28,6 +28,7 @@ pub mod diff;
 pub mod errors;
 pub mod export;
 pub mod gc;
+pub mod git_scrub;
 pub mod hashfiles;
 pub mod job_vm;
 pub mod leg;

@@ -269,6 +269,12 @@ impl WorkingTree {
                             .with_context(|| format!("copying {}", src.display()))?;
                     }
                 }
+                // Steps and snapshots get the repository, not its credentials.
+                let scrubbed = crate::git_scrub::scrub(&ws.join(".git"))
+                    .context("taking credentials out of the workspace's .git")?;
+                if !scrubbed.is_empty() {
+                    tracing::info!(?scrubbed, "credentials left out of the workspace layer");
+                }
             }
             Some(GitDir::Linked { head, branch }) => {
                 self.clone_linked(&ws, head, branch.as_deref())?
@@ -334,6 +340,16 @@ mod tests {
             .run()
             .unwrap();
         std::fs::write(root.join("untracked.txt"), "u").unwrap();
+        duct::cmd!(
+            "git",
+            "remote",
+            "add",
+            "origin",
+            "https://dev:s3cr3t@example.com/o/r.git"
+        )
+        .dir(root)
+        .run()
+        .unwrap();
         let wt = discover(&root.join(".github/workflows/x.yml")).unwrap();
         let names: Vec<String> = wt.files.iter().map(|p| p.display().to_string()).collect();
         assert_eq!(
@@ -354,5 +370,12 @@ mod tests {
             std::fs::read_to_string(out.path().join("workspace/tracked.txt")).unwrap(),
             "t"
         );
+        // The copy's repository has its remote, not the remote's credentials; the
+        // working tree's own is untouched.
+        let copied = std::fs::read_to_string(out.path().join("workspace/.git/config")).unwrap();
+        assert!(copied.contains("https://example.com/o/r.git"), "{copied}");
+        assert!(!copied.contains("s3cr3t"), "{copied}");
+        let own = std::fs::read_to_string(root.join(".git/config")).unwrap();
+        assert!(own.contains("s3cr3t"));
     }
 }
