@@ -7,7 +7,6 @@
 //! Everything the guest sends is untrusted: frames are bounded, and a frame that does
 //! not parse is the step's failure (and the VM's end), never a panic.
 
-use std::collections::BTreeMap;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -329,15 +328,7 @@ impl<'scope> JobVm<'scope> {
         stop_now: &AtomicBool,
     ) -> (StepVmOutcome, bool) {
         let t = Instant::now();
-        let mut out = StepVmOutcome {
-            record: None,
-            layer: None,
-            phases: BTreeMap::new(),
-            console_log: self.console_log.clone(),
-            error: None,
-            timed_out: false,
-            stopped: false,
-        };
+        let mut out = StepVmOutcome::new(self.console_log.clone());
         let waited = job::send(&mut self.writer, message)
             .context("sending the step to the job VM")
             .and_then(|()| self.wait(limit + HOST_GRACE, stop_now));
@@ -378,15 +369,7 @@ impl<'scope> JobVm<'scope> {
     /// Tells the guest to seal, waits for the VM to power off, and reads the job's
     /// layer back exactly as step mode reads a step's (`StepVm::read_back`).
     pub fn seal(mut self, vm: &StepVm<'_>) -> StepVmOutcome {
-        let mut out = StepVmOutcome {
-            record: None,
-            layer: None,
-            phases: BTreeMap::new(),
-            console_log: self.console_log.clone(),
-            error: None,
-            timed_out: false,
-            stopped: false,
-        };
+        let mut out = StepVmOutcome::new(self.console_log.clone());
         let t = Instant::now();
         if let Err(e) = job::send(&mut self.writer, &JobMessage::Seal) {
             out.error = Some(format!("telling the job VM to seal: {e}"));
@@ -504,13 +487,8 @@ impl<'scope> JobSlot<'scope> {
 
 fn failed(console_log: PathBuf, e: anyhow::Error) -> StepVmOutcome {
     StepVmOutcome {
-        record: None,
-        layer: None,
-        phases: BTreeMap::new(),
-        console_log,
         error: Some(crate::errors::describe(&e)),
-        timed_out: false,
-        stopped: false,
+        ..StepVmOutcome::new(console_log)
     }
 }
 

@@ -55,6 +55,21 @@ pub struct StepVmOutcome {
     pub stopped: bool,
 }
 
+impl StepVmOutcome {
+    /// Nothing yet: no record, no layer, no phases; the console log at `console_log`.
+    pub fn new(console_log: PathBuf) -> StepVmOutcome {
+        StepVmOutcome {
+            record: None,
+            layer: None,
+            phases: BTreeMap::new(),
+            console_log,
+            error: None,
+            timed_out: false,
+            stopped: false,
+        }
+    }
+}
+
 /// Everything a step VM needs besides the step.
 pub struct StepVm<'a> {
     /// Image, base, hypervisor, state dir.
@@ -135,15 +150,7 @@ impl StepVm<'_> {
         stop: &AtomicBool,
     ) -> StepVmOutcome {
         let console_log = self.dir.join("vm").join(udos_vmm::layout::CONSOLE_LOG);
-        let mut out = StepVmOutcome {
-            record: None,
-            layer: None,
-            phases: BTreeMap::new(),
-            console_log,
-            error: None,
-            timed_out: false,
-            stopped: false,
-        };
+        let mut out = StepVmOutcome::new(console_log);
         if let Err(e) = self.run_inner(step, files, lowers, timeout, stop, &mut out) {
             out.error = Some(crate::errors::describe(&e));
         }

@@ -14,7 +14,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 mod common;
-use common::{json, repo, restic, serial, state_dir, udos, udos_on_default_base};
+use common::{json, repo, serial, snapshots_tagged, state_dir, udos, udos_on_default_base};
 
 const DEBIAN: &str = r#"
 name: debian
@@ -47,17 +47,7 @@ jobs:
 
 /// The restic snapshots of base layers whose tags include all of `tags`.
 fn base_snapshots(tags: &[String]) -> Vec<Value> {
-    let out = restic(&["snapshots", "--json", "--tag", &tags.join(",")]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice::<Value>(&out.stdout)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
+    snapshots_tagged(&state_dir(), &tags.join(","))
 }
 
 fn has_tag(snapshot: &Value, tag: &str) -> bool {

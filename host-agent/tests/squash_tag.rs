@@ -5,13 +5,13 @@
 //! run on a commit before the tag and a `--no-squash` run do not; gc keeps it while
 //! the tag exists. Needs what e2e.rs needs (scripts/test provides it).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use serde_json::Value;
 
 mod common;
-use common::{git, json, serial, state_dir};
+use common::{git, json, own_state_dir, serial, snapshots_tagged};
 
 /// Says what the root held before the step, then installs the tool and writes into
 /// the workspace.
@@ -31,36 +31,8 @@ jobs:
           echo made > made.txt
 "#;
 
-/// A state dir of this test's own (its gc must not touch other tests' runs), with the
-/// shared one's images hard-linked in so nothing is built again.
-fn own_state() -> PathBuf {
-    let st = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("udos-squash-tag-state");
-    if st.exists() {
-        std::fs::remove_dir_all(&st).unwrap();
-    }
-    std::fs::create_dir_all(&st).unwrap();
-    let ok = Command::new("cp")
-        .arg("-al")
-        .arg(state_dir().join("images"))
-        .arg(st.join("images"))
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-    st
-}
-
 fn udos_in(st: &Path, args: &[&str]) -> Output {
     common::udos_in(Command::new(env!("CARGO_BIN_EXE_udos")), st, args)
-}
-
-fn restic_in(st: &Path, args: &[&str]) -> Output {
-    Command::new("restic")
-        .args(args)
-        .env("RESTIC_REPOSITORY", st.join("restic"))
-        .env("RESTIC_PASSWORD_FILE", st.join("restic-password"))
-        .output()
-        .unwrap()
 }
 
 /// A run of the workflow at `wf`; its report (it must succeed).
@@ -111,23 +83,13 @@ fn squashed_rows(st: &Path) -> Vec<(String, String, String, String, String, i64,
 }
 
 fn squash_snapshots(st: &Path) -> Vec<Value> {
-    let out = restic_in(st, &["snapshots", "--json", "--tag", "squash=1"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice::<Value>(&out.stdout)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
+    snapshots_tagged(st, "squash=1")
 }
 
 #[test]
 fn a_tagged_run_makes_a_base_that_later_runs_on_descendants_use() {
     let _g = serial();
-    let st = own_state();
+    let st = own_state_dir("udos-squash-tag-state");
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     std::fs::create_dir_all(root.join(".github/workflows")).unwrap();

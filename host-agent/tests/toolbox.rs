@@ -5,13 +5,13 @@
 //! Needs what e2e.rs needs (a static udos-init in `UDOS_INIT`, the host tools).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use serde_json::Value;
 
 mod common;
-use common::{json, repo, restic, serial, state_dir, udos};
+use common::{json, own_state_dir, repo, restic, serial, udos};
 
 const STEPS: &str = r#"
 name: toolbox
@@ -434,29 +434,6 @@ jobs:
         run: echo more > /second.txt
 "#;
 
-/// A state dir of the gc test's own (gc must not delete other tests' runs), with the
-/// shared one's images hard-linked in so nothing is built again.
-fn gc_state() -> PathBuf {
-    let st = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("udos-gc-state");
-    if st.exists() {
-        std::fs::remove_dir_all(&st).unwrap();
-    }
-    std::fs::create_dir_all(&st).unwrap();
-    let ok = Command::new("cp")
-        .arg("-al")
-        .arg(state_dir().join("images"))
-        .arg(st.join("images"))
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-    let probe = state_dir().join("kvm-probe.json");
-    if probe.exists() {
-        std::fs::copy(probe, st.join("kvm-probe.json")).unwrap();
-    }
-    st
-}
-
 fn udos_in(st: &Path, args: &[&str]) -> Output {
     let out = Command::new(env!("CARGO_BIN_EXE_udos"))
         .arg("--state-dir")
@@ -531,7 +508,7 @@ fn step_layers(report: &Value) -> Vec<(String, String)> {
 #[test]
 fn gc_keeps_the_last_run_whole_and_frees_the_others() {
     let _g = serial();
-    let st = gc_state();
+    let st = own_state_dir("udos-gc-state");
     let (_dir, wf) = repo(GC_STEPS, &[("README", "gc")]);
     let mut reports = Vec::new();
     for full in ["no", "no", "yes"] {

@@ -340,16 +340,7 @@ impl Init {
                 }
             }
         }
-        Ok(StepRecord {
-            version: RECORD_VERSION,
-            status: RecordStatus::Success,
-            error: None,
-            act_exit_code: None,
-            steps: Vec::new(),
-            timings_ms: BTreeMap::new(),
-            layer: Default::default(),
-            reads: None,
-        })
+        Ok(StepRecord::success())
     }
 
     /// One step of a job: its control files into the root, act as in step mode (with
@@ -428,16 +419,7 @@ impl Init {
             up.elapsed().as_secs_f64()
         );
         self.timings.insert("service".into(), ms(up.elapsed()));
-        Ok(StepRecord {
-            version: RECORD_VERSION,
-            status: RecordStatus::Success,
-            error: None,
-            act_exit_code: None,
-            steps: Vec::new(),
-            timings_ms: BTreeMap::new(),
-            layer: Default::default(),
-            reads: None,
-        })
+        Ok(StepRecord::success())
     }
 
     /// Shutdown (docs/pid1.md, step 7), then power off.

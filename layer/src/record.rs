@@ -205,6 +205,16 @@ impl StepRecord {
         }
     }
 
+    /// A record of a run that ended well with nothing of act's to report (a job VM's
+    /// end, a service's stop).
+    pub fn success() -> Self {
+        Self {
+            status: RecordStatus::Success,
+            error: None,
+            ..Self::error("")
+        }
+    }
+
     /// The step act reported under `id`, if any.
     pub fn step(&self, id: &str) -> Option<&ActStep> {
         self.steps.iter().find(|s| s.id == id)

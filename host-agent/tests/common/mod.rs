@@ -99,13 +99,57 @@ pub fn json(out: &Output) -> Value {
 }
 
 pub fn restic(args: &[&str]) -> Output {
-    let st = state_dir();
+    restic_in(&state_dir(), args)
+}
+
+/// `restic ARGS` on the repository of the state dir `st`.
+pub fn restic_in(st: &Path, args: &[&str]) -> Output {
     Command::new("restic")
         .args(args)
         .env("RESTIC_REPOSITORY", st.join("restic"))
         .env("RESTIC_PASSWORD_FILE", st.join("restic-password"))
         .output()
         .unwrap()
+}
+
+/// The snapshots in the state dir `st`'s repository whose tags include all of `tags`
+/// (comma-separated, as `restic --tag` takes them).
+pub fn snapshots_tagged(st: &Path, tags: &str) -> Vec<Value> {
+    let out = restic_in(st, &["snapshots", "--json", "--tag", tags]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// A state dir of a test's own, `name` under the target's temporary dir, emptied first
+/// (for tests whose gc must not touch other tests' runs), with the shared state dir's
+/// images hard-linked in and its hypervisor probe copied, so nothing is built again.
+pub fn own_state_dir(name: &str) -> PathBuf {
+    let st = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    if st.exists() {
+        std::fs::remove_dir_all(&st).unwrap();
+    }
+    std::fs::create_dir_all(&st).unwrap();
+    let ok = Command::new("cp")
+        .arg("-al")
+        .arg(state_dir().join("images"))
+        .arg(st.join("images"))
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let probe = state_dir().join("kvm-probe.json");
+    if probe.exists() {
+        std::fs::copy(probe, st.join("kvm-probe.json")).unwrap();
+    }
+    st
 }
 
 /// `git ARGS` in `dir` as a user would run it; its trimmed stdout.
