@@ -9,7 +9,7 @@
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::thread::{Scope, ScopedJoinHandle};
@@ -19,9 +19,9 @@ use anyhow::{Context, Result};
 use udos_core::engine::leg::ResolvedStep;
 use udos_core::engine::synth::StepFiles;
 use udos_layer::job::{self, ControlFile, FrameError, GuestMessage, JobMessage, JobStep};
-use udos_vmm::{Disk, VmOutcome, VmSpec, VmmError};
+use udos_vmm::{Disk, VmOutcome, VmmError};
 
-use crate::step_vm::{mask, StepVm, StepVmOutcome, HOST_GRACE};
+use crate::step_vm::{StepVm, StepVmOutcome, HOST_GRACE};
 
 /// How long the host waits for the guest's `Ready` after QEMU started.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(600);
@@ -132,29 +132,23 @@ fn ms(d: Duration) -> u64 {
 impl<'scope> JobVm<'scope> {
     /// Boots the job VM on `lowers` (bottom first: base, workspace, the leg's layers)
     /// in `dir`, and waits for the guest's `Ready`. `vm` gives the image, sizes,
-    /// console and masks, `hypervisor` runs it; `life` bounds the whole VM (the hypervisor's backstop).
+    /// console and masks, `hypervisor` runs it; `life` bounds the whole VM (the
+    /// hypervisor's backstop); `step` is the number of the step it runs now (for the
+    /// progress display).
     pub fn boot<'env>(
-        scope: &'scope Scope<'scope, 'env>,
-        hypervisor: &'env dyn udos_vmm::Hypervisor,
+        (scope, hypervisor): (&'scope Scope<'scope, 'env>, &'env dyn udos_vmm::Hypervisor),
         vm: &StepVm<'_>,
         dir: &Path,
         lowers: &[PathBuf],
         life: Duration,
+        step: Arc<AtomicUsize>,
         stop_now: &AtomicBool,
     ) -> Result<JobVm<'scope>> {
-        let state = vm.prep.state;
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let upper = dir.join("upper.img");
         let output = dir.join("output.img");
-        udos_images::make_upper_disk(
-            &udos_images::ImageStore::new(state.root()).upper_template_dir(),
-            &upper,
-            vm.settings.disk_bytes,
-        )?;
-        std::fs::File::create(&output)
-            .and_then(|f| f.set_len(vm.settings.disk_bytes))
-            .with_context(|| format!("creating the output disk {}", output.display()))?;
+        vm.make_scratch_disks(&upper, &output)?;
         let mut disks: Vec<Disk> = lowers
             .iter()
             .enumerate()
@@ -188,7 +182,14 @@ impl<'scope> JobVm<'scope> {
             boot.render().context("the job's kernel command line")?
         );
         let runtime = dir.join("vm");
-        let spec = spec(vm, cmdline, disks, &runtime, life + HOST_GRACE);
+        let spec = vm.vm_spec(
+            cmdline,
+            disks,
+            &runtime,
+            life + HOST_GRACE,
+            step,
+            Some(job::CHANNEL_NAME.into()),
+        );
         let stop = Arc::new(AtomicBool::new(false));
         let vm_stop = stop.clone();
         let handle = scope.spawn(move || hypervisor.run_until(spec, &vm_stop));
@@ -413,6 +414,8 @@ impl<'scope> JobVm<'scope> {
 pub struct JobSlot<'scope> {
     vm: Option<JobVm<'scope>>,
     boots: usize,
+    /// The step the live VM runs now, for its console's progress events.
+    step: Arc<AtomicUsize>,
     /// Where in the leg's reports the last step that ran in the live VM is.
     pub last_ran: Option<usize>,
 }
@@ -445,12 +448,22 @@ impl<'scope> JobSlot<'scope> {
         stop: &AtomicBool,
     ) -> StepVmOutcome {
         let mut booted = None;
+        self.step.store(run.step.number, Ordering::Release);
         if self.vm.is_none() {
             self.boots += 1;
             self.last_ran = None;
             let t = Instant::now();
             let dir = dir.join(format!("job-{}", self.boots));
-            match JobVm::boot(scope, hypervisor, vm, &dir, run.lowers, run.life, stop) {
+            let step = self.step.clone();
+            match JobVm::boot(
+                (scope, hypervisor),
+                vm,
+                &dir,
+                run.lowers,
+                run.life,
+                step,
+                stop,
+            ) {
                 Ok(j) => self.vm = Some(j),
                 Err(e) => {
                     let mut out = failed(dir.join("vm").join(udos_vmm::layout::CONSOLE_LOG), e);
@@ -502,45 +515,6 @@ enum Waited {
 /// A stream that is replaced by the real channel before anything is written.
 fn placeholder_stream() -> Result<UnixStream> {
     Ok(UnixStream::pair().context("creating a socket pair")?.0)
-}
-
-fn spec(
-    vm: &StepVm<'_>,
-    cmdline: String,
-    disks: Vec<Disk>,
-    runtime: &Path,
-    timeout: Duration,
-) -> VmSpec {
-    let prefix = format!("  [{}] ", vm.label);
-    let stream = vm.settings.stream_console;
-    let masks = vm.masks.clone();
-    let filter_masks = vm.masks.clone();
-    VmSpec {
-        name: format!("udos-{}", vm.label.replace([' ', '/'], "-")),
-        kernel: vm.prep.image.vmlinux.clone(),
-        initramfs: vm.prep.image.initramfs.clone(),
-        cmdline,
-        disks,
-        cpus: vm.settings.cpus,
-        memory_mib: vm.settings.memory_mib,
-        runtime_dir: runtime.to_path_buf(),
-        timeout,
-        console: Some(Box::new(move |line: &str| {
-            if stream {
-                let m = masks.read().map(|m| m.clone()).unwrap_or_default();
-                eprintln!(
-                    "{prefix}{}",
-                    udos_core::text::sanitize_for_terminal(&mask(line, &m))
-                );
-            }
-        })),
-        network: vm.settings.network.clone(),
-        log_filter: Some(Arc::new(move |line: &str| {
-            let m = filter_masks.read().map(|m| m.clone()).unwrap_or_default();
-            mask(line, &m)
-        })),
-        channel: Some(job::CHANNEL_NAME.into()),
-    }
 }
 
 #[cfg(test)]

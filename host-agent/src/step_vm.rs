@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -200,7 +200,6 @@ impl StepVm<'_> {
         out: &mut StepVmOutcome,
     ) -> Result<()> {
         let t0 = Instant::now();
-        let state = self.prep.state;
         let _ = std::fs::remove_dir_all(&self.dir);
         std::fs::create_dir_all(&self.dir)
             .with_context(|| format!("creating {}", self.dir.display()))?;
@@ -209,14 +208,7 @@ impl StepVm<'_> {
         let upper = self.dir.join("upper.img");
         let output = self.dir.join("output.img");
         let _scratch = Scratch(vec![upper.clone(), output.clone()]);
-        udos_images::make_upper_disk(
-            &udos_images::ImageStore::new(state.root()).upper_template_dir(),
-            &upper,
-            self.settings.disk_bytes,
-        )?;
-        std::fs::File::create(&output)
-            .and_then(|f| f.set_len(self.settings.disk_bytes))
-            .with_context(|| format!("creating the output disk {}", output.display()))?;
+        self.make_scratch_disks(&upper, &output)?;
 
         let mut disks: Vec<Disk> = lowers
             .iter()
@@ -280,41 +272,14 @@ impl StepVm<'_> {
             "console=ttyS0 quiet panic=-1 {}",
             boot.render().context("the step's kernel command line")?
         );
-        let prefix = format!("  [{}] ", self.label);
-        let stream = self.settings.stream_console;
-        let progress = self.settings.progress.clone();
-        let (job, number) = (self.job.clone(), step.number);
-        let masks = self.masks.clone();
-        let filter_masks = self.masks.clone();
-        let spec = VmSpec {
-            name: format!("udos-{}", self.label.replace([' ', '/'], "-")),
-            kernel: self.prep.image.vmlinux.clone(),
-            initramfs: self.prep.image.initramfs.clone(),
+        let spec = self.vm_spec(
             cmdline,
             disks,
-            cpus: self.settings.cpus,
-            memory_mib: self.settings.memory_mib,
-            runtime_dir: self.dir.join("vm"),
-            timeout: guest_timeout + HOST_GRACE,
-            console: Some(Box::new(move |line: &str| {
-                if let Some(ev) = guest_phase(line, &job, number) {
-                    progress.event(ev);
-                }
-                if stream {
-                    let m = masks.read().map(|m| m.clone()).unwrap_or_default();
-                    progress.line(format!(
-                        "{prefix}{}",
-                        udos_core::text::sanitize_for_terminal(&mask(line, &m))
-                    ));
-                }
-            })),
-            network: self.settings.network.clone(),
-            log_filter: Some(Arc::new(move |line: &str| {
-                let m = filter_masks.read().map(|m| m.clone()).unwrap_or_default();
-                mask(line, &m)
-            })),
-            channel: None,
-        };
+            &self.dir.join("vm"),
+            guest_timeout + HOST_GRACE,
+            Arc::new(AtomicUsize::new(step.number)),
+            None,
+        );
         out.phases.insert("materialize".into(), ms(t0.elapsed()));
         let vm_started = Instant::now();
         let outcome = self.prep.hypervisor.run_until(spec, stop);
@@ -330,6 +295,70 @@ impl StepVm<'_> {
             _ => {}
         }
         self.read_back(&output, &outcome.exit, vm_wall, out)
+    }
+
+    /// The writable disks of a VM: `upper`, a sparse ext4 image copied from the
+    /// template, and `output`, zeroed, both of the run's disk size.
+    pub(crate) fn make_scratch_disks(&self, upper: &Path, output: &Path) -> Result<()> {
+        udos_images::make_upper_disk(
+            &udos_images::ImageStore::new(self.prep.state.root()).upper_template_dir(),
+            upper,
+            self.settings.disk_bytes,
+        )?;
+        std::fs::File::create(output)
+            .and_then(|f| f.set_len(self.settings.disk_bytes))
+            .with_context(|| format!("creating the output disk {}", output.display()))?;
+        Ok(())
+    }
+
+    /// The VM's spec: image, sizes, network, and a console whose lines are masked,
+    /// shown through the progress display when streamed, and whose `act started` /
+    /// `act exited` lines move the step numbered `step` (the job VM's current one in
+    /// job mode) on the board.
+    pub(crate) fn vm_spec(
+        &self,
+        cmdline: String,
+        disks: Vec<Disk>,
+        runtime_dir: &Path,
+        timeout: Duration,
+        step: Arc<AtomicUsize>,
+        channel: Option<String>,
+    ) -> VmSpec {
+        let prefix = format!("  [{}] ", self.label);
+        let stream = self.settings.stream_console;
+        let progress = self.settings.progress.clone();
+        let job = self.job.clone();
+        let masks = self.masks.clone();
+        let filter_masks = self.masks.clone();
+        VmSpec {
+            name: format!("udos-{}", self.label.replace([' ', '/'], "-")),
+            kernel: self.prep.image.vmlinux.clone(),
+            initramfs: self.prep.image.initramfs.clone(),
+            cmdline,
+            disks,
+            cpus: self.settings.cpus,
+            memory_mib: self.settings.memory_mib,
+            runtime_dir: runtime_dir.to_path_buf(),
+            timeout,
+            console: Some(Box::new(move |line: &str| {
+                if let Some(ev) = guest_phase(line, &job, step.load(Ordering::Acquire)) {
+                    progress.event(ev);
+                }
+                if stream {
+                    let m = masks.read().map(|m| m.clone()).unwrap_or_default();
+                    progress.line(format!(
+                        "{prefix}{}",
+                        udos_core::text::sanitize_for_terminal(&mask(line, &m))
+                    ));
+                }
+            })),
+            network: self.settings.network.clone(),
+            log_filter: Some(Arc::new(move |line: &str| {
+                let m = filter_masks.read().map(|m| m.clone()).unwrap_or_default();
+                mask(line, &m)
+            })),
+            channel,
+        }
     }
 
     /// Reads what the guest sealed. Nothing from it is believed before its checksums
