@@ -60,6 +60,11 @@ pub fn run(
     progress("benchmark: running the unchanged workflow again (`udos run`)");
     let again = unchanged_rerun(state, workflow_path, choice)?;
 
+    progress("benchmark: a first run, in a new state dir with a new restic repository");
+    let first = first_run(state, workflow_path, choice, None)?;
+    progress("benchmark: the same on the `minimal` base (no large base to back up)");
+    let first_minimal = first_run(state, workflow_path, choice, Some("minimal"))?;
+
     progress("benchmark: running the same workflow with act on the host");
     let act_ms = act_on_host(workflow_path)?;
 
@@ -98,11 +103,29 @@ pub fn run(
     }
     if let Some(m) = median(ran.iter().map(|p| p.init_to_act)) {
         println!("PID 1 start -> act (median):   {m:>8} ms   (target <= 50 ms)");
+        let laps = median_laps(steps.iter().map(|s| pid1_laps(&console_of(s))));
+        if !laps.is_empty() {
+            println!("  PID 1's laps (median ms):    {laps}");
+        }
     }
     println!(
         "host-side overhead per step:   {:>8} ms   (target <= 100 ms; critical path, beyond the workspace layer)",
         overhead
     );
+    for (label, f) in [
+        ("first run, new repository:", &first),
+        ("  the same on `minimal`:", &first_minimal),
+    ] {
+        println!(
+            "{label:<31}{:>5} ms   (target <= 300 ms/step; whole `udos run` {} ms: {} VMs {} ms, workspace layer {} ms, final snapshot wait {} ms)",
+            f.overhead_per_step(),
+            f.wall_ms,
+            f.vms,
+            f.vm_ms,
+            f.workspace_ms,
+            f.snapshot_wait_ms
+        );
+    }
     println!(
         "act on the host, same workflow:{:>8} ms   (baseline)",
         act_ms
@@ -134,6 +157,69 @@ struct Rerun {
     vms_booted: u64,
 }
 
+/// Runs `udos run --json --no-console` on `workflow_path` (this executable, with the
+/// state dir `state_root` and the hypervisor `choice`), timed around the whole process.
+/// With `fresh`, restic's variables are removed from its environment, so the run uses
+/// the state dir's embedded repository.
+fn timed_udos_run(
+    state_root: &Path,
+    workflow_path: &Path,
+    choice: HypervisorChoice,
+    extra: &[&str],
+    fresh: bool,
+    base: Option<&str>,
+) -> Result<(u64, serde_json::Value)> {
+    let exe = std::env::current_exe().context("finding the udos executable")?;
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "--state-dir".into(),
+        state_root.into(),
+        "run".into(),
+        "--hypervisor".into(),
+        choice.to_string().into(),
+        "--json".into(),
+        "--no-console".into(),
+    ];
+    args.extend(extra.iter().map(Into::into));
+    args.push(workflow_path.into());
+    let mut cmd = duct::cmd(exe, args)
+        .stdout_capture()
+        .stderr_capture()
+        .unchecked();
+    if fresh {
+        for var in [
+            "RESTIC_REPOSITORY",
+            "RESTIC_REPOSITORY_FILE",
+            "RESTIC_PASSWORD",
+            "RESTIC_PASSWORD_FILE",
+        ] {
+            cmd = cmd.env_remove(var);
+        }
+    }
+    if let Some(base) = base {
+        cmd = cmd.env("UDOS_DEFAULT_BASE", base);
+    }
+    let t = Instant::now();
+    let out = crate::proc::run_bounded(&cmd, Duration::from_secs(900), "udos run")?;
+    let wall_ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "`udos run` printed no report: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    Ok((wall_ms, report))
+}
+
+/// The steps of a `udos run --json` report.
+fn report_steps(report: &serde_json::Value) -> Vec<&serde_json::Value> {
+    report["jobs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|j| j["steps"].as_array().into_iter().flatten())
+        .collect()
+}
+
 /// Runs `udos run --json` on `workflow_path` again (this executable, the same state dir
 /// and hypervisor), timed around the whole process.
 fn unchanged_rerun(
@@ -141,42 +227,78 @@ fn unchanged_rerun(
     workflow_path: &Path,
     choice: HypervisorChoice,
 ) -> Result<Rerun> {
-    let exe = std::env::current_exe().context("finding the udos executable")?;
-    let args: Vec<std::ffi::OsString> = vec![
-        "--state-dir".into(),
-        state.root().into(),
-        "run".into(),
-        "--hypervisor".into(),
-        choice.to_string().into(),
-        "--json".into(),
-        "--no-console".into(),
-        workflow_path.into(),
-    ];
-    let cmd = duct::cmd(exe, args)
-        .stdout_capture()
-        .stderr_capture()
-        .unchecked();
-    let t = Instant::now();
-    let out = crate::proc::run_bounded(&cmd, Duration::from_secs(900), "udos run")?;
-    let wall_ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "the rerun printed no report: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
-    let steps: Vec<&serde_json::Value> = report["jobs"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|j| j["steps"].as_array().into_iter().flatten())
-        .collect();
+    let (wall_ms, report) = timed_udos_run(state.root(), workflow_path, choice, &[], false, None)?;
+    let steps = report_steps(&report);
     Ok(Rerun {
         wall_ms,
         steps: steps.len(),
         cached: steps.iter().filter(|s| s["cached"] == true).count(),
         vms_booted: report["vms_booted"].as_u64().unwrap_or(0),
     })
+}
+
+/// A first run: a whole `udos run` process in a new state dir (empty SQLite store, a
+/// restic repository it creates, no KVM probe result), sharing only the built images.
+struct FirstRun {
+    wall_ms: u64,
+    vms: usize,
+    /// Σ of the step VMs' wall time.
+    vm_ms: u64,
+    /// The workspace layer (`phases_ms.workspace`), built anew.
+    workspace_ms: u64,
+    /// The wait for the snapshots at the end (`phases_ms.snapshot_wait`): with a new
+    /// repository, what is left of the base's one-off backup.
+    snapshot_wait_ms: u64,
+}
+
+impl FirstRun {
+    /// What the host adds per step beyond the VMs and the workspace layer.
+    fn overhead_per_step(&self) -> u64 {
+        self.wall_ms.saturating_sub(self.vm_ms + self.workspace_ms) / (self.vms as u64).max(1)
+    }
+
+    fn of(wall_ms: u64, report: &serde_json::Value) -> FirstRun {
+        let steps = report_steps(report);
+        let vm = |s: &&serde_json::Value| s["phases_ms"]["vm"].as_u64();
+        FirstRun {
+            wall_ms,
+            vms: steps.iter().filter_map(vm).count(),
+            vm_ms: steps.iter().filter_map(vm).sum(),
+            workspace_ms: report["phases_ms"]["workspace"].as_u64().unwrap_or(0),
+            snapshot_wait_ms: report["phases_ms"]["snapshot_wait"].as_u64().unwrap_or(0),
+        }
+    }
+}
+
+/// [`FirstRun`] of `workflow_path`, its `ubuntu-*` jobs on `base` (`$UDOS_DEFAULT_BASE`)
+/// when given: the new state dir is a scratch directory inside `state`'s (removed on
+/// every path) whose `images` is `state`'s.
+fn first_run(
+    state: &StateDir,
+    workflow_path: &Path,
+    choice: HypervisorChoice,
+    base: Option<&str>,
+) -> Result<FirstRun> {
+    let scratch = tempfile::Builder::new()
+        .prefix("bench-first-run-")
+        .tempdir_in(state.root())
+        .context("making a scratch state dir")?;
+    std::os::unix::fs::symlink(state.root().join("images"), scratch.path().join("images"))
+        .context("sharing the images with the scratch state dir")?;
+    // The runs before wrote hundreds of MiB: their writeback would otherwise land in
+    // this run's copying of the working tree (measured: 100 ms → 900 ms).
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    // No squash: it would write a base into the shared images.
+    let (wall_ms, report) = timed_udos_run(
+        scratch.path(),
+        workflow_path,
+        choice,
+        &["--no-squash"],
+        true,
+        base,
+    )?;
+    Ok(FirstRun::of(wall_ms, &report))
 }
 
 /// One step VM's timeline, ms. Host clock: `vm` (VMM start to VMM exit). Guest kernel
@@ -197,14 +319,59 @@ struct VmPhases {
     boot: u64,
 }
 
+/// A step VM's console log, or nothing.
+fn console_of(s: &crate::report::StepReport) -> String {
+    s.console_log
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .unwrap_or_default()
+}
+
+/// PID 1's boot laps from its `act started ...; laps (ms): name=1.5 ...` console line,
+/// in order.
+fn pid1_laps(console: &str) -> Vec<(String, f64)> {
+    let Some(line) = console.lines().find(|l| l.contains("act started")) else {
+        return Vec::new();
+    };
+    let Some((_, laps)) = line.split_once("laps (ms): ") else {
+        return Vec::new();
+    };
+    laps.split_whitespace()
+        .filter_map(|lap| {
+            let (name, ms) = lap.split_once('=')?;
+            Some((name.to_string(), ms.parse().ok()?))
+        })
+        .collect()
+}
+
+/// `name 1.5, ...`: each lap's median over the steps, in the order PID 1 ran them.
+fn median_laps(per_step: impl Iterator<Item = Vec<(String, f64)>>) -> String {
+    let mut order: Vec<String> = Vec::new();
+    let mut values: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for laps in per_step {
+        for (name, ms) in laps {
+            if !values.contains_key(&name) {
+                order.push(name.clone());
+            }
+            values.entry(name).or_default().push(ms);
+        }
+    }
+    order
+        .iter()
+        .map(|name| {
+            let v = values
+                .get_mut(name)
+                .expect("every name in order has values");
+            v.sort_by(f64::total_cmp);
+            format!("{name} {:.1}", v[(v.len() - 1) / 2])
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 impl VmPhases {
     fn of(s: &crate::report::StepReport) -> VmPhases {
-        let console = s
-            .console_log
-            .as_ref()
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .unwrap_or_default();
-        VmPhases::from_parts(&s.phases_ms, power_off_at(&console))
+        VmPhases::from_parts(&s.phases_ms, power_off_at(&console_of(s)))
     }
 
     fn from_parts(phases: &BTreeMap<String, u64>, power_off_ms: Option<u64>) -> VmPhases {
@@ -351,6 +518,54 @@ mod tests {
             None
         );
         assert_eq!(power_off_at(""), None);
+    }
+
+    #[test]
+    fn pid1_laps_are_read_from_the_act_started_line_and_their_medians_kept_in_order() {
+        let line = |devices: &str| {
+            format!(
+                "udos-init: step root assembled\nudos-init: act started (pid 30), 96.1 ms after \
+                 PID 1 start (modules 0 ms, mounts 70 ms, read recording 1 ms); laps (ms): \
+                 cmdline=6.6 devices={devices} spawn=7.5\nudos-init: act exited\n"
+            )
+        };
+        assert_eq!(
+            pid1_laps(&line("9.1")),
+            vec![
+                ("cmdline".to_string(), 6.6),
+                ("devices".to_string(), 9.1),
+                ("spawn".to_string(), 7.5)
+            ]
+        );
+        assert_eq!(pid1_laps("udos-init: act started (pid 30)\n"), vec![]);
+        assert_eq!(pid1_laps(""), vec![]);
+        let laps = [line("9.1"), line("14.0"), line("8.8")];
+        assert_eq!(
+            median_laps(laps.iter().map(|c| pid1_laps(c))),
+            "cmdline 6.6, devices 9.1, spawn 7.5"
+        );
+        assert_eq!(median_laps(std::iter::empty()), "");
+    }
+
+    #[test]
+    fn a_first_run_s_overhead_is_its_wall_time_beyond_the_vms_and_the_workspace_layer() {
+        let report = serde_json::json!({
+            "phases_ms": {"workspace": 180, "snapshot_wait": 90},
+            "jobs": [
+                {"steps": [
+                    {"phases_ms": {"vm": 1600}},
+                    {"phases_ms": {"vm": 1700}},
+                    {"phases_ms": {}}
+                ]},
+                {"steps": [{"phases_ms": {"vm": 1500}}]}
+            ]
+        });
+        let first = FirstRun::of(5_880, &report);
+        assert_eq!((first.vms, first.vm_ms, first.workspace_ms), (3, 4800, 180));
+        assert_eq!(first.snapshot_wait_ms, 90);
+        assert_eq!(first.overhead_per_step(), 300);
+        let none = FirstRun::of(700, &serde_json::json!({}));
+        assert_eq!(none.overhead_per_step(), 700);
     }
 
     #[test]

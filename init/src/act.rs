@@ -18,6 +18,19 @@ pub const PATH: &str = "/run/udos/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/
 /// act's HOME: on the `/run` tmpfs, so its cache never lands in the step's layer.
 pub const HOME: &str = "/run/udos/home";
 
+/// act's whole environment.
+const ENV: &[(&str, &str)] = &[
+    ("HOME", HOME),
+    ("PATH", PATH),
+    ("TERM", "dumb"),
+    ("CI", "true"),
+    // As on GitHub's runners; glibc has C.UTF-8 built in, so every base has it.
+    ("LANG", "C.UTF-8"),
+    // act would otherwise ask api.nektosact.com for notices from every step VM with a
+    // network: a request off the host nobody asked for, and a wait.
+    ("ACT_DISABLE_VERSION_CHECK", "1"),
+];
+
 /// A started child: its pid (also its process group and session) and its output pipes.
 #[derive(Debug)]
 pub struct Running {
@@ -43,24 +56,18 @@ pub fn spawn(
     root: &StepRoot,
     stdio: Stdio3,
 ) -> Result<Running, Error> {
+    let console = stdio == Stdio3::Console;
+    if !console && !root.chroot_child {
+        // In a VM: PID 1's root is the step's, and its working directory is `/`.
+        return crate::spawn::piped_session(program, args, ENV);
+    }
     let mut cmd = Command::new(program);
-    cmd.args(args)
-        .env_clear()
-        .env("HOME", HOME)
-        .env("PATH", PATH)
-        .env("TERM", "dumb")
-        .env("CI", "true")
-        // As on GitHub's runners; glibc has C.UTF-8 built in, so every base has it.
-        .env("LANG", "C.UTF-8")
-        // act would otherwise ask api.nektosact.com for notices from every step VM
-        // with a network: a request off the host nobody asked for, and a wait.
-        .env("ACT_DISABLE_VERSION_CHECK", "1");
+    cmd.args(args).env_clear().envs(ENV.iter().copied());
     if stdio == Stdio3::Piped {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
     }
-    let console = stdio == Stdio3::Console;
     let new_root = if root.chroot_child {
         let dir = CString::new(root.dir.as_os_str().as_bytes()).map_err(|_| Error::Spawn {
             path: program.to_path_buf(),

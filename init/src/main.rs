@@ -25,6 +25,7 @@ mod report;
 mod root;
 mod secrets;
 mod shutdown;
+mod spawn;
 
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -65,8 +66,42 @@ struct Init {
     timings: BTreeMap<String, u64>,
     /// Step mode: what the step opens under `/workspace`, watched until shutdown.
     reads: Option<reads::Watch>,
+    /// The boot's laps, up to act's start.
+    clock: Clock,
     /// Probe mode: no record, no seal, straight to power-off.
     probe: bool,
+}
+
+/// PID 1's boot, lap by lap: where the time before act goes (the `act started` line).
+pub struct Clock {
+    last: Instant,
+    laps: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl Clock {
+    fn new() -> Self {
+        Clock {
+            last: Instant::now(),
+            laps: Vec::new(),
+        }
+    }
+
+    /// Ends the lap `name` now and starts the next.
+    pub fn lap(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.laps.push((name, now - self.last));
+        self.last = now;
+    }
+
+    /// `devices=1.2 lowers=3.4 ...` in milliseconds (`udos bench` reads it back).
+    fn summary(&self) -> String {
+        let laps: Vec<String> = self
+            .laps
+            .iter()
+            .map(|(name, d)| format!("{name}={:.1}", d.as_secs_f64() * 1000.0))
+            .collect();
+        laps.join(" ")
+    }
 }
 
 fn ms(d: std::time::Duration) -> u64 {
@@ -84,6 +119,7 @@ impl Init {
             root: None,
             timings: BTreeMap::new(),
             reads: None,
+            clock: Clock::new(),
             probe: false,
         }
     }
@@ -110,9 +146,11 @@ impl Init {
         }
 
         let boot = Instant::now();
+        self.clock.lap("cmdline");
         let harness_dir = self.cfg.root.clone();
         if harness_dir.is_none() {
             mounts::mount_api_filesystems(&mut self.mounts, Path::new("/"), false)?;
+            self.clock.lap("api_fs");
         }
         // Reported only now: with /sys and /dev up, the error record can be sealed.
         if let Some(e) = bad_cmdline {
@@ -126,12 +164,14 @@ impl Init {
                 self.load_modules()?;
                 // The NIC comes up while the layers are mounted: neither needs the other
                 // (the root's resolv.conf comes from the config, not the interface).
+                self.clock.lap("modules");
                 let net = self.start_network();
                 // A root that cannot be assembled is the error to report (the thread
                 // is left to finish on its own: power-off follows).
-                let root = root::assemble_and_switch(&self.cfg, &mut self.mounts)?;
+                let root = root::assemble_and_switch(&self.cfg, &mut self.mounts, &mut self.clock)?;
                 self.finish_network(net)?;
                 set_hostname();
+                self.clock.lap("net_and_hostname");
                 root
             }
         };
@@ -177,6 +217,11 @@ impl Init {
     }
 
     fn load_modules(&mut self) -> Result<(), Error> {
+        // udos's own kernel has every driver built in, and its initramfs no modules
+        // directory: nothing to read (not even the kernel's release) and nothing to say.
+        if !Path::new("/lib/modules").exists() && !Path::new(MODULE_LIST).exists() {
+            return Ok(());
+        }
         let t = Instant::now();
         let release_path = Path::new("/proc/sys/kernel/osrelease");
         let release = std::fs::read_to_string(release_path)
@@ -263,10 +308,13 @@ impl Init {
     /// Step mode: act, with the step's secrets, supervised to the end.
     fn run_act(&mut self, root: &StepRoot) -> Result<StepRecord, Error> {
         let (args, mut log) = self.act_args_and_log()?;
+        self.clock.lap("secrets");
         let t = Instant::now();
         let watch = start_watch(root);
         self.timings.insert("watch".into(), ms(t.elapsed()));
+        self.clock.lap("watch");
         let running = act::spawn(&self.cfg.act, &args, root, Stdio3::Piped)?;
+        self.clock.lap("spawn");
         self.reads = watch.map(|mut w| {
             w.ignore(running.pid);
             w
@@ -275,12 +323,13 @@ impl Init {
         self.timings.insert("init_to_act".into(), ms(init_to_act));
         let phase = |k: &str| self.timings.get(k).copied().unwrap_or(0);
         info!(
-            "act started (pid {}), {:.3} ms after PID 1 start (modules {} ms, mounts {} ms, read recording {} ms)",
+            "act started (pid {}), {:.3} ms after PID 1 start (modules {} ms, mounts {} ms, read recording {} ms); laps (ms): {}",
             running.pid,
             init_to_act.as_secs_f64() * 1000.0,
             phase("modules"),
             phase("mount"),
-            phase("watch")
+            phase("watch"),
+            self.clock.summary()
         );
         let done = self.supervise(running, &mut log)?;
         self.timings.insert("act".into(), ms(done.elapsed));

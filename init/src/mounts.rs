@@ -154,8 +154,14 @@ pub fn mount_api_filesystems(mounts: &mut Mounts, base: &Path, harness: bool) ->
     let at = |p: &str| base.join(p);
 
     // Already mounted is fine (PID 1 mounts /proc first to read the command line), and
-    // mounting sysfs again on itself would fail with EBUSY.
-    let present = |dir: &str, fstype: &str| !harness && is_mount_of(&at(dir), fstype);
+    // mounting sysfs again on itself would fail with EBUSY. The table is read once:
+    // each read makes the kernel render it again.
+    let table = if harness {
+        String::new()
+    } else {
+        fs::read_to_string("/proc/self/mounts").unwrap_or_default()
+    };
+    let present = |dir: &str, fstype: &str| is_mount_of(&table, &at(dir), fstype);
     if !present("proc", "proc") {
         mounts.mount("proc", &at("proc"), "proc", nosuid_nodev_noexec, None)?;
     }
@@ -213,13 +219,18 @@ pub fn mount_api_filesystems(mounts: &mut Mounts, base: &Path, harness: bool) ->
         nosuid_nodev,
         Some("mode=0755"),
     )?;
-    mounts.mount(
-        "tmpfs",
-        &at("tmp"),
-        "tmpfs",
-        nosuid_nodev,
-        Some("mode=1777"),
-    )?;
+    if harness {
+        // HARNESS: the step root's own /tmp. In a VM the step's /tmp is the overlay's
+        // (what a step leaves there carries over, as on a GitHub runner), and PID 1
+        // needs none of its own before the switch.
+        mounts.mount(
+            "tmpfs",
+            &at("tmp"),
+            "tmpfs",
+            nosuid_nodev,
+            Some("mode=1777"),
+        )?;
+    }
     if !harness && !present("sys/fs/cgroup", "cgroup2") {
         // Not fatal: a kernel without cgroup2 can still run a step.
         if let Err(e) = mounts.mount(
@@ -235,11 +246,9 @@ pub fn mount_api_filesystems(mounts: &mut Mounts, base: &Path, harness: bool) ->
     Ok(())
 }
 
-/// True when `path` is the root of a mount of type `fstype` (from /proc/self/mounts).
-fn is_mount_of(path: &Path, fstype: &str) -> bool {
-    let Ok(table) = fs::read_to_string("/proc/self/mounts") else {
-        return false;
-    };
+/// True when `path` is the root of a mount of type `fstype` in `table` (the text of
+/// /proc/self/mounts).
+fn is_mount_of(table: &str, path: &Path, fstype: &str) -> bool {
     let target = path.display().to_string();
     table.lines().any(|line| {
         let mut f = line.split_whitespace();

@@ -85,17 +85,34 @@ pub fn overlay_options(lowers: &[PathBuf], upper: Option<(&Path, &Path)>) -> Str
 }
 
 /// Step mode in a VM: mount the layers, merge them at `/newroot`, and make it `/`.
-pub fn assemble_and_switch(cfg: &BootConfig, mounts: &mut Mounts) -> Result<StepRoot, Error> {
+pub fn assemble_and_switch(
+    cfg: &BootConfig,
+    mounts: &mut Mounts,
+    clock: &mut crate::Clock,
+) -> Result<StepRoot, Error> {
     if cfg.lowers.is_empty() {
         return Err(Error::NoLowers);
     }
-    let lower_devs = devices::resolve(&cfg.lowers, "layer", cfg.device_timeout)?;
-    let upper_dev = match &cfg.upper {
-        Some(t) => {
-            Some(devices::resolve(std::slice::from_ref(t), "upper", cfg.device_timeout)?.remove(0))
-        }
+    // One lookup for the layers and the upper: each scan asks every disk its serial.
+    let mut wanted = cfg.lowers.clone();
+    wanted.extend(cfg.upper.iter().cloned());
+    let mut lower_devs =
+        devices::resolve(&wanted, "layer", cfg.device_timeout).map_err(|e| match e {
+            Error::DeviceNotFound { serial, .. }
+                if cfg.upper.as_ref().is_some_and(|u| u.to_string() == serial) =>
+            {
+                Error::DeviceNotFound {
+                    role: "upper",
+                    serial,
+                }
+            }
+            other => other,
+        })?;
+    let upper_dev = match cfg.upper {
+        Some(_) => lower_devs.pop(),
         None => None,
     };
+    clock.lap("devices");
 
     let mut lowers = Vec::new();
     for (i, dev) in lower_devs.iter().enumerate() {
@@ -103,25 +120,30 @@ pub fn assemble_and_switch(cfg: &BootConfig, mounts: &mut Mounts) -> Result<Step
         mount_lower(mounts, dev, &target)?;
         lowers.push(target);
     }
+    clock.lap("lowers");
 
     let newroot = Path::new(NEWROOT);
     let upper = match upper_dev {
         Some(dev) => Some(mount_upper(mounts, &dev)?),
         None => None,
     };
+    clock.lap("upper");
     let layers = lowers.len();
     let upper_pair = upper.as_ref().map(|(u, w)| (u.as_path(), w.as_path()));
     mount_merged(mounts, &lowers, upper_pair, newroot)?;
+    clock.lap("overlay");
     if let Some(net) = &cfg.net {
         // The network's files go in a layer on top, made to match what the merged
         // root holds; then the root is mounted again with it.
         lowers.push(net::mount_layer(net, newroot, mounts)?);
         mounts.unmount(newroot)?;
         mount_merged(mounts, &lowers, upper_pair, newroot)?;
+        clock.lap("net_layer");
     }
     let upper_dir = upper.map(|(u, _)| u);
     mounts.mark_root(newroot);
     switch_root(mounts, newroot)?;
+    clock.lap("switch");
     info!("step root assembled from {layers} layer(s)");
     Ok(StepRoot {
         dir: PathBuf::from("/"),
@@ -177,10 +199,9 @@ fn mount_merged(
 /// Moves the API filesystems and `/run` (with the layer mounts under it) into `newroot`,
 /// then makes `newroot` the root. `/run` is a tmpfs, so nothing of udos lands in the
 /// step's layer; the upper stays reachable at `/run/udos/upperfs` for sealing. The
-/// initramfs's `/tmp` is dropped: the step's `/tmp` is the overlay's, so what a step
-/// leaves there carries over to the next step, as on a GitHub runner.
+/// step's `/tmp` is the overlay's, so what a step leaves there carries over to the
+/// next step, as on a GitHub runner.
 fn switch_root(mounts: &mut Mounts, newroot: &Path) -> Result<(), Error> {
-    mounts.unmount(Path::new("/tmp"))?;
     for dir in ["run", "proc", "sys", "dev"] {
         mounts.move_mount(&Path::new("/").join(dir), &newroot.join(dir))?;
     }

@@ -297,6 +297,26 @@ fn missing_layer_device_is_an_error_record() {
 }
 
 #[test]
+fn missing_upper_device_is_named_as_the_upper() {
+    let h = Harness::new();
+    // The layers and the upper are looked up in one scan; the error still says which
+    // one is missing (the layer here is a path, found at once).
+    let cmdline = format!(
+        "console=ttyS0 udos.lowers=/dev/null udos.upper=udos-up-nope udos.devtimeout=1 udos.output={}",
+        h.output.display()
+    );
+    let done = h.spawn(&cmdline).wait(LIMIT);
+    done.assert_powered_off();
+    assert_eq!(done.result(), "error");
+    assert_eq!(
+        h.sealed().record.error.as_deref(),
+        Some("upper device udos-up-nope not found"),
+        "{}",
+        done.console()
+    );
+}
+
+#[test]
 fn timeout_terminates_act_and_fails_the_step() {
     let h = Harness::new();
     h.workflow(&workflow("      - id: slow\n        run: sleep 60\n"));
