@@ -28,6 +28,10 @@
 //!
 //! Order: forget, then remove the files, then delete the rows, then prune. Stopped
 //! half way, nothing kept is damaged, and the next gc finishes the job.
+//!
+//! gc runs only while no run uses the state dir: `udos gc` holds the state dir's lock
+//! exclusive ([`crate::state::StateLock`]; runs hold it shared), so a run still
+//! `running` in the database here is one that ended without a word.
 
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::fs::MetadataExt;

@@ -565,6 +565,9 @@ fn dispatch(cli: Cli) -> Result<ExitCode, SetupFailed> {
             target,
             json,
         } => {
+            let _lock = state
+                .lock_for_run(udos_host_agent::state::GC_WAIT, &progress)
+                .map_err(SetupFailed)?;
             let store = Store::open(&state.db()).map_err(SetupFailed)?;
             let repo = Repo::from_env_or_default(state.root()).map_err(SetupFailed)?;
             let report = restore::restore(
@@ -1138,6 +1141,9 @@ fn diff_command(
     to: Option<&restore::Point<'_>>,
     json: bool,
 ) -> Result<ExitCode, SetupFailed> {
+    let _lock = state
+        .lock_for_run(udos_host_agent::state::GC_WAIT, &progress)
+        .map_err(SetupFailed)?;
     let store = Store::open(&state.db()).map_err(SetupFailed)?;
     let repo = Repo::from_env_or_default(state.root()).map_err(SetupFailed)?;
     let report = diff::diff(state, &store, &repo, from, to, &progress).map_err(SetupFailed)?;
@@ -1196,6 +1202,9 @@ fn export_command(
     output: &std::path::Path,
     json: bool,
 ) -> Result<ExitCode, SetupFailed> {
+    let _lock = state
+        .lock_for_run(udos_host_agent::state::GC_WAIT, &progress)
+        .map_err(SetupFailed)?;
     let store = Store::open(&state.db()).map_err(SetupFailed)?;
     let repo = Repo::from_env_or_default(state.root()).map_err(SetupFailed)?;
     let r = export::export(state, &store, &repo, point, mode, output, &progress)
@@ -1230,6 +1239,9 @@ fn boot_command(
     point: &restore::Point<'_>,
     opts: &boot::BootOptions,
 ) -> Result<ExitCode, SetupFailed> {
+    let _lock = state
+        .lock_for_run(udos_host_agent::state::GC_WAIT, &progress)
+        .map_err(SetupFailed)?;
     let mut store = Store::open(&state.db()).map_err(SetupFailed)?;
     // Resolved first: a wrong RUN STEP is refused before any image work.
     restore::resolve(state, &store, point).map_err(SetupFailed)?;
@@ -1283,6 +1295,12 @@ fn boot_command(
 
 /// `udos gc`.
 fn gc_command(state: &StateDir, opts: &gc::Options, json: bool) -> Result<ExitCode, SetupFailed> {
+    // A dry run changes nothing, so it needs no lock (and tells what gc would do even
+    // while runs are in progress).
+    let _lock = match opts.dry_run {
+        true => None,
+        false => Some(state.lock_for_gc().map_err(SetupFailed)?),
+    };
     let mut store = Store::open(&state.db()).map_err(SetupFailed)?;
     let repo = Repo::from_env_or_default(state.root()).map_err(SetupFailed)?;
     let r = gc::gc(state, &mut store, &repo, opts, &progress).map_err(SetupFailed)?;

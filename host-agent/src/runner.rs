@@ -160,6 +160,10 @@ pub fn run(
     req: RunRequest,
     settings: &RunSettings,
 ) -> Result<RunReport> {
+    // Held to the end: gc frees nothing this run may reuse while it runs.
+    let _lock = prep
+        .state
+        .lock_for_run(crate::state::GC_WAIT, &|m| settings.progress.log(m))?;
     let store = Mutex::new(store);
     let jobs_summary: Vec<String> = req
         .selection

@@ -9,6 +9,7 @@
 //! <state>/layers/<id>.erofs       the same layer as a read-only disk image
 //! <state>/runs/<run>/leg-<l>/step-<n>/  a step VM's runtime dir: control layer, console log
 //! <state>/restore-scratch/        layers being restored (`udos restore`)
+//! <state>/gc.lock                 runs hold it shared, `udos gc` exclusive ([`StateLock`])
 //! ```
 //!
 //! Guest-made files (setuid-root binaries included: a step may install sudo, and later
@@ -21,6 +22,7 @@
 use std::fs::{DirBuilder, Permissions};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
@@ -139,6 +141,79 @@ impl StateDir {
     }
 }
 
+/// The state dir's lock between runs and gc (`<state>/gc.lock`), held until dropped.
+/// Every run (and every command that reads layers: boot, restore, diff, export) holds
+/// it shared for its whole length; `udos gc` holds it exclusive. So gc never frees a
+/// layer a run is about to reuse from the step cache, and a run never starts from a
+/// layer gc is removing.
+#[derive(Debug)]
+pub struct StateLock(#[allow(dead_code)] std::fs::File);
+
+/// How long a run waits for a gc to finish before giving up.
+pub const GC_WAIT: Duration = Duration::from_secs(3600);
+
+impl StateDir {
+    fn lock_file(&self) -> Result<std::fs::File> {
+        let path = self.root.join("gc.lock");
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))
+    }
+
+    /// The lock, shared: waits while a `udos gc` holds it (saying so once through
+    /// `waiting`), up to `wait`.
+    pub fn lock_for_run(&self, wait: Duration, waiting: &dyn Fn(&str)) -> Result<StateLock> {
+        let f = self.lock_file()?;
+        let deadline = Instant::now() + wait;
+        let mut said = false;
+        while !try_flock(&f, libc::LOCK_SH)? {
+            if !said {
+                waiting("waiting for `udos gc` to finish with this state dir");
+                said = true;
+            }
+            if Instant::now() >= deadline {
+                anyhow::bail!(
+                    "`udos gc` still holds {} after {} s",
+                    self.root.join("gc.lock").display(),
+                    wait.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(StateLock(f))
+    }
+
+    /// The lock, exclusive, for gc: refused at once while a run holds it.
+    pub fn lock_for_gc(&self) -> Result<StateLock> {
+        let f = self.lock_file()?;
+        if !try_flock(&f, libc::LOCK_EX)? {
+            anyhow::bail!(
+                "a udos run (or boot, restore, diff, export) is using {}: gc frees nothing \
+                 while one is in progress; run it again once they have finished",
+                self.root.display()
+            );
+        }
+        Ok(StateLock(f))
+    }
+}
+
+/// `flock(f, op | LOCK_NB)`: false when another holder conflicts.
+fn try_flock(f: &std::fs::File, op: libc::c_int) -> Result<bool> {
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(f), op | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Ok(false);
+    }
+    Err(e).context("locking the state dir")
+}
+
 /// Creates `dir` with mode 0700, or narrows an existing one to 0700.
 fn private_dir(dir: &Path) -> Result<()> {
     match DirBuilder::new().mode(0o700).create(dir) {
@@ -153,6 +228,42 @@ fn private_dir(dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runs_share_the_lock_and_gc_excludes_them() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::resolve(Some(&d.path().join("st"))).unwrap();
+        let said = std::cell::RefCell::new(Vec::new());
+        let waiting = |m: &str| said.borrow_mut().push(m.to_string());
+        let a = s.lock_for_run(Duration::ZERO, &waiting).unwrap();
+        let b = s.lock_for_run(Duration::ZERO, &waiting).unwrap();
+        let e = s.lock_for_gc().unwrap_err().to_string();
+        assert!(e.contains("in progress"), "{e}");
+        drop(a);
+        assert!(s.lock_for_gc().is_err(), "one run still holds it");
+        drop(b);
+        assert!(said.borrow().is_empty(), "no run had to wait");
+
+        let gc = s.lock_for_gc().unwrap();
+        let e = s
+            .lock_for_run(Duration::from_millis(250), &waiting)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("still holds"), "{e}");
+        assert_eq!(said.borrow().len(), 1, "said once: {:?}", said.borrow());
+
+        // A run waits for gc and goes on once it has finished.
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(gc);
+        });
+        let t = Instant::now();
+        let run = s.lock_for_run(Duration::from_secs(30), &waiting).unwrap();
+        assert!(t.elapsed() >= Duration::from_millis(250));
+        release.join().unwrap();
+        assert!(s.lock_for_gc().is_err());
+        drop(run);
+    }
 
     #[test]
     fn flag_wins_and_layout_is_created() {

@@ -11,7 +11,7 @@ use std::process::{Command, Output};
 use serde_json::Value;
 
 mod common;
-use common::{json, own_state_dir, repo, restic, serial, udos};
+use common::{json, own_state_dir, repo, restic, restic_in, serial, udos};
 
 const STEPS: &str = r#"
 name: toolbox
@@ -449,15 +449,6 @@ fn udos_in(st: &Path, args: &[&str]) -> Output {
     out
 }
 
-fn restic_in(st: &Path, args: &[&str]) -> Output {
-    Command::new("restic")
-        .args(args)
-        .env("RESTIC_REPOSITORY", st.join("restic"))
-        .env("RESTIC_PASSWORD_FILE", st.join("restic-password"))
-        .output()
-        .unwrap()
-}
-
 fn snapshot_ids(st: &Path) -> BTreeSet<String> {
     let out = restic_in(st, &["snapshots", "--json"]);
     assert!(out.status.success());
@@ -643,4 +634,72 @@ fn gc_keeps_the_last_run_whole_and_frees_the_others() {
     assert_eq!(again["removed_runs"], serde_json::json!([]));
     assert_eq!(again["forgotten_snapshots"], serde_json::json!([]));
     std::fs::remove_dir_all(&st).unwrap();
+}
+
+const SLOW_STEP: &str = r#"
+name: slow
+on: push
+jobs:
+  build:
+    runs-on: ubuntu-latest
+    steps:
+      - name: slow
+        run: sleep 8 && echo done > /slow.txt
+"#;
+
+#[test]
+fn gc_is_refused_while_a_run_is_in_progress_and_frees_once_it_has_finished() {
+    let _g = serial();
+    let st = own_state_dir("udos-gc-lock-state");
+    let (_dir, wf) = repo(SLOW_STEP, &[("README", "slow")]);
+    let first = udos_in(
+        &st,
+        &[
+            "run",
+            "--hypervisor",
+            "qemu",
+            "--json",
+            wf.to_str().unwrap(),
+        ],
+    );
+    assert!(first.status.success());
+    let run = Command::new(env!("CARGO_BIN_EXE_udos"))
+        .arg("--state-dir")
+        .arg(&st)
+        .args(["run", "--hypervisor", "qemu", "--json", "--no-cache"])
+        .arg(&wf)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The second run holds the state dir's lock from before its row exists to its end.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let runs = json(&udos_in(&st, &["runs", "--json"]));
+        if runs.as_array().unwrap().len() == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second run never began"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let refused = udos_in(&st, &["gc", "--keep-last", "1"]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("in progress"), "{stderr}");
+    // A dry run changes nothing, so it still says what gc would free.
+    let dry = json(&udos_in(
+        &st,
+        &["gc", "--keep-last", "1", "--dry-run", "--json"],
+    ));
+    assert_eq!(dry["dry_run"], true);
+
+    let out = run.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["jobs"][0]["steps"][0]["status"], "success");
+    // Now the first run (not the newest) is freed.
+    let freed = json(&udos_in(&st, &["gc", "--keep-last", "1", "--json"]));
+    assert_eq!(freed["removed_runs"], serde_json::json!([1]), "{freed}");
 }
