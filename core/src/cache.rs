@@ -10,6 +10,8 @@
 //! ([`reads_hold`]), so a change to a file the step never read does not rerun it.
 //! docs/cache.md states the rules and what the cache cannot see.
 
+use std::collections::BTreeSet;
+
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -17,7 +19,7 @@ use sha2::{Digest, Sha256};
 use crate::engine::leg::{ResolvedBody, ResolvedStep};
 
 /// Format version of the key; bump when what goes into it changes.
-const KEY_VERSION: &str = "udos-step-key-v2";
+const KEY_VERSION: &str = "udos-step-key-v3";
 
 /// Variables whose values change from run to run (or commit to commit) without
 /// changing what a step does with its files; they are not part of the key. A step
@@ -170,6 +172,23 @@ pub fn reads_hold(reads: &[ReadEntry], now: impl Fn(&str) -> Seen) -> bool {
     reads.iter().all(|r| now(&r.path) == r.seen)
 }
 
+/// The directories a step looked names up in, beside the paths it read: the workspace
+/// root (`""`: the step's working directory, where a relative `test -e FILE` looks)
+/// and every directory above a path it read. Their listings are recorded with its
+/// reads, so a file that later appears where the step looked for it and found nothing
+/// (a lookup fanotify cannot report) reruns the step.
+pub fn looked_in<'a>(read: impl IntoIterator<Item = &'a str>) -> BTreeSet<String> {
+    let mut dirs = BTreeSet::from([String::new()]);
+    for path in read {
+        let mut rest = path.trim_matches('/');
+        while let Some((parent, _)) = rest.rsplit_once('/') {
+            dirs.insert(parent.to_string());
+            rest = parent;
+        }
+    }
+    dirs
+}
+
 /// The hash of a directory listing as [`Seen::Dir`] records it.
 pub fn listing_hash<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
     let mut names: Vec<&str> = names.into_iter().collect();
@@ -288,6 +307,17 @@ mod tests {
         assert!(!reads_hold(&reads, appeared));
         assert_eq!(listing_hash(["b", "a"]), listing_hash(["a", "b"]));
         assert_ne!(listing_hash(["a"]), listing_hash(["a", "b"]));
+    }
+
+    #[test]
+    fn a_step_looked_in_the_root_and_every_directory_above_what_it_read() {
+        let dirs = looked_in(["src/core/a.rs", "/src/b.rs", "top.txt", "docs/"]);
+        let want: BTreeSet<String> = ["", "src", "src/core"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        assert_eq!(dirs, want);
+        assert_eq!(looked_in([]), BTreeSet::from([String::new()]));
     }
 
     #[test]

@@ -146,7 +146,9 @@ pub fn lookup(
 pub fn reads_of(record: &StepRecord, before: &BTreeMap<String, Entry>) -> Option<Vec<ReadEntry>> {
     tracing::debug!(reads = ?record.reads, "the step's reads");
     let set = record.reads.as_ref().filter(|r| !r.truncated)?;
-    let mut paths: Vec<&String> = set.files.iter().chain(set.dirs.iter()).collect();
+    let read = set.files.iter().chain(set.dirs.iter());
+    let looked_in = udos_core::cache::looked_in(read.clone().map(String::as_str));
+    let mut paths: Vec<&String> = read.chain(looked_in.iter()).collect();
     paths.sort();
     paths.dedup();
     paths

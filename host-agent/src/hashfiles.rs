@@ -140,7 +140,12 @@ impl LayeredWorkspace {
     /// What `rel` is in the merged workspace, given its `entries`.
     pub fn seen(entries: &BTreeMap<String, Entry>, rel: &str) -> std::io::Result<Seen> {
         let rel = rel.trim_matches('/');
-        Ok(match entries.get(rel) {
+        // The workspace root is a directory, whether or not the map names it.
+        let entry = match entries.get(rel) {
+            None if rel.is_empty() => Some(&Entry::Dir),
+            other => other,
+        };
+        Ok(match entry {
             None => Seen::Absent,
             Some(Entry::File(p)) => Seen::File {
                 sha256: sha256_file(p)?,
@@ -257,6 +262,25 @@ mod tests {
         let e0 = LayeredWorkspace { layers: vec![ws] }.entries().unwrap();
         assert_ne!(LayeredWorkspace::seen(&e0, "src").unwrap(), dir);
         assert_eq!(LayeredWorkspace::seen(&e0, "src/a.rs").unwrap(), file);
+        // The root is a directory too: its listing holds the top-level names.
+        assert_eq!(
+            LayeredWorkspace::seen(&e, "").unwrap(),
+            Seen::Dir {
+                sha256: listing_hash(["src"])
+            }
+        );
+        write(&l1.join("workspace/new.txt"), "n");
+        let e2 = LayeredWorkspace {
+            layers: vec![d.path().join("ws"), l1],
+        }
+        .entries()
+        .unwrap();
+        assert_eq!(
+            LayeredWorkspace::seen(&e2, "/").unwrap(),
+            Seen::Dir {
+                sha256: listing_hash(["new.txt", "src"])
+            }
+        );
     }
 
     #[test]

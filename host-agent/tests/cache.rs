@@ -139,3 +139,49 @@ fn a_step_that_opts_out_always_runs() {
         assert_eq!(cached(&report), [false]);
     }
 }
+
+/// A step that looks for a file and finds nothing opens nothing (`[ -f extra.txt ]`
+/// is a `stat`), but the workspace root's listing is part of what it read: the file
+/// appearing there reruns it. A file added in a directory no step looked in does not.
+#[test]
+fn a_file_appearing_where_a_step_looked_for_it_reruns_the_step() {
+    let _g = serial();
+    let (dir, wf) = repo(
+        r#"
+on: push
+jobs:
+  probe:
+    runs-on: ubuntu-latest
+    steps:
+      - id: probe
+        run: |
+          if [ -f extra.txt ]; then seen=yes; else seen=no; fi
+          echo "extra=$seen" >> "$GITHUB_OUTPUT"
+"#,
+        &[("docs/a.md", "a")],
+    );
+    let run = || {
+        let out = udos(&[
+            "run",
+            "--hypervisor",
+            "qemu",
+            "--json",
+            "--no-console",
+            wf.to_str().unwrap(),
+        ]);
+        let report = json(&out);
+        assert_eq!(out.status.code(), Some(0), "{report:#}");
+        let step = &report["jobs"][0]["steps"][0];
+        (cached(&report)[0], step["outputs"]["extra"].clone())
+    };
+    assert_eq!(run(), (false, "no".into()));
+    assert_eq!(run(), (true, "no".into()), "unchanged: reused");
+    std::fs::write(dir.path().join("docs/b.md"), "b").unwrap();
+    assert_eq!(run(), (true, "no".into()), "docs/ was never looked in");
+    std::fs::write(dir.path().join("extra.txt"), "x").unwrap();
+    assert_eq!(
+        run(),
+        (false, "yes".into()),
+        "extra.txt appeared where the step looked for it"
+    );
+}
