@@ -109,6 +109,7 @@ outputs:
   said: {value: "${{ steps.s.outputs.said }}"}
   inner: {value: "${{ steps.s.outputs.inner }}"}
   moved: {value: "${{ steps.s.outputs.moved }}"}
+  ref: {value: "${{ steps.s.outputs.ref }}"}
 runs:
   using: composite
   steps:
@@ -121,6 +122,7 @@ runs:
         echo "inner=$(cat /tmp/inner.txt)" >> "$GITHUB_OUTPUT"
         if test -f "$GITHUB_ACTION_PATH/moved.txt"; then m=yes; else m=no; fi
         echo "moved=$m" >> "$GITHUB_OUTPUT"
+        echo "ref=$GITHUB_ACTION_REF" >> "$GITHUB_OUTPUT"
 "#;
 
 const JS: &str = r#"
@@ -226,6 +228,8 @@ fn composite_actions_from_a_git_server_run_offline_pinned() {
     assert_eq!(s["outputs"]["said"], "hello world");
     assert_eq!(s["outputs"]["inner"], "inner nested");
     assert_eq!(s["outputs"]["moved"], "no");
+    // The ref as written, as on GitHub (the tree is still the pinned commit's).
+    assert_eq!(s["outputs"]["ref"], "v1");
     assert_eq!(
         s["actions"],
         serde_json::json!([

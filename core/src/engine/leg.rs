@@ -74,8 +74,8 @@ pub enum ResolvedBody {
     /// An action.
     Uses {
         /// `./path` for a local action; for an action of another repository,
-        /// `owner/repo[/path]@SHA`: pinned to the commit the host resolved its ref to
-        /// ([`crate::workflow::action::PinnedAction::pinned_uses`]).
+        /// `owner/repo[/path]@ref` as written, which the host pinned before the run
+        /// (`crate::workflow::action::PinnedAction`: its tree is what the step gets).
         uses: String,
         /// Inputs, evaluated.
         with: IndexMap<String, String>,
@@ -499,8 +499,11 @@ impl Leg {
                 let act_uses = match uses {
                     StepUses::Local(path) => path.clone(),
                     StepUses::Remote { raw, .. } => {
+                        // As written: act finds it through `--local-repository` at
+                        // its ref (synth), and so sets `github.action_ref` to the ref
+                        // as GitHub does. Its pin is in the cache key beside it.
                         match step.actions.iter().find(|a| &a.uses == raw) {
-                            Some(pinned) => pinned.pinned_uses(),
+                            Some(_) => raw.clone(),
                             None => {
                                 return Err((
                                     name,

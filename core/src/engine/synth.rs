@@ -39,18 +39,20 @@ pub fn action_dir(action: &PinnedAction) -> String {
     )
 }
 
-/// The `.actrc` lines that give act `actions` from their trees: each by its pin (how
-/// the step's own `uses:` names it) and by its ref as written (how a composite
-/// action's `uses:` names it).
+/// The `.actrc` lines that give act `actions` from their trees, each by its ref as
+/// written (how the step's `uses:` and its composite actions' name it), so act never
+/// fetches and `github.action_ref` is the ref, as on GitHub.
 fn local_repository_lines(actions: &[PinnedAction]) -> Vec<String> {
     let mut lines: Vec<String> = Vec::new();
     for a in actions {
-        let dir = action_dir(a);
-        for r in [&a.pin, &a.at.git_ref] {
-            let line = format!("--local-repository {}@{r}={dir}", a.at.slug());
-            if !lines.contains(&line) {
-                lines.push(line);
-            }
+        let line = format!(
+            "--local-repository {}@{}={}",
+            a.at.slug(),
+            a.at.git_ref,
+            action_dir(a)
+        );
+        if !lines.contains(&line) {
+            lines.push(line);
         }
     }
     lines
@@ -256,14 +258,14 @@ mod tests {
         let top = pinned("octo/tools/sub@v1", &a);
         let nested = pinned("octo/more@main", &b);
         let step = step(ResolvedBody::Uses {
-            uses: top.pinned_uses(),
+            uses: top.uses.clone(),
             with: IndexMap::new(),
         });
         let f = step_files_with_actions(&step, &[top.clone(), nested]);
         let d: Yaml = serde_yaml_ng::from_str(&f.workflow_yaml).unwrap();
         assert_eq!(
             d["jobs"]["build"]["steps"][1]["uses"],
-            k(&format!("octo/tools/sub@{a}"))
+            k("octo/tools/sub@v1")
         );
         let lines: Vec<&str> = f
             .actrc
@@ -273,9 +275,7 @@ mod tests {
         assert_eq!(
             lines,
             [
-                format!("--local-repository octo/tools@{a}=/.udos/actions/octo/tools@{a}"),
                 format!("--local-repository octo/tools@v1=/.udos/actions/octo/tools@{a}"),
-                format!("--local-repository octo/more@{b}=/.udos/actions/octo/more@{b}"),
                 format!("--local-repository octo/more@main=/.udos/actions/octo/more@{b}"),
             ]
         );

@@ -178,18 +178,6 @@ pub struct PinnedAction {
     pub def: ActionDef,
 }
 
-impl PinnedAction {
-    /// The `uses:` act gets for a step that uses this action: pinned to [`Self::pin`].
-    pub fn pinned_uses(&self) -> String {
-        let mut s = self.at.slug();
-        if !self.at.path.is_empty() {
-            s.push('/');
-            s.push_str(&self.at.path);
-        }
-        format!("{s}@{}", self.pin)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,30 +236,5 @@ mod tests {
             let e = RemoteUses::parse(bad).unwrap_err().to_string();
             assert!(e.contains(bad) && e.contains(why), "{bad}: {e}");
         }
-    }
-
-    #[test]
-    fn a_pinned_action_is_used_by_its_pin() {
-        let def = ActionDef {
-            name: None,
-            kind: ActionKind::Composite,
-            uses: vec![],
-        };
-        let a = PinnedAction {
-            uses: "o/r/p@v1".into(),
-            at: RemoteUses::parse("o/r/p@v1").unwrap(),
-            pin: "abc".into(),
-            local: None,
-            def: def.clone(),
-        };
-        assert_eq!(a.pinned_uses(), "o/r/p@abc");
-        let top = PinnedAction {
-            uses: "o/r@v1".into(),
-            at: RemoteUses::parse("o/r@v1").unwrap(),
-            pin: "abc".into(),
-            local: None,
-            def,
-        };
-        assert_eq!(top.pinned_uses(), "o/r@abc");
     }
 }
