@@ -435,6 +435,11 @@ pub struct JobStepRun<'r> {
 }
 
 impl<'scope> JobSlot<'scope> {
+    /// Is the leg's job VM up (the next step runs in it, without a boot)?
+    pub fn is_live(&self) -> bool {
+        self.vm.is_some()
+    }
+
     /// Runs the step in the leg's job VM, booting one first if there is none; `vm`
     /// gives the image, sizes, masks and the step's action trees. The step that boots
     /// a VM gets its `vm` phase (the boot, to the guest's `Ready`), so a run's

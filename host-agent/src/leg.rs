@@ -421,6 +421,7 @@ fn run_leg_in<'scope, 'env>(
             job: job.clone(),
             number: step.number,
             name: mask(&step.name, &leg.masks()),
+            boots: !(per_job && slot.is_live()),
         });
         // The step's own limit, within what is left of the job's (a step that runs
         // after a cancellation gets a cleanup allowance).

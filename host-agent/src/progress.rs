@@ -106,7 +106,8 @@ pub enum Event {
     LegQueued(JobRef),
     /// The leg's thread started.
     LegStarted(JobRef),
-    /// A step's VM is being started.
+    /// A step is being started: in a VM that boots for it, or (`udos run --per job`)
+    /// in its job's VM, already up.
     StepStarted {
         /// Its leg.
         job: JobRef,
@@ -114,6 +115,8 @@ pub enum Event {
         number: usize,
         /// Masked.
         name: String,
+        /// A VM boots for it.
+        boots: bool,
     },
     /// The guest's PID 1 said it started `act`.
     ActStarted {
@@ -293,11 +296,19 @@ impl Board {
                 self.job(j);
             }
             Event::LegStarted(j) => self.job(j).run_from(now),
-            Event::StepStarted { job, number, name } => {
+            Event::StepStarted {
+                job,
+                number,
+                name,
+                boots,
+            } => {
                 let job = self.job(job);
                 job.run_from(now);
                 let s = job.step(*number, Some(name));
-                s.state = StepState::Booting;
+                s.state = match boots {
+                    true => StepState::Booting,
+                    false => StepState::Running,
+                };
                 s.started = Some(now);
             }
             Event::ActStarted { job, number } => self.phase(job, *number, StepState::Running),
@@ -527,9 +538,14 @@ pub fn plain_line(ev: &Event) -> Option<String> {
             job,
             number,
             name: step,
+            boots,
         } => Some(format!(
-            "udos: {} step {number} {step:?}: starting VM",
+            "udos: {} step {number} {step:?}: {}",
             name(&job.name),
+            match boots {
+                true => "starting VM",
+                false => "starting in the job's VM",
+            }
         )),
         Event::StepFinished {
             job,
@@ -908,6 +924,7 @@ mod tests {
             job: j.clone(),
             number,
             name: name.into(),
+            boots: true,
         }
     }
 
@@ -933,6 +950,28 @@ mod tests {
             b.apply(ev, t0 + Duration::from_secs(i as u64));
         }
         b
+    }
+
+    #[test]
+    fn a_step_in_its_job_s_vm_already_up_is_running_not_booting() {
+        let t0 = Instant::now();
+        let j = job(0, "build");
+        let in_job_vm = Event::StepStarted {
+            job: j.clone(),
+            number: 2,
+            name: "test".into(),
+            boots: false,
+        };
+        let b = board(
+            t0,
+            &[
+                Event::LegStarted(j.clone()),
+                started(&j, 1, "make"),
+                in_job_vm,
+            ],
+        );
+        assert_eq!(b.step_state(0, 1), Some(StepState::Booting));
+        assert_eq!(b.step_state(0, 2), Some(StepState::Running));
     }
 
     #[test]
@@ -1225,6 +1264,15 @@ mod tests {
             (
                 started(&j, 1, "make"),
                 Some("udos: build (ubuntu, 18) step 1 \"make\": starting VM"),
+            ),
+            (
+                Event::StepStarted {
+                    job: j.clone(),
+                    number: 2,
+                    name: "test".into(),
+                    boots: false,
+                },
+                Some("udos: build (ubuntu, 18) step 2 \"test\": starting in the job's VM"),
             ),
             (
                 cached,
