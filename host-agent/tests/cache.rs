@@ -3,6 +3,8 @@
 //! reads reruns steps 3 onwards only; `--no-cache` reruns all; a cached step's layer
 //! restores as before. Needs what e2e.rs needs (scripts/test provides it).
 
+use std::path::Path;
+
 use serde_json::Value;
 
 mod common;
@@ -36,6 +38,18 @@ fn cached(report: &Value) -> Vec<bool> {
         .collect()
 }
 
+/// `udos run --hypervisor qemu --json --no-console EXTRA WF`, which must succeed; its
+/// report.
+fn run_ok(wf: &Path, extra: &[&str]) -> Value {
+    let mut args = vec!["run", "--hypervisor", "qemu", "--json", "--no-console"];
+    args.extend_from_slice(extra);
+    args.push(wf.to_str().unwrap());
+    let out = udos(&args);
+    let report = json(&out);
+    assert_eq!(out.status.code(), Some(0), "{report:#}");
+    report
+}
+
 fn ran_vm(report: &Value) -> usize {
     report["jobs"][0]["steps"]
         .as_array()
@@ -52,15 +66,7 @@ fn unchanged_steps_are_reused_and_changed_reads_rerun_from_there() {
         FIVE,
         &[("a.txt", "A"), ("b.txt", "B"), ("unrelated.txt", "u1")],
     );
-    let run = |extra: &[&str]| {
-        let mut args = vec!["run", "--hypervisor", "qemu", "--json", "--no-console"];
-        args.extend_from_slice(extra);
-        args.push(wf.to_str().unwrap());
-        let out = udos(&args);
-        let report = json(&out);
-        assert_eq!(out.status.code(), Some(0), "{report:#}");
-        report
-    };
+    let run = |extra: &[&str]| run_ok(&wf, extra);
     let first = run(&[]);
     assert_eq!(cached(&first), [false; 5]);
     assert_eq!(ran_vm(&first), 5);
@@ -126,17 +132,7 @@ fn a_step_that_opts_out_always_runs() {
         &[],
     );
     for _ in 0..2 {
-        let out = udos(&[
-            "run",
-            "--hypervisor",
-            "qemu",
-            "--json",
-            "--no-console",
-            wf.to_str().unwrap(),
-        ]);
-        let report = json(&out);
-        assert_eq!(out.status.code(), Some(0), "{report:#}");
-        assert_eq!(cached(&report), [false]);
+        assert_eq!(cached(&run_ok(&wf, &[])), [false]);
     }
 }
 
@@ -161,16 +157,7 @@ jobs:
         &[("docs/a.md", "a")],
     );
     let run = || {
-        let out = udos(&[
-            "run",
-            "--hypervisor",
-            "qemu",
-            "--json",
-            "--no-console",
-            wf.to_str().unwrap(),
-        ]);
-        let report = json(&out);
-        assert_eq!(out.status.code(), Some(0), "{report:#}");
+        let report = run_ok(&wf, &[]);
         let step = &report["jobs"][0]["steps"][0];
         (cached(&report)[0], step["outputs"]["extra"].clone())
     };

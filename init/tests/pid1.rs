@@ -270,50 +270,37 @@ fn missing_act_is_an_error_record() {
 }
 
 #[test]
-fn missing_layer_device_is_an_error_record() {
-    let h = Harness::new();
+fn a_missing_layer_or_upper_device_is_an_error_record_naming_it() {
     // Step mode (no udos.root): PID 1 mounts /proc, /sys, /dev... in its namespace and
-    // looks for the layer's virtio serial, which no disk has.
-    let cmdline = format!(
-        "console=ttyS0 udos.lowers=udos-nope udos.devtimeout=1 udos.output={}",
-        h.output.display()
-    );
-    let done = h.spawn(&cmdline).wait(LIMIT);
-    done.assert_powered_off();
-    assert_eq!(done.result(), "error");
-    assert!(
-        done.console()
-            .contains("udos-init: error: layer device udos-nope not found"),
-        "{}",
-        done.console()
-    );
-    let sealed = h.sealed();
-    assert_eq!(sealed.record.status, RecordStatus::Error);
-    assert_eq!(
-        sealed.record.error.as_deref(),
-        Some("layer device udos-nope not found")
-    );
-    assert!(sealed.layer.is_empty());
-}
-
-#[test]
-fn missing_upper_device_is_named_as_the_upper() {
-    let h = Harness::new();
-    // The layers and the upper are looked up in one scan; the error still says which
-    // one is missing (the layer here is a path, found at once).
-    let cmdline = format!(
-        "console=ttyS0 udos.lowers=/dev/null udos.upper=udos-up-nope udos.devtimeout=1 udos.output={}",
-        h.output.display()
-    );
-    let done = h.spawn(&cmdline).wait(LIMIT);
-    done.assert_powered_off();
-    assert_eq!(done.result(), "error");
-    assert_eq!(
-        h.sealed().record.error.as_deref(),
-        Some("upper device udos-up-nope not found"),
-        "{}",
-        done.console()
-    );
+    // looks for the disks' virtio serials, which no disk has. The layers and the upper
+    // are looked up in one scan; the error still says which one is missing (the layer
+    // of the second case is a path, found at once).
+    for (devices, missing) in [
+        ("udos.lowers=udos-nope", "layer device udos-nope not found"),
+        (
+            "udos.lowers=/dev/null udos.upper=udos-up-nope",
+            "upper device udos-up-nope not found",
+        ),
+    ] {
+        let h = Harness::new();
+        let cmdline = format!(
+            "console=ttyS0 {devices} udos.devtimeout=1 udos.output={}",
+            h.output.display()
+        );
+        let done = h.spawn(&cmdline).wait(LIMIT);
+        done.assert_powered_off();
+        assert_eq!(done.result(), "error");
+        assert!(
+            done.console()
+                .contains(&format!("udos-init: error: {missing}")),
+            "{}",
+            done.console()
+        );
+        let sealed = h.sealed();
+        assert_eq!(sealed.record.status, RecordStatus::Error);
+        assert_eq!(sealed.record.error.as_deref(), Some(missing));
+        assert!(sealed.layer.is_empty());
+    }
 }
 
 #[test]
