@@ -592,6 +592,8 @@ fn record_begun(
         error: None,
         base: None,
         squashed_base: None,
+        // Booted on the source leg's stack, so on its base.
+        base_layer: source_job.as_ref().and_then(|j| j.base_layer.clone()),
         steps,
     };
     store.put_job(run_id, 0, &job)?;

@@ -91,6 +91,9 @@ pub struct JobReport {
     /// The squashed base (of a tagged ancestor commit) it ran on instead of `base`'s
     /// plain one, or null.
     pub squashed_base: Option<SquashedBaseRef>,
+    /// The layer id of the base it ran on: the squashed base's when there is one, else
+    /// `base`'s plain one (one of the run's `inputs`); null when it got no base.
+    pub base_layer: Option<String>,
     /// Its steps, in order (none for a skipped job or a reusable workflow call).
     pub steps: Vec<StepReport>,
 }

@@ -1,8 +1,8 @@
 //! `udos restore RUN STEP [--job JOB] --target DIR`: the root as that step of that job
 //! leg left it, from restic.
 //!
-//! The root after step k of a leg is the stack base, workspace, and that leg's layers
-//! 1, ..., k (legs never see each other's layers). Each
+//! The root after step k of a leg is the stack base (the one that leg ran on),
+//! workspace, and that leg's layers 1, ..., k (legs never see each other's layers). Each
 //! layer is restored from its restic snapshot (the plain `restic restore`) into a
 //! scratch directory and applied onto the target in order: whiteouts delete, opaque
 //! directories replace, everything else is copied.
@@ -147,9 +147,18 @@ pub fn resolve(state: &StateDir, store: &Store, point: &Point<'_>) -> Result<Res
                 steps.len()
             )
         })?;
+    // The leg's own base only: a run's inputs hold every base its legs could use (a
+    // squashed base beside its plain one, or other jobs' bases). Legs recorded before
+    // schema 6 do not say which: then every base is stacked, as before.
+    let leg_base = store
+        .jobs(run)?
+        .into_iter()
+        .find(|j| j.leg == leg)
+        .and_then(|j| j.base_layer);
     let mut layers: Vec<ChainLayer> = store
         .inputs(run)?
         .into_iter()
+        .filter(|i| i.kind != "base" || leg_base.as_ref().is_none_or(|b| *b == i.layer_id))
         .map(|i| ChainLayer {
             kind: i.kind,
             layer_id: i.layer_id,

@@ -249,6 +249,19 @@ fn workspace_layer(
     Ok((id, wt.files.len() as u64))
 }
 
+/// The base layer a leg ran on: the squashed base it started from, else its named
+/// base's plain layer.
+fn leg_base_layer(
+    prep: &Prepared<'_>,
+    base: Option<&str>,
+    squashed: Option<&crate::report::SquashedBaseRef>,
+) -> Option<String> {
+    match squashed {
+        Some(s) => Some(s.id.clone()),
+        None => prep.bases.get(base?).ok().map(|b| b.layer.id),
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_begun(
     prep: &Prepared<'_>,
@@ -368,12 +381,6 @@ fn run_begun(
         .values()
         .filter_map(|o| o.squashed.as_ref().map(|s| s.id.clone()))
         .collect();
-    if used.len() + squashed_used.len() > 1 {
-        notices.push(format!(
-            "the jobs ran on several bases ({}): `udos restore` of any leg applies all of them under the workspace",
-            used.iter().map(|b| b.name.clone()).chain(squashed_used.iter().map(|s| format!("squashed {}", &s[..12]))).collect::<Vec<_>>().join(", ")
-        ));
-    }
     let mut jobs = Vec::new();
     let mut outputs = outputs;
     {
@@ -430,6 +437,7 @@ fn run_begun(
                     .map(|(k, v)| (k.clone(), mask(&v.to_string(), &secret_masks)))
                     .collect(),
                 error: view.error.as_deref().map(|e| mask(e, &secret_masks)),
+                base_layer: leg_base_layer(prep, base.as_deref(), squashed_base.as_ref()),
                 base,
                 squashed_base,
                 steps,

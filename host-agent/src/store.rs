@@ -52,6 +52,9 @@ pub struct JobRow {
     pub matrix: Option<String>,
     /// success, failure, skipped or cancelled.
     pub status: String,
+    /// The base layer it ran on (null: recorded by a udos before schema 6, or it got
+    /// no base).
+    pub base_layer: Option<String>,
 }
 
 /// A step of a run, with its layer.
@@ -117,7 +120,7 @@ pub struct Deleted {
 }
 
 /// The schema version this code writes.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// Version 1: one job per run, steps numbered within the run.
 const SCHEMA_V1: &str = r#"
@@ -255,10 +258,16 @@ CREATE TABLE squashed_bases (
 CREATE INDEX squashed_bases_job ON squashed_bases(base_name, job_id);
 "#;
 
+/// Version 6: the base layer each leg ran on (its plain base, or the squashed base it
+/// started from), so a restore stacks that base only; null for legs recorded before.
+const V5_TO_V6: &str = r#"
+ALTER TABLE jobs ADD COLUMN base_layer TEXT;
+"#;
+
 /// Migrations: `MIGRATIONS[v]` takes a database at version `v` to `v + 1`. A database
 /// made before versions existed has `user_version` 0 and the version 1 tables (or
 /// none, when new).
-const MIGRATIONS: &[&str] = &[SCHEMA_V1, V1_TO_V2, V2_TO_V3, V3_TO_V4, V4_TO_V5];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, V1_TO_V2, V2_TO_V3, V3_TO_V4, V4_TO_V5, V5_TO_V6];
 
 /// A recorded step result the cache may reuse.
 #[derive(Debug, Clone)]
@@ -391,11 +400,13 @@ impl Store {
     /// Record (or update) a job leg.
     pub fn put_job(&self, run_id: i64, leg: i64, j: &JobReport) -> Result<()> {
         self.conn.execute(
-            "INSERT INTO jobs (run_id, leg, job_id, name, matrix, status, conclusion, outputs, error)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+            "INSERT INTO jobs (run_id, leg, job_id, name, matrix, status, conclusion, outputs, error,
+                               base_layer)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
              ON CONFLICT(run_id, leg) DO UPDATE SET
                status = excluded.status, conclusion = excluded.conclusion,
-               outputs = excluded.outputs, error = excluded.error",
+               outputs = excluded.outputs, error = excluded.error,
+               base_layer = excluded.base_layer",
             params![
                 run_id,
                 leg,
@@ -405,7 +416,8 @@ impl Store {
                 j.status.as_str(),
                 j.conclusion.as_str(),
                 serde_json::to_string(&j.outputs)?,
-                j.error
+                j.error,
+                j.base_layer
             ],
         )?;
         Ok(())
@@ -524,7 +536,8 @@ impl Store {
     /// The job legs of a run, in leg order.
     pub fn jobs(&self, run_id: i64) -> Result<Vec<JobRow>> {
         let mut st = self.conn.prepare(
-            "SELECT leg, job_id, name, matrix, status FROM jobs WHERE run_id = ?1 ORDER BY leg",
+            "SELECT leg, job_id, name, matrix, status, base_layer FROM jobs WHERE run_id = ?1
+             ORDER BY leg",
         )?;
         let rows = st.query_map(params![run_id], |r| {
             Ok(JobRow {
@@ -533,6 +546,7 @@ impl Store {
                 name: r.get(2)?,
                 matrix: r.get(3)?,
                 status: r.get(4)?,
+                base_layer: r.get(5)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -882,6 +896,7 @@ mod tests {
         assert_eq!((steps[0].leg, steps[0].job_id.as_str()), (0, "build"));
         assert_eq!(steps[0].snapshot_id.as_deref(), Some("snap1"));
         assert_eq!(s.jobs(1).unwrap()[0].job_id, "build");
+        assert_eq!(s.jobs(1).unwrap()[0].base_layer, None, "not known then");
         assert_eq!(s.runs().unwrap()[0].event, "push");
         // Reopening is a no-op.
         drop(s);

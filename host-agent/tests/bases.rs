@@ -337,15 +337,37 @@ fn imported_rootfs_and_docker_save_bases_run_steps() {
             "layered-img"
         };
         assert_eq!(j["base"], base, "{j:#}");
+        let id = if j["id"] == "plain" {
+            &plain_base["id"]
+        } else {
+            &layered["id"]
+        };
+        assert_eq!(&j["base_layer"], id, "{j:#}");
     }
-    assert!(
-        report["notices"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|n| n.as_str().unwrap().contains("several bases")),
-        "{report:#}"
-    );
+    // Each leg's restore point stacks its own base, not the other job's.
+    let run_id = report["run_id"].as_i64().unwrap().to_string();
+    for (job, has, lacks) in [
+        ("plain", "etc/imported-from", "opt/keep.txt"),
+        ("layered", "opt/keep.txt", "etc/imported-from"),
+    ] {
+        let target = w.join(format!("restored-{job}"));
+        let out = udos(&[
+            "restore",
+            &run_id,
+            "1",
+            "--job",
+            job,
+            "--target",
+            target.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(target.join(has).is_file(), "{job}: {has}");
+        assert!(!target.join(lacks).exists(), "{job}: {lacks}");
+    }
     // Both bases are the run's inputs, each a restic snapshot tagged as imported.
     let inputs: Vec<&Value> = report["inputs"]
         .as_array()

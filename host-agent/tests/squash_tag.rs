@@ -29,6 +29,8 @@ jobs:
           mkdir -p /opt/tool
           cat version.txt > /opt/tool/version
           echo made > made.txt
+          # The tagged run also changes a file of the base, which later runs leave alone.
+          if [ "$(cat version.txt)" = 1 ]; then echo /opt/tool/sh >> /etc/shells; fi
 "#;
 
 fn udos_in(st: &Path, args: &[&str]) -> Output {
@@ -182,6 +184,31 @@ fn a_tagged_run_makes_a_base_that_later_runs_on_descendants_use() {
     assert!(
         stderr.contains("starting from the squashed base"),
         "{stderr}"
+    );
+    assert_eq!(on_squashed["jobs"][0]["base_layer"], id.as_str());
+    assert_ne!(plain["jobs"][0]["base_layer"], id.as_str());
+    assert!(plain["jobs"][0]["base_layer"].is_string(), "{plain:#}");
+    // Its restore point stacks the squashed base only (the run's inputs also name the
+    // plain one): the base file the tagged run changed is as the step saw it.
+    let scratch = tempfile::tempdir().unwrap();
+    let target = scratch.path().join("root");
+    let run_id_s = on_squashed["run_id"].as_i64().unwrap().to_string();
+    let out = udos_in(
+        &st,
+        &[
+            "restore",
+            &run_id_s,
+            "1",
+            "--target",
+            target.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success());
+    let shells = std::fs::read_to_string(target.join("etc/shells")).unwrap();
+    assert!(shells.contains("/opt/tool/sh"), "{shells}");
+    assert_eq!(
+        std::fs::read_to_string(target.join("opt/tool/version")).unwrap(),
+        "2"
     );
     assert_eq!(
         squashed_rows(&st).len(),
