@@ -1020,6 +1020,7 @@ fn run(state: &StateDir, a: RunArgs, attempt: Attempt) -> Result<ExitCode, Setup
         platforms: a.platform,
         memory_mib: a.memory,
         state_root: Some(state.root().to_path_buf()),
+        list_only: a.list,
         actions_url: Some(a.actions_url),
         local_repositories: a.local_repository,
     };

@@ -100,6 +100,10 @@ pub struct PlanArgs {
     /// repositories, its bases say which have node. Without it, actions of other
     /// repositories are not resolved (and so refused).
     pub state_root: Option<PathBuf>,
+    /// `-l`: only the jobs are listed, so the actions of other repositories are not
+    /// fetched and the steps not checked (a dry run, `-n`, does both: it says what a
+    /// run would refuse).
+    pub list_only: bool,
     /// `--actions-url` [default: [`crate::actions::DEFAULT_ACTIONS_URL`]].
     pub actions_url: Option<String>,
     /// `--local-repository OWNER/REPO@REF=PATH`.
@@ -340,8 +344,10 @@ pub fn plan(args: &PlanArgs) -> Result<(Planned, WorkflowSet)> {
     }
     let platforms = platforms(&args.platforms)?;
     let pinned = match &args.state_root {
-        Some(state_root) => pin_actions(&mut set, &selection, resolver(args, state_root)?),
-        None => Pinning::default(),
+        Some(state_root) if !args.list_only => {
+            pin_actions(&mut set, &selection, resolver(args, state_root)?)
+        }
+        _ => Pinning::default(),
     };
     notices.extend(pinned.notices);
     let default_base = default_base()?;
@@ -351,7 +357,11 @@ pub fn plan(args: &PlanArgs) -> Result<(Planned, WorkflowSet)> {
         default_base: Some(default_base.clone()),
     };
     let mut problems = pinned.problems;
-    if let Err(e) = graph::check_supported_on(&set, &selection, &runners) {
+    let checked = match args.list_only {
+        true => Ok(()),
+        false => graph::check_supported_on(&set, &selection, &runners),
+    };
+    if let Err(e) = checked {
         // A step whose actions could not be had is not also "not resolved".
         problems.extend(e.to_string().lines().map(str::to_string).filter(|l| {
             !(l.contains("not resolved before the run")

@@ -555,6 +555,34 @@ fn list_and_dry_run_show_what_the_event_runs_and_boot_nothing() {
     assert_eq!(runs_before, runs_after, "nothing ran");
 }
 
+/// `-l` lists the jobs without fetching the actions their steps use: with the actions'
+/// server unreachable it still lists them, where a run is refused.
+#[test]
+fn listing_fetches_no_actions() {
+    let (dir, _wf) = repo(
+        "on: push
+jobs:
+  uses-one:
+    runs-on: ubuntu-latest
+    steps:
+      - uses: nobody/missing@v1
+",
+        &[],
+    );
+    let w = dir.path().join(".github/workflows");
+    let w = w.to_str().unwrap();
+    // Port 9 (discard) on loopback: nothing listens, the connection is refused.
+    let unreachable = "http://127.0.0.1:9";
+    let out = udos(&["run", "-l", "--actions-url", unreachable, "-W", w]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("uses-one"));
+    assert!(!err.contains("fetching"), "{err}");
+    let out = udos(&["run", "--actions-url", unreachable, "-W", w]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nobody/missing@v1"));
+}
+
 /// Steps udos cannot run are refused before anything is built, each named.
 #[test]
 fn unsupported_steps_are_refused_before_anything_runs() {
