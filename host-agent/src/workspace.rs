@@ -127,6 +127,29 @@ fn git_dir(root: &Path) -> Result<Option<GitDir>> {
 }
 
 /// Every file under `dir` (relative, sorted), not following symlinks.
+/// A file under `.git` that git never changes once written: a loose object
+/// (`objects/ab/cdef...`) or a pack's file (`objects/pack/pack-*`). git writes such a
+/// file under a temporary name and renames it, and removes it rather than rewriting
+/// it, so a hard link to it keeps its content whatever git does next.
+fn is_immutable_object(rel: &Path) -> bool {
+    let parts: Vec<&str> = rel.iter().filter_map(|c| c.to_str()).collect();
+    match parts.as_slice() {
+        ["objects", "pack", name] => name.starts_with("pack-"),
+        ["objects", dir, _] => dir.len() == 2 && dir.bytes().all(|b| b.is_ascii_hexdigit()),
+        _ => false,
+    }
+}
+
+/// Hard-links `src` at `dst`, or copies it where a link cannot be made (another
+/// filesystem).
+fn link_or_copy(src: &Path, dst: &Path) -> Result<()> {
+    if std::fs::hard_link(src, dst).is_ok() {
+        return Ok(());
+    }
+    std::fs::copy(src, dst).with_context(|| format!("copying {}", src.display()))?;
+    Ok(())
+}
+
 fn walk_all(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let mut todo = vec![PathBuf::new()];
@@ -264,6 +287,8 @@ impl WorkingTree {
                     }
                     if src.symlink_metadata()?.file_type().is_symlink() {
                         std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
+                    } else if is_immutable_object(&rel) {
+                        link_or_copy(&src, &dst)?;
                     } else {
                         std::fs::copy(&src, &dst)
                             .with_context(|| format!("copying {}", src.display()))?;
@@ -377,5 +402,40 @@ mod tests {
         assert!(!copied.contains("s3cr3t"), "{copied}");
         let own = std::fs::read_to_string(root.join(".git/config")).unwrap();
         assert!(own.contains("s3cr3t"));
+        // Git's objects are shared with the working tree's repository (hard links),
+        // everything else is a copy.
+        use std::os::unix::fs::MetadataExt;
+        let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+        let git = root.join(".git");
+        let objects: Vec<PathBuf> = walk_all(&git.join("objects"))
+            .unwrap()
+            .into_iter()
+            .map(|r| Path::new("objects").join(r))
+            .filter(|r| is_immutable_object(r))
+            .collect();
+        assert!(!objects.is_empty(), "git add wrote loose objects");
+        for r in &objects {
+            let copy = out.path().join("workspace/.git").join(r);
+            assert_eq!(ino(&copy), ino(&git.join(r)), "{}", r.display());
+        }
+        let index = out.path().join("workspace/.git/index");
+        assert_ne!(ino(&index), ino(&git.join("index")));
+    }
+
+    #[test]
+    fn only_loose_objects_and_packs_count_as_immutable() {
+        for (rel, immutable) in [
+            ("objects/ab/cdef0123", true),
+            ("objects/pack/pack-1234.pack", true),
+            ("objects/pack/pack-1234.idx", true),
+            ("objects/info/alternates", false),
+            ("objects/info/commit-graph", false),
+            ("objects/pack/multi-pack-index", false),
+            ("objects/zz/cdef", false),
+            ("config", false),
+            ("refs/heads/main", false),
+        ] {
+            assert_eq!(is_immutable_object(Path::new(rel)), immutable, "{rel}");
+        }
     }
 }
