@@ -67,6 +67,8 @@ pub struct LegOutput {
     pub base: Option<String>,
     /// The squashed base it ran on instead of that base's plain one.
     pub squashed: Option<crate::report::SquashedBaseRef>,
+    /// The layer id of the base it ran on: the squashed base's, else the plain one's.
+    pub base_layer: Option<String>,
 }
 
 /// The leg's stack of layers: base and workspace, then its steps' layers (squashed
@@ -238,6 +240,7 @@ fn run_leg_in<'scope, 'env>(
                 notices: Vec::new(),
                 base: None,
                 squashed: None,
+                base_layer: None,
             }
         }
     };
@@ -257,6 +260,7 @@ fn run_leg_in<'scope, 'env>(
         None => base,
     };
     let squashed = squashed.map(|(s, _)| s);
+    let base_layer = Some(base.id.clone());
     let mut leg = Leg::new(ticket);
     let masks = Arc::new(RwLock::new(leg.masks()));
     let job = JobRef {
@@ -307,6 +311,7 @@ fn run_leg_in<'scope, 'env>(
                     notices,
                     base: Some(base_name),
                     squashed,
+                    base_layer,
                 };
             }
             Next::Decided(summary) => {

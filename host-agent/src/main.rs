@@ -453,6 +453,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// The state dir's lock, shared, for a command that reads layers (restore, diff,
+/// export, boot): gc is refused while it is held (`StateDir::lock_for_run`).
+fn lock_for_reading(state: &StateDir) -> Result<udos_host_agent::state::StateLock, SetupFailed> {
+    state
+        .lock_for_run(udos_host_agent::state::GC_WAIT, &progress)
+        .map_err(SetupFailed)
+}
+
 fn progress(msg: &str) {
     eprintln!("udos: {msg}");
 }
@@ -565,9 +573,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode, SetupFailed> {
             target,
             json,
         } => {
-            let _lock = state
-                .lock_for_run(udos_host_agent::state::GC_WAIT, &progress)
-                .map_err(SetupFailed)?;
+            let _lock = lock_for_reading(&state)?;
             let store = Store::open(&state.db()).map_err(SetupFailed)?;
             let repo = Repo::from_env_or_default(state.root()).map_err(SetupFailed)?;
             let report = restore::restore(
@@ -1142,9 +1148,7 @@ fn diff_command(
     to: Option<&restore::Point<'_>>,
     json: bool,
 ) -> Result<ExitCode, SetupFailed> {
-    let _lock = state
-        .lock_for_run(udos_host_agent::state::GC_WAIT, &progress)
-        .map_err(SetupFailed)?;
+    let _lock = lock_for_reading(state)?;
     let store = Store::open(&state.db()).map_err(SetupFailed)?;
     let repo = Repo::from_env_or_default(state.root()).map_err(SetupFailed)?;
     let report = diff::diff(state, &store, &repo, from, to, &progress).map_err(SetupFailed)?;
@@ -1203,9 +1207,7 @@ fn export_command(
     output: &std::path::Path,
     json: bool,
 ) -> Result<ExitCode, SetupFailed> {
-    let _lock = state
-        .lock_for_run(udos_host_agent::state::GC_WAIT, &progress)
-        .map_err(SetupFailed)?;
+    let _lock = lock_for_reading(state)?;
     let store = Store::open(&state.db()).map_err(SetupFailed)?;
     let repo = Repo::from_env_or_default(state.root()).map_err(SetupFailed)?;
     let r = export::export(state, &store, &repo, point, mode, output, &progress)
@@ -1240,9 +1242,7 @@ fn boot_command(
     point: &restore::Point<'_>,
     opts: &boot::BootOptions,
 ) -> Result<ExitCode, SetupFailed> {
-    let _lock = state
-        .lock_for_run(udos_host_agent::state::GC_WAIT, &progress)
-        .map_err(SetupFailed)?;
+    let _lock = lock_for_reading(state)?;
     let mut store = Store::open(&state.db()).map_err(SetupFailed)?;
     // Resolved first: a wrong RUN STEP is refused before any image work.
     restore::resolve(state, &store, point).map_err(SetupFailed)?;

@@ -41,10 +41,14 @@ pub struct RestoreReport {
     pub layers: Vec<(String, String, String)>,
 }
 
-/// The leg `job` names (by id or display name), or the only leg with steps.
-fn pick_leg(store: &Store, run: i64, job: Option<&str>) -> Result<i64> {
-    let jobs = store.jobs(run)?;
-    let steps = store.steps(run)?;
+/// The leg of run `run` (its `jobs` and `steps`) that `job` names (by id or display
+/// name), or the only leg with steps.
+fn pick_leg<'j>(
+    jobs: &'j [crate::store::JobRow],
+    steps: &[crate::store::StepRow],
+    run: i64,
+    job: Option<&str>,
+) -> Result<&'j crate::store::JobRow> {
     let with_steps: Vec<&crate::store::JobRow> = jobs
         .iter()
         .filter(|j| steps.iter().any(|s| s.leg == j.leg))
@@ -57,7 +61,7 @@ fn pick_leg(store: &Store, run: i64, job: Option<&str>) -> Result<i64> {
     };
     match job {
         None => match with_steps.as_slice() {
-            [only] => Ok(only.leg),
+            [only] => Ok(only),
             [] => bail!("run {run} has no steps to restore"),
             several => bail!(
                 "run {run} has several job legs: name one with --job ({})",
@@ -71,7 +75,7 @@ fn pick_leg(store: &Store, run: i64, job: Option<&str>) -> Result<i64> {
                 .filter(|j| j.job_id == name || j.name == name)
                 .collect();
             match named.as_slice() {
-                [only] => Ok(only.leg),
+                [only] => Ok(only),
                 [] => bail!(
                     "run {run} has no job leg `{name}` with steps (legs: {})",
                     describe(&with_steps)
@@ -132,12 +136,11 @@ pub fn resolve(state: &StateDir, store: &Store, point: &Point<'_>) -> Result<Res
             state.root().display()
         );
     }
-    let leg = pick_leg(store, run, point.job)?;
-    let steps: Vec<crate::store::StepRow> = store
-        .steps(run)?
-        .into_iter()
-        .filter(|s| s.leg == leg)
-        .collect();
+    let (jobs, all_steps) = (store.jobs(run)?, store.steps(run)?);
+    let job = pick_leg(&jobs, &all_steps, run, point.job)?;
+    let leg = job.leg;
+    let steps: Vec<crate::store::StepRow> =
+        all_steps.into_iter().filter(|s| s.leg == leg).collect();
     let chosen = steps
         .iter()
         .find(|s| s.number.to_string() == step || s.step_id.as_deref() == Some(step))
@@ -150,15 +153,11 @@ pub fn resolve(state: &StateDir, store: &Store, point: &Point<'_>) -> Result<Res
     // The leg's own base only: a run's inputs hold every base its legs could use (a
     // squashed base beside its plain one, or other jobs' bases). Legs recorded before
     // schema 6 do not say which: then every base is stacked, as before.
-    let leg_base = store
-        .jobs(run)?
-        .into_iter()
-        .find(|j| j.leg == leg)
-        .and_then(|j| j.base_layer);
+    let leg_base = job.base_layer.as_ref();
     let mut layers: Vec<ChainLayer> = store
         .inputs(run)?
         .into_iter()
-        .filter(|i| i.kind != "base" || leg_base.as_ref().is_none_or(|b| *b == i.layer_id))
+        .filter(|i| i.kind != "base" || leg_base.is_none_or(|b| *b == i.layer_id))
         .map(|i| ChainLayer {
             kind: i.kind,
             layer_id: i.layer_id,

@@ -249,19 +249,6 @@ fn workspace_layer(
     Ok((id, wt.files.len() as u64))
 }
 
-/// The base layer a leg ran on: the squashed base it started from, else its named
-/// base's plain layer.
-fn leg_base_layer(
-    prep: &Prepared<'_>,
-    base: Option<&str>,
-    squashed: Option<&crate::report::SquashedBaseRef>,
-) -> Option<String> {
-    match squashed {
-        Some(s) => Some(s.id.clone()),
-        None => prep.bases.get(base?).ok().map(|b| b.layer.id),
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
 fn run_begun(
     prep: &Prepared<'_>,
@@ -406,11 +393,13 @@ fn run_begun(
             let mut steps: Vec<StepReport> = Vec::new();
             let mut base = None;
             let mut squashed_base = None;
+            let mut base_layer = None;
             if let Some(out) = out {
                 notices.extend(out.notices);
                 steps = out.steps;
                 base = out.base;
                 squashed_base = out.squashed;
+                base_layer = out.base_layer;
             }
             for s in &mut steps {
                 let key = format!("leg-{}-step-{}", view.id, s.number);
@@ -437,7 +426,7 @@ fn run_begun(
                     .map(|(k, v)| (k.clone(), mask(&v.to_string(), &secret_masks)))
                     .collect(),
                 error: view.error.as_deref().map(|e| mask(e, &secret_masks)),
-                base_layer: leg_base_layer(prep, base.as_deref(), squashed_base.as_ref()),
+                base_layer,
                 base,
                 squashed_base,
                 steps,

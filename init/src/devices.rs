@@ -38,16 +38,16 @@ fn scan(sys_block: &Path, dev: &Path) -> BTreeMap<String, PathBuf> {
 }
 
 /// Resolves each target to a device path, waiting up to `timeout` for serials to appear.
-/// `role` names the device in the error (`layer device udos-l2 not found`).
+/// Each target comes with its role, which names it in the error (`layer device udos-l2
+/// not found`): disks of several roles are found by the same scans.
 pub fn resolve(
-    targets: &[DeviceRef],
-    role: &'static str,
+    targets: &[(&DeviceRef, &'static str)],
     timeout: Duration,
 ) -> Result<Vec<PathBuf>, Error> {
     let deadline = Instant::now() + timeout;
     let mut found: Vec<Option<PathBuf>> = targets
         .iter()
-        .map(|t| match t {
+        .map(|(t, _)| match t {
             DeviceRef::Path(p) => Some(p.clone()),
             DeviceRef::Serial(_) => None,
         })
@@ -56,7 +56,7 @@ pub fn resolve(
     loop {
         if found.iter().any(Option::is_none) {
             let disks = scan(Path::new("/sys/block"), Path::new("/dev"));
-            for (slot, target) in found.iter_mut().zip(targets) {
+            for (slot, (target, _)) in found.iter_mut().zip(targets) {
                 if let (None, DeviceRef::Serial(serial)) = (&slot, target) {
                     *slot = disks.get(serial).cloned();
                 }
@@ -64,11 +64,11 @@ pub fn resolve(
         }
         if let Some(missing) = found.iter().position(Option::is_none) {
             if Instant::now() >= deadline {
-                let serial = match &targets[missing] {
-                    DeviceRef::Serial(s) => s.clone(),
-                    DeviceRef::Path(p) => p.display().to_string(),
-                };
-                return Err(Error::DeviceNotFound { role, serial });
+                let (target, role) = targets[missing];
+                return Err(Error::DeviceNotFound {
+                    role,
+                    serial: target.to_string(),
+                });
             }
             sleep(nap);
             nap = (nap * 2).min(POLL);
@@ -111,19 +111,27 @@ mod tests {
     }
 
     #[test]
-    fn missing_serial_times_out_with_its_name() {
-        let targets = [DeviceRef::Serial("udos-test-never-there".into())];
-        let err = resolve(&targets, "layer", Duration::from_millis(30)).unwrap_err();
+    fn missing_serial_times_out_with_its_name_and_role() {
+        let (never, null) = (
+            DeviceRef::Serial("udos-test-never-there".into()),
+            DeviceRef::Path("/dev/null".into()),
+        );
+        let err = resolve(&[(&never, "layer")], Duration::from_millis(30)).unwrap_err();
         assert_eq!(
             err.to_string(),
             "layer device udos-test-never-there not found"
         );
-        let paths = resolve(
-            &[DeviceRef::Path("/dev/null".into())],
-            "output",
-            Duration::ZERO,
+        // Found ones do not hide a missing one, which is named by its own role.
+        let err = resolve(
+            &[(&null, "layer"), (&never, "upper")],
+            Duration::from_millis(30),
         )
-        .unwrap();
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "upper device udos-test-never-there not found"
+        );
+        let paths = resolve(&[(&null, "output")], Duration::ZERO).unwrap();
         assert_eq!(paths, [PathBuf::from("/dev/null")]);
     }
 }

@@ -309,9 +309,7 @@ impl Init {
     fn run_act(&mut self, root: &StepRoot) -> Result<StepRecord, Error> {
         let (args, mut log) = self.act_args_and_log()?;
         self.clock.lap("secrets");
-        let t = Instant::now();
         let watch = start_watch(root);
-        self.timings.insert("watch".into(), ms(t.elapsed()));
         self.clock.lap("watch");
         let running = act::spawn(&self.cfg.act, &args, root, Stdio3::Piped)?;
         self.clock.lap("spawn");
@@ -321,14 +319,10 @@ impl Init {
         });
         let init_to_act = self.started.elapsed();
         self.timings.insert("init_to_act".into(), ms(init_to_act));
-        let phase = |k: &str| self.timings.get(k).copied().unwrap_or(0);
         info!(
-            "act started (pid {}), {:.3} ms after PID 1 start (modules {} ms, mounts {} ms, read recording {} ms); laps (ms): {}",
+            "act started (pid {}), {:.3} ms after PID 1 start; laps (ms): {}",
             running.pid,
             init_to_act.as_secs_f64() * 1000.0,
-            phase("modules"),
-            phase("mount"),
-            phase("watch"),
             self.clock.summary()
         );
         let done = self.supervise(running, &mut log)?;

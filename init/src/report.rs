@@ -33,7 +33,7 @@ pub fn seal(
         info!("no udos.output: nothing to seal");
         return true;
     };
-    let device = match devices::resolve(std::slice::from_ref(target), "output", device_timeout) {
+    let device = match devices::resolve(&[(target, "output")], device_timeout) {
         Ok(found) => found.into_iter().next(),
         Err(e) => {
             error!("{e}");

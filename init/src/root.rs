@@ -94,20 +94,13 @@ pub fn assemble_and_switch(
         return Err(Error::NoLowers);
     }
     // One lookup for the layers and the upper: each scan asks every disk its serial.
-    let mut wanted = cfg.lowers.clone();
-    wanted.extend(cfg.upper.iter().cloned());
-    let mut lower_devs =
-        devices::resolve(&wanted, "layer", cfg.device_timeout).map_err(|e| match e {
-            Error::DeviceNotFound { serial, .. }
-                if cfg.upper.as_ref().is_some_and(|u| u.to_string() == serial) =>
-            {
-                Error::DeviceNotFound {
-                    role: "upper",
-                    serial,
-                }
-            }
-            other => other,
-        })?;
+    let wanted: Vec<(&DeviceRef, &'static str)> = cfg
+        .lowers
+        .iter()
+        .map(|l| (l, "layer"))
+        .chain(cfg.upper.iter().map(|u| (u, "upper")))
+        .collect();
+    let mut lower_devs = devices::resolve(&wanted, cfg.device_timeout)?;
     let upper_dev = match cfg.upper {
         Some(_) => lower_devs.pop(),
         None => None,

@@ -12,7 +12,7 @@ use crate::error::Error;
 
 /// Finds the secrets device and decodes it (bounded: header and at most 1 MiB of JSON).
 pub fn load(device: &DeviceRef, timeout: Duration) -> Result<StepSecrets, Error> {
-    let found = devices::resolve(std::slice::from_ref(device), "secrets", timeout)?;
+    let found = devices::resolve(&[(device, "secrets")], timeout)?;
     let Some(path) = found.into_iter().next() else {
         return Err(Error::DeviceNotFound {
             role: "secrets",
